@@ -1,0 +1,24 @@
+"""Planning algorithms. Each is ``fn(graph, cost_model, budget_bytes) -> Schedule``; the simulator
+judges every schedule they return."""
+from typing import Callable
+
+from planner.algorithms.baselines import (
+    chen_greedy, chen_greedy_linear, chen_sqrt, chen_sqrt_linear, checkpoint_all, store_all,
+)
+from planner.cost import CostModel
+from planner.graph import TrainingGraph
+from planner.schedule import Schedule
+
+Algorithm = Callable[[TrainingGraph, CostModel, int], Schedule]
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "store_all": store_all,
+    "checkpoint_all": checkpoint_all,
+    "chen_sqrt": chen_sqrt,
+    "chen_sqrt_linear": chen_sqrt_linear,
+    "chen_greedy": chen_greedy,
+    "chen_greedy_linear": chen_greedy_linear,
+}
+BASELINES = tuple(ALGORITHMS)
+
+__all__ = ["ALGORITHMS", "BASELINES", "Algorithm"] + list(ALGORITHMS)

@@ -1,0 +1,29 @@
+"""remat-planner: train PyTorch models under a memory budget.
+
+``capture`` turns a model's training step into a ``TrainingGraph``; algorithms turn a graph into a
+``Schedule``; ``simulate`` is the one judge of a schedule's peak memory and time; ``measure_*``
+tells the truth about real memory.
+"""
+from planner.capture import capture
+from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
+from planner.errors import (
+    CaptureError, InfeasibleBudgetError, InvalidScheduleError, PlanMismatchError, PlannerError,
+    UnsupportedOperatorError,
+)
+from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
+from planner.plan import Plan, plan
+from planner.execute import PlannedModule
+from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
+from planner.schedule import Compute, Free, Schedule
+from planner.simulate import SimResult, simulate
+from planner.units import format_bytes, parse_budget
+
+__all__ = [
+    "plan", "Plan", "PlannedModule", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
+    "Schedule", "Compute", "Free", "simulate", "SimResult",
+    "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
+    "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
+    "parse_budget", "format_bytes",
+    "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
+    "PlanMismatchError", "InfeasibleBudgetError",
+]

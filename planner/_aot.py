@@ -1,0 +1,104 @@
+"""The one place that touches private PyTorch APIs (AOT autograd).
+
+Capture needs the *joint* forward+backward ATen graph of a training step, traced with fake tensors
+so no activation memory is used. ``aot_module_simplified`` builds exactly that graph and hands it to
+a partition function; ours records it and stops compilation. AOT's input/output descriptors say
+which placeholder is which parameter, buffer or user input, and which output is a buffer mutation
+or a gradient. Verified on torch 2.14.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch._functorch._aot_autograd import descriptors as _desc
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch.multiprocessing.reductions import StorageWeakRef
+
+FORWARD_TAG = "is_forward"
+BACKWARD_TAG = "is_backward"
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """What a joint-graph placeholder stands for."""
+
+    kind: str  # "parameter" | "buffer" | "input" | "tangent"
+    name: str  # fully qualified name for parameters and buffers, flat index for inputs
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class OutputRole:
+    """What a joint-graph output is."""
+
+    kind: str  # "mutation" (new buffer value) | "loss" | "gradient"
+    target: str  # buffer or parameter name for mutations and gradients; "" for the loss
+
+
+class _JointGraphCaptured(Exception):
+    def __init__(self, graph: torch.fx.GraphModule):
+        self.graph = graph
+
+
+def _keep_joint_graph(joint: torch.fx.GraphModule, _joint_inputs, **_kwargs):
+    raise _JointGraphCaptured(joint)
+
+
+def _no_compile(graph, _inputs):
+    return graph
+
+
+def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """Trace ``module(*args)`` (which must return a 1-tuple holding a scalar loss) with its backward.
+
+    Returns the joint fx graph; every call_function node has ``meta['val']`` (a FakeTensor or a
+    tuple of them) and ``meta['partitioner_tag']``; placeholders and the output carry descriptors.
+    """
+    try:
+        aot_module_simplified(
+            module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
+            partition_fn=_keep_joint_graph,
+        )
+    except _JointGraphCaptured as captured:
+        return captured.graph
+    raise RuntimeError("AOT autograd did not hand over a joint graph (no backward was traced)")
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def input_role(node: torch.fx.Node, prefix: str) -> InputRole:
+    desc = node.meta.get("desc")
+    if isinstance(desc, _desc.ParamAOTInput):
+        return InputRole("parameter", _strip(desc.target, prefix))
+    if isinstance(desc, _desc.BufferAOTInput):
+        return InputRole("buffer", _strip(desc.target, prefix))
+    if isinstance(desc, _desc.PlainAOTInput):
+        return InputRole("input", f"input{desc.idx}", desc.idx)
+    if isinstance(desc, _desc.TangentAOTInput):
+        return InputRole("tangent", "loss_grad")
+    raise RuntimeError(f"unexpected joint-graph input {node.name} described as {desc!r}")
+
+
+def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | None]:
+    """One role per output slot (``None`` for slots that carry no tensor)."""
+    roles: list[OutputRole | None] = []
+    for desc in output_node.meta["desc"]:
+        if isinstance(desc, _desc.InputMutationAOTOutput):
+            roles.append(OutputRole("mutation", _strip(desc.mutated_input.target, prefix)))
+        elif isinstance(desc, _desc.PlainAOTOutput):
+            roles.append(OutputRole("loss", ""))
+        elif isinstance(desc, _desc.GradAOTOutput):
+            grad_of = desc.grad_of
+            roles.append(OutputRole("gradient", _strip(getattr(grad_of, "target", ""), prefix)))
+        else:
+            roles.append(None)
+    return roles
+
+
+def storage_key(tensor: torch.Tensor) -> StorageWeakRef:
+    """Identity of a tensor's storage: views and in-place results share one key."""
+    return StorageWeakRef(tensor.untyped_storage())

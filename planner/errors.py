@@ -1,0 +1,46 @@
+"""Typed errors. Each message says what went wrong and what to do about it."""
+from __future__ import annotations
+
+
+class PlannerError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class CaptureError(PlannerError):
+    """The model, its inputs or its loss cannot be traced into a training graph."""
+
+
+class UnsupportedOperatorError(CaptureError):
+    """The traced graph contains an operator the planner cannot account for."""
+
+    def __init__(self, operator: str, reason: str):
+        self.operator = operator
+        super().__init__(f"unsupported operator {operator}: {reason}")
+
+
+class InvalidScheduleError(PlannerError):
+    """A schedule does not describe a valid training step for its graph."""
+
+
+class PlanMismatchError(PlannerError):
+    """A schedule or plan is used with a graph other than the one it was made for."""
+
+
+class InfeasibleBudgetError(PlannerError):
+    """No schedule found fits the memory budget.
+
+    ``min_feasible_bytes`` is the smallest peak any algorithm that was tried reached: a budget at
+    or above it is feasible.
+    """
+
+    def __init__(self, budget_bytes: int, min_feasible_bytes: int, detail: str = ""):
+        self.budget_bytes = budget_bytes
+        self.min_feasible_bytes = min_feasible_bytes
+        from planner.units import format_bytes
+
+        message = (
+            f"budget {format_bytes(budget_bytes)} is below the smallest peak found, "
+            f"{format_bytes(min_feasible_bytes)} ({min_feasible_bytes} bytes): raise the budget to at "
+            f"least that, or reduce the batch size"
+        )
+        super().__init__(message + (f"; {detail}" if detail else ""))

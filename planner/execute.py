@@ -1,0 +1,270 @@
+"""The executor: runs any schedule for real, with the loss and gradients of plain PyTorch.
+
+A schedule is lowered once into three sections: the model's forward (run inside an
+``autograd.Function``'s forward), the loss (run by the user's own code, or by ``run_step``), and
+the model's backward (run inside the Function's backward). Each section is a flat list of steps
+over a tensor slot table: compute an op, or drop a slot. Steps follow the schedule exactly, so the
+memory the meter measures is the memory the simulator predicted.
+
+What makes recomputation safe:
+- gradients are accumulated into ``.grad`` the moment they are produced, through the parameter's
+  own ``AccumulateGrad`` node (eager's exact semantics and hooks), never held to the end;
+- new buffer values (BatchNorm running statistics) are copied into the buffers when first
+  computed and discarded when recomputed, so statistics update exactly once;
+- random ops that are recomputed replay the RNG state saved before their first run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from planner.errors import InvalidScheduleError, PlanMismatchError
+from planner.graph import TrainingGraph
+from planner.runtime import bind, initial_env, store_outputs
+from planner.schedule import Compute, Free, Schedule
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Compute one op. ``save_rng``/``replay_rng`` handle random ops that are recomputed."""
+
+    op: int
+    first: bool  # the op's first computation in the step (later ones are recomputations)
+    save_rng: bool
+    replay_rng: bool
+
+
+@dataclass(frozen=True)
+class _Drop:
+    tensor: int
+
+
+@dataclass(frozen=True)
+class LoweredSchedule:
+    """A schedule split at the loss: ``forward`` + ``loss`` + ``backward`` is the whole step."""
+
+    forward: tuple[_Run | _Drop, ...]
+    loss: tuple[_Run | _Drop, ...]
+    backward: tuple[_Run | _Drop, ...]
+    carried: tuple[int, ...]  # non-resident tensors live from the forward into the backward
+    saved_outputs: tuple[int, ...]  # model outputs the backward reads (saved by autograd)
+
+
+def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
+    """Split ``schedule`` into forward / loss / backward sections.
+
+    Raises ``InvalidScheduleError`` if model ops are interleaved with loss ops (then the loss
+    could not be left to the user's code).
+    """
+    schedule.check_graph(graph)
+    recomputed_random = {op for op in schedule.recomputed_ops() if graph.ops[op].is_random}
+    seen: set[int] = set()
+    steps: list[_Run | _Drop] = []
+    for step in schedule.steps:
+        if isinstance(step, Compute):
+            if step.impl != "default":
+                raise InvalidScheduleError(f"implementation {step.impl!r} of {graph.ops[step.op].name} is not available")
+            first = step.op not in seen
+            seen.add(step.op)
+            random = step.op in recomputed_random
+            steps.append(_Run(step.op, first, save_rng=random and first, replay_rng=random and not first))
+        else:
+            steps.append(_Drop(step.tensor))
+    loss_positions = [i for i, s in enumerate(steps) if isinstance(s, _Run) and graph.ops[s.op].in_loss]
+    if not loss_positions:
+        raise InvalidScheduleError("the schedule computes no loss op")
+    start, end = loss_positions[0], loss_positions[-1] + 1
+    while end < len(steps) and isinstance(steps[end], _Drop):
+        end += 1  # frees right after the last loss op belong to the loss section
+    middle = steps[start:end]
+    stray = [graph.ops[s.op].name for s in middle if isinstance(s, _Run) and not graph.ops[s.op].in_loss]
+    if stray:
+        raise InvalidScheduleError(f"model ops {stray[:3]} are scheduled inside the loss computation; "
+                                   "such a schedule cannot leave the loss to user code")
+    forward, backward = tuple(steps[:start]), tuple(steps[end:])
+    live = _live_after(graph, forward)
+    needed_later = {t for s in backward if isinstance(s, _Run) for t in graph.ops[s.op].inputs}
+    outputs = set(graph.model_outputs)
+    carried = tuple(sorted(t for t in live if t in needed_later and t not in outputs))
+    saved_outputs = tuple(t for t in graph.model_outputs if t in needed_later and t in live)
+    return LoweredSchedule(forward, tuple(middle), backward, carried, saved_outputs)
+
+
+def _live_after(graph: TrainingGraph, steps: Sequence[_Run | _Drop]) -> set[int]:
+    live: set[int] = set()
+    for step in steps:
+        if isinstance(step, _Run):
+            live.update(graph.ops[step.op].outputs)
+        else:
+            live.discard(step.tensor)
+    return live
+
+
+class StepRunner:
+    """Runs the sections of a lowered schedule for one model, over a slot table ``env``."""
+
+    def __init__(self, graph: TrainingGraph, schedule: Schedule, model: torch.nn.Module):
+        self.graph = graph
+        self.lowered = lower(graph, schedule)
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        missing = (set(graph.parameters) - set(parameters)) | (set(graph.buffers) - set(buffers))
+        if missing:
+            raise PlanMismatchError(f"the model has no {sorted(missing)[:3]}: this plan is for another model")
+        self.parameters = [parameters[n] for n in graph.parameters]
+        self.model = model
+        self._buffer_of = {t: buffers[n] for n, b in graph.buffers.items() for t in (b,)}
+        self._updates = {new: self._buffer_of[old] for new, old in graph.buffer_updates.items()}
+        self._param_of_grad = {g: parameters[self._name_of(p)] for g, p in graph.gradients.items()}
+        with torch.enable_grad():  # a parameter's AccumulateGrad node is reachable only with grad mode on
+            self._accumulators = {g: p.view_as(p).grad_fn.next_functions[0][0] for g, p in self._param_of_grad.items()}
+        self._rng_states: dict[int, Any] = {}
+
+    def _name_of(self, tensor: int) -> str:
+        return self.graph.tensors[tensor].name
+
+    def new_env(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
+        return initial_env(self.graph, self.model, tuple(inputs), tuple(targets))
+
+    def run(self, steps: Sequence[_Run | _Drop], env: list) -> None:
+        graph = self.graph
+        for step in steps:
+            if isinstance(step, _Drop):
+                env[step.tensor] = None
+                continue
+            op = graph.ops[step.op]
+            call = graph.calls[step.op]
+            if step.replay_rng:
+                with torch.random.fork_rng(devices=self._rng_devices()):
+                    self._set_rng(self._rng_states.pop(step.op))
+                    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+            else:
+                if step.save_rng:
+                    self._rng_states[step.op] = self._get_rng()
+                result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+            store_outputs(call, result, env)
+            del result
+            for tensor in op.outputs:
+                if tensor in self._param_of_grad:
+                    self._accumulate(tensor, env[tensor])
+                elif tensor in self._updates and step.first:
+                    self._updates[tensor].copy_(env[tensor])
+
+    def _accumulate(self, tensor: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` into its parameter's ``.grad`` exactly as eager autograd does."""
+        self._accumulators[tensor](grad)
+
+    def _rng_devices(self) -> list:
+        device = torch.device(self.graph.device)
+        return [device] if device.type == "cuda" else []
+
+    def _get_rng(self):
+        device = torch.device(self.graph.device)
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    def _set_rng(self, state) -> None:
+        device = torch.device(self.graph.device)
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+
+    def run_step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The whole step in one call (forward, loss, backward); returns the detached loss."""
+        env = self.new_env(inputs, targets)
+        lowered = self.lowered
+        with torch.no_grad():
+            self.run(lowered.forward, env)
+            loss_box: list[torch.Tensor] = []
+            self._run_capturing_loss(lowered.loss, env, loss_box)
+            self.run(lowered.backward, env)
+        return loss_box[0]
+
+    def _run_capturing_loss(self, steps, env, loss_box: list) -> None:
+        loss = self.graph.loss
+        for step in steps:
+            if isinstance(step, _Drop) and step.tensor == loss:
+                loss_box.append(env[loss])
+            self.run((step,), env)
+
+
+class _PlannedFunction(torch.autograd.Function):
+    """Model forward and backward of a plan; the loss between them is the user's own code."""
+
+    @staticmethod
+    def forward(ctx, runner: StepRunner, n_inputs: int, *args: torch.Tensor):
+        lowered = runner.lowered
+        env = runner.new_env(args[:n_inputs])
+        runner.run(lowered.forward, env)
+        ctx.runner = runner
+        ctx.inputs = args[:n_inputs]  # the backward reads them (e.g. the first layer's weight grad)
+        ctx.carried = {t: env[t] for t in lowered.carried}
+        ctx.save_for_backward(*(env[t] for t in lowered.saved_outputs))
+        ctx.n_args = len(args)
+        outputs = tuple(env[t] for t in runner.graph.model_outputs)
+        env.clear()
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *output_grads: torch.Tensor):
+        runner: StepRunner = ctx.runner
+        graph, lowered = runner.graph, runner.lowered
+        env: list = [None] * len(graph.tensors)
+        for tensor, value in ctx.carried.items():
+            env[tensor] = value
+        ctx.carried = None  # the env now owns them: each is dropped after its last use
+        for tensor, value in zip(lowered.saved_outputs, ctx.saved_tensors):
+            env[tensor] = value
+        for tensor, value in zip(graph.output_grads, output_grads):
+            env[tensor] = value
+        del output_grads
+        for tensor, value in enumerate(runner.new_env(ctx.inputs)):
+            if value is not None:
+                env[tensor] = value  # parameters, buffers, inputs, the loss tangent
+        ctx.inputs = None
+        with torch.no_grad():
+            runner.run(lowered.backward, env)
+        return (None, None) + (None,) * ctx.n_args
+
+
+class PlannedModule(torch.nn.Module):
+    """``model`` whose forward and backward follow a plan. Use it as the model itself:
+    ``loss_fn(planned(x), y).backward()`` then any optimizer step.
+
+    Inputs must have the shapes and dtypes the plan was made for.
+    """
+
+    def __init__(self, model: torch.nn.Module, graph: TrainingGraph, schedule: Schedule):
+        super().__init__()
+        if graph.output_spec is None:
+            raise PlanMismatchError("the model returns values other than tensors that require grad "
+                                    "(e.g. integer tensors or constants); apply() cannot rebuild its "
+                                    "output: use training_step(inputs, targets) instead")
+        self.model = model
+        self.runner = StepRunner(graph, schedule, model)
+        self._output_spec = graph.output_spec
+
+    def forward(self, *inputs: torch.Tensor):
+        _check_inputs(self.runner.graph, inputs)
+        # parameters as Function inputs make autograd call our backward; it returns None for them
+        outputs = _PlannedFunction.apply(self.runner, len(inputs), *inputs, *self.runner.parameters)
+        return tree_unflatten(list(outputs), self._output_spec)
+
+    def training_step(self, inputs, targets=()) -> torch.Tensor:
+        """Forward, loss and backward as one planned call; returns the loss (detached)."""
+        inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        targets = targets if isinstance(targets, (tuple, list)) else (targets,)
+        _check_inputs(self.runner.graph, tuple(inputs) + tuple(targets), include_targets=True)
+        return self.runner.run_step(inputs, targets)
+
+
+def _check_inputs(graph: TrainingGraph, values: Sequence[torch.Tensor], include_targets: bool = False) -> None:
+    specs = graph.input_specs if include_targets else graph.input_specs[: len(graph.inputs)]
+    got = [(tuple(v.shape), str(v.dtype), str(v.device)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+    want = [(s.shape, s.dtype, s.device) for s in specs]
+    if got != want:
+        raise PlanMismatchError(f"this plan was made for inputs {want} but got {got}: "
+                                "plan again for this input shape (plans are shape-specific)")

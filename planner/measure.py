@@ -1,0 +1,97 @@
+"""Measure the real peak memory of code, by tracking live tensor storages.
+
+``MemoryMeter`` is a ``TorchDispatchMode``: every op output's storage is counted once, when first
+seen, and uncounted by a finalizer when the storage dies. That is exact for everything allocated
+as a tensor, on any device; scratch memory a kernel allocates internally (CPU convolution
+workspace) is invisible to it, as documented in docs/architecture.md.
+
+The accounting of a training step is defined once here and used everywhere (tests, benchmarks,
+the CLI): parameters, buffers, inputs, targets and ``.grad`` accumulators are allocated before the
+step starts (steady state), and the peak includes them.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from planner._aot import storage_key
+
+
+class MemoryMeter(TorchDispatchMode):
+    """Context manager measuring live tensor bytes: ``current_bytes`` and ``peak_bytes``.
+
+    Storages that exist before entering are not counted unless passed to ``include``.
+    """
+
+    def __init__(self, include: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self._counted: dict = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        for tensor in include:
+            self._count(tensor, finalize=False)
+        self.baseline_bytes = self.current_bytes
+
+    def _count(self, tensor: torch.Tensor, finalize: bool = True) -> None:
+        storage = tensor.untyped_storage()
+        key = storage_key(tensor)
+        if key in self._counted:
+            return
+        nbytes = storage.nbytes()
+        self._counted[key] = nbytes
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        if finalize:
+            weakref.finalize(storage, self._release, key)
+
+    def _release(self, key) -> None:
+        self.current_bytes -= self._counted.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in tree_flatten(result)[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self._count(value)
+        return result
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    peak_bytes: int  # everything live at the peak, resident memory included
+    resident_bytes: int  # parameters, buffers, inputs, targets, .grad before the step
+    seconds: float
+
+
+def steady_state_tensors(model: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Allocate every trainable parameter's ``.grad`` (zeros where missing) and list what a step
+    holds throughout: parameters, buffers, their grads and the given tensors."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return [*model.parameters(), *model.buffers(), *grads, *tensors]
+
+
+def measure_step(model: torch.nn.Module, step: Callable[[], object], held: Sequence[torch.Tensor] = ()) -> MeasuredStep:
+    """Run ``step()`` once in steady state and measure its peak (resident memory included)."""
+    resident = steady_state_tensors(model, held)
+    with MemoryMeter(include=resident) as meter:
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+    return MeasuredStep(meter.peak_bytes, meter.baseline_bytes, seconds)
+
+
+def measure_training_step(model: torch.nn.Module, inputs, loss_fn=None, targets=()) -> MeasuredStep:
+    """Measure one plain eager step, ``loss_fn(model(*inputs), *targets).backward()``."""
+    from planner.capture import _as_tuple, _default_loss
+
+    inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
+    loss_fn = loss_fn or _default_loss
+    return measure_step(model, lambda: loss_fn(model(*inputs), *targets).backward(), [*inputs, *targets])

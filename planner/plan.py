@@ -1,0 +1,207 @@
+"""The user's entry point: ``plan(model, budget, inputs)`` -> ``Plan``.
+
+A plan is a schedule plus what the simulator predicts for it and how it was found. It can be
+saved, loaded, printed, and applied to the model it was made for.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from planner.capture import LossFn, capture
+from planner.cost import CostModel, RooflineCostModel, default_cost_model
+from planner.errors import InfeasibleBudgetError, InvalidScheduleError, PlanMismatchError
+from planner.graph import TrainingGraph
+from planner.schedule import Schedule
+from planner.simulate import SimResult, simulate
+from planner.units import format_bytes, parse_budget
+
+PLAN_FORMAT = 1
+MODES = ("fast",)  # "exact" arrives with the MILP solver
+
+
+@dataclass
+class Plan:
+    """A schedule for one training step and its predicted cost.
+
+    ``status`` is ``"optimal"`` (proven for the cost model), ``"feasible"`` (within budget, no
+    optimality claim; ``gap`` bounds the distance when known) or ``"fallback"`` (an exact solve
+    found nothing better than the heuristic it started from).
+    """
+
+    schedule: Schedule
+    graph: TrainingGraph | None
+    budget_bytes: int
+    predicted_peak_bytes: int
+    predicted_time: float
+    store_all_peak_bytes: int
+    store_all_time: float
+    resident_bytes: int
+    recomputations: int
+    algorithm: str
+    status: str
+    cost_model: str
+    gap: float | None = None
+    lower_bound: float | None = None
+    message: str = ""
+    input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
+    n_inputs: int = 0  # how many of input_specs are model inputs
+    _source: Any = field(default=None, repr=False, compare=False)  # weakref to the planned model
+    _source_training: bool = field(default=True, repr=False, compare=False)
+
+    @property
+    def overhead(self) -> float:
+        """Predicted extra compute time as a fraction of the store-all step."""
+        return self.predicted_time / self.store_all_time - 1.0 if self.store_all_time else 0.0
+
+    # ---- running ----------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module, loss_fn: LossFn | None = None):
+        """``model`` whose forward/backward follow this plan (a ``PlannedModule``).
+
+        Use it as the model: ``loss_fn(planned(x), y).backward()``, then any optimizer. For a
+        loaded plan, or a model other than the one planned, the step is captured again (with
+        ``loss_fn``, which must be the one planned with) and its fingerprint compared: a plan for
+        another model, input shape or mode raises ``PlanMismatchError``.
+        """
+        from planner.execute import PlannedModule
+
+        graph = self._graph_for(model, loss_fn)
+        return PlannedModule(model, graph, self.schedule)
+
+    def _graph_for(self, model: torch.nn.Module, loss_fn: LossFn | None) -> TrainingGraph:
+        source = self._source() if self._source is not None else None
+        if self.graph is not None and source is model and model.training == self._source_training:
+            return self.graph
+        examples = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype.split(".")[1]), device=s.device)
+                    for s in self.input_specs]
+        graph = capture(model, examples[: self.n_inputs], loss_fn, targets=examples[self.n_inputs:])
+        self.schedule.check_graph(graph)
+        return graph
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON: schedule, fingerprint, predictions, input shapes."""
+        meta = {k: getattr(self, k) for k in (
+            "budget_bytes", "predicted_peak_bytes", "predicted_time", "store_all_peak_bytes",
+            "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
+            "cost_model", "gap", "lower_bound", "message", "n_inputs")}
+        meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
+        Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan saved by ``save``; ``apply`` then checks it against the model."""
+        from planner.graph import InputSpec
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise InvalidScheduleError(f"{path} is not valid JSON ({error}); it may be truncated: plan again") from error
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or "plan" not in data:
+            raise InvalidScheduleError(f"{path} is not a plan of format {PLAN_FORMAT}: plan again with this version")
+        meta = dict(data["plan"])
+        try:
+            specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
+            return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error
+
+    # ---- reading ------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        rows = [
+            ("algorithm", f"{self.algorithm} ({self.status}" + (f", gap {self.gap:.2%})" if self.gap is not None else ")")),
+            ("cost model", self.cost_model),
+            ("budget", format_bytes(self.budget_bytes)),
+            ("store-all peak", format_bytes(self.store_all_peak_bytes)),
+            ("predicted peak", f"{format_bytes(self.predicted_peak_bytes)} "
+                               f"({self.predicted_peak_bytes / self.store_all_peak_bytes:.1%} of store-all)"),
+            ("  resident", f"{format_bytes(self.resident_bytes)} (parameters, buffers, .grad, inputs)"),
+            ("  activations", format_bytes(self.predicted_peak_bytes - self.resident_bytes)),
+            ("predicted overhead", f"{self.overhead:+.1%} compute time ({self.recomputations} ops recomputed)"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        if self.message:
+            lines.append(self.message)
+        return "\n".join(lines)
+
+
+def plan(
+    model: torch.nn.Module | TrainingGraph,
+    budget: int | float | str,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    mode: str = "fast",
+    algorithm: str | None = None,
+    time_limit: float | None = None,
+    cost_model: CostModel | str | None = None,
+) -> Plan:
+    """Find a schedule for one training step of ``model`` that fits ``budget``.
+
+    Parameters
+    ----------
+    model: an ``nn.Module`` (with ``inputs``), or a ``TrainingGraph`` from ``planner.capture``
+        (capture once, plan many budgets).
+    budget: peak memory of the whole step (parameters, ``.grad``, inputs and activations): bytes,
+        ``"6GiB"``, ``"512MB"``, or ``"50%"`` of the store-all (plain PyTorch) peak.
+    mode: ``"fast"``: the best of the heuristics, in well under a second.
+    algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
+    cost_model: a ``CostModel``, a preset name (``"cpu"``, ``"v100"``, ``"a100"``, ``"h100"``), or
+        None for the preset matching the graph's device.
+
+    Raises
+    ------
+    ValueError: an unreadable budget, unknown mode or algorithm.
+    InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
+    """
+    from planner.algorithms import ALGORITHMS, BASELINES
+
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
+    if algorithm is None and mode not in MODES:
+        raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    if isinstance(model, TrainingGraph):
+        graph, source = model, None
+    else:
+        if inputs is None:
+            raise TypeError("plan(model, budget, inputs): inputs (an example batch) are required for a model")
+        graph, source = capture(model, inputs, loss_fn, targets=targets), model
+    if isinstance(cost_model, str):
+        cost_model = RooflineCostModel(cost_model)
+    cost_model = cost_model or default_cost_model(graph)
+
+    reference = simulate(graph, graph.store_all(), cost_model)
+    budget_bytes = parse_budget(budget, reference.peak_bytes)
+    names = [algorithm] if algorithm else list(BASELINES)
+    tried: list[tuple[str, Schedule, SimResult]] = []
+    for name in names:
+        schedule = ALGORITHMS[name](graph, cost_model, budget_bytes)
+        tried.append((name, schedule, simulate(graph, schedule, cost_model)))
+    fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
+    if not fitting:
+        if algorithm:  # say how low any baseline gets, not just the one asked for
+            tried += [(n, s, simulate(graph, s, cost_model)) for n in BASELINES if n != algorithm
+                      for s in [ALGORITHMS[n](graph, cost_model, budget_bytes)]]
+        lowest = min(t[2].peak_bytes for t in tried)
+        raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t[0] for t in tried))}")
+    name, schedule, result = min(fitting, key=lambda t: (t[2].time, t[2].peak_bytes))
+    chosen = Plan(
+        schedule=schedule, graph=graph, budget_bytes=budget_bytes,
+        predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
+        store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
+        resident_bytes=result.resident_bytes, recomputations=result.recomputations,
+        algorithm=name, status="feasible", cost_model=cost_model.name,
+        message="" if algorithm else f"fast mode: best of {len(names)} heuristics",
+        input_specs=graph.input_specs, n_inputs=len(graph.inputs),
+    )
+    if source is not None:
+        chosen._source = weakref.ref(source)
+        chosen._source_training = source.training
+    return chosen

@@ -1,0 +1,136 @@
+"""Schedules: the ordered instructions of one training step, the one output of every algorithm.
+
+A schedule is a sequence of ``Compute(op)`` and ``Free(tensor)`` steps. A forward op computed a
+second time is a recomputation; its outputs must have been freed before. Schedules are tied to the
+graph they were made for by its fingerprint, in memory and in JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+from planner.errors import InvalidScheduleError, PlanMismatchError
+from planner.graph import TrainingGraph
+
+FORMAT_VERSION = 1
+DEFAULT_IMPL = "default"
+
+
+@dataclass(frozen=True)
+class Compute:
+    op: int
+    impl: str = DEFAULT_IMPL
+
+
+@dataclass(frozen=True)
+class Free:
+    tensor: int
+
+
+Step = Union[Compute, Free]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: tuple[Step, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_order(cls, graph: TrainingGraph, order: Iterable[int | Compute]) -> "Schedule":
+        """Schedule computing ``order`` (op ids or ``Compute`` steps) and freeing every tensor
+        right after its last use; tensors consumed on production (gradients, buffer updates, the
+        loss) right after they are produced.
+
+        Raises ``InvalidScheduleError`` if an op reads a tensor that was never produced.
+        Complexity: O(total inputs + outputs of the computed ops).
+        """
+        computes = [c if isinstance(c, Compute) else Compute(int(c)) for c in order]
+        instance_of: dict[int, int] = {}  # tensor -> index of its current instance
+        instance_tensor: list[int] = []
+        instance_last_use: list[int] = []
+        for position, compute in enumerate(computes):
+            op = graph.ops[compute.op]
+            for tensor in op.inputs:
+                if graph.is_resident(tensor):
+                    continue
+                if tensor not in instance_of:
+                    raise InvalidScheduleError(
+                        f"step {position}: op {op.name} reads {graph.tensors[tensor].name}, "
+                        "which no earlier step produced")
+                instance_last_use[instance_of[tensor]] = position
+            for tensor in op.outputs:
+                instance_of[tensor] = len(instance_tensor)
+                instance_tensor.append(tensor)
+                instance_last_use.append(position)
+        frees_after: list[list[int]] = [[] for _ in computes]
+        for tensor, last in zip(instance_tensor, instance_last_use):
+            frees_after[last].append(tensor)
+        steps: list[Step] = []
+        for compute, frees in zip(computes, frees_after):
+            steps.append(compute)
+            steps.extend(Free(t) for t in sorted(frees))
+        return cls(tuple(steps), graph.fingerprint)
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def computes(self) -> list[Compute]:
+        return [s for s in self.steps if isinstance(s, Compute)]
+
+    def recomputed_ops(self) -> dict[int, int]:
+        """op id -> how many extra times it is computed."""
+        counts: dict[int, int] = {}
+        for step in self.computes:
+            counts[step.op] = counts.get(step.op, 0) + 1
+        return {op: n - 1 for op, n in counts.items() if n > 1}
+
+    def check_graph(self, graph: TrainingGraph) -> None:
+        if graph.fingerprint != self.fingerprint:
+            raise PlanMismatchError(
+                f"this schedule was made for graph {self.fingerprint[:12]} but the graph given is "
+                f"{graph.fingerprint[:12]} (another model, batch shape, dtype or mode): plan again for it")
+
+    # ---- JSON --------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "steps": [["c", s.op, s.impl] if isinstance(s, Compute) else ["f", s.tensor] for s in self.steps],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Schedule":
+        if not isinstance(data, dict) or "steps" not in data or "fingerprint" not in data:
+            raise InvalidScheduleError("not a schedule: expected an object with 'format', 'fingerprint' and 'steps'")
+        if data.get("format") != FORMAT_VERSION:
+            raise InvalidScheduleError(
+                f"schedule format {data.get('format')!r} is not supported by this version (format "
+                f"{FORMAT_VERSION}): plan again with this version, or upgrade remat-planner")
+        steps: list[Step] = []
+        try:
+            for row in data["steps"]:
+                if row[0] == "c" and len(row) == 3:
+                    steps.append(Compute(int(row[1]), str(row[2])))
+                elif row[0] == "f" and len(row) == 2:
+                    steps.append(Free(int(row[1])))
+                else:
+                    raise ValueError(row)
+        except (TypeError, ValueError, IndexError) as error:
+            raise InvalidScheduleError(f"corrupted schedule step {error}: plan again") from error
+        return cls(tuple(steps), str(data["fingerprint"]))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path, graph: TrainingGraph | None = None) -> "Schedule":
+        """Read a schedule; with ``graph``, refuse one made for another graph."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise InvalidScheduleError(f"{path} is not valid JSON ({error}); it may be truncated: plan again") from error
+        schedule = cls.from_json(data)
+        if graph is not None:
+            schedule.check_graph(graph)
+        return schedule

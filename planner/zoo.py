@@ -1,0 +1,61 @@
+"""Model specs for the CLI and benchmarks: ``torchvision:resnet50``, ``package.module:factory``.
+
+A spec builds a model (random weights, no downloads), an example batch and a loss.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Workload:
+    model: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    targets: tuple[torch.Tensor, ...]
+    loss_fn: Callable[..., torch.Tensor] | None
+
+
+def _torchvision(name: str, batch_size: int, image_size: int | None) -> Workload:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"torchvision has no classification model {name!r}; e.g. resnet50, vgg16, mobilenet_v2")
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    size = image_size or (299 if name == "inception_v3" else 224)
+    inputs = (torch.randn(batch_size, 3, size, size),)
+    targets = (torch.randint(0, 1000, (batch_size,)),)
+    return Workload(model.train(), inputs, targets, F.cross_entropy)
+
+
+def _user_factory(spec: str, batch_size: int, image_size: int | None) -> Workload:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load model factory {spec!r} ({error}): give 'package.module:function'") from error
+    built = factory(batch_size=batch_size, image_size=image_size) if image_size else factory(batch_size=batch_size)
+    if isinstance(built, Workload):
+        return built
+    model, inputs = built[0], built[1]
+    return Workload(model, inputs if isinstance(inputs, tuple) else (inputs,), (), None)
+
+
+def load_workload(spec: str, batch_size: int, image_size: int | None = None) -> Workload:
+    """Build the model, batch and loss named by ``spec``.
+
+    ``torchvision:NAME`` builds a torchvision classifier with cross-entropy on random labels;
+    ``module:factory`` calls ``factory(batch_size=..., [image_size=...])``, which returns a
+    ``Workload`` or a ``(model, inputs)`` pair (loss: sum of the output).
+    """
+    source, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"model spec {spec!r} needs a source: 'torchvision:resnet50' or 'package.module:factory'")
+    if source == "torchvision":
+        return _torchvision(name, batch_size, image_size)
+    return _user_factory(spec, batch_size, image_size)
