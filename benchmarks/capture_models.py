@@ -22,12 +22,7 @@ section if needed) and leaves every other section alone, so other benchmarks can
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
-import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +33,10 @@ import torch
 import torchvision
 
 import planner
+from report import command_line, environment_line, write_section
 
 SECTION_HEADING = "## Capture (issue 2)"
 RESNET50_TARGET_SECONDS = 3.0
-DEFAULT_FILE_PREAMBLE = "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n\n"
 
 
 @dataclass(frozen=True)
@@ -169,19 +164,8 @@ def resnet50_verdict(rows: Sequence[CaptureRow]) -> str | None:
             f"runs: {runs} s): the ≤ {RESNET50_TARGET_SECONDS:g} s target is {met}.")
 
 
-def command_line(argv: Sequence[str]) -> str:
-    script = Path(argv[0])
-    try:
-        script = script.resolve().relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *argv[1:]])
-
-
 def section_body(rows: Sequence[CaptureRow], argv: Sequence[str], repeats: int) -> str:
-    environment = (f"Run on {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-                   f"torchvision {torchvision.__version__}, Python {platform.python_version()}, "
-                   f"{os.cpu_count()} CPU cores, CPU only.")
+    environment = environment_line()
     notes = (f"Capture seconds: `time.perf_counter()` around `planner.capture` only, best of {repeats} "
              "(models captured in table order in one process, so the first model's first capture also pays "
              "one-off import and cache costs). Peaks: `planner.simulate(graph, graph.store_all())` with the "
@@ -192,47 +176,6 @@ def section_body(rows: Sequence[CaptureRow], argv: Sequence[str], repeats: int) 
     if verdict:
         parts.append(verdict)
     return "\n\n".join(parts) + "\n"
-
-
-_FENCE = re.compile(r"^\s*(```|~~~)")
-
-
-def _section_bounds(lines: list[str], heading: str) -> tuple[int, int] | None:
-    """Line range [start, end) of the section under ``heading``: up to the next level-2 (or level-1)
-    heading outside code fences, or the end of the file."""
-    start = None
-    in_fence = False
-    for index, line in enumerate(lines):
-        if _FENCE.match(line):
-            in_fence = not in_fence
-            continue
-        if in_fence:
-            continue
-        if start is None:
-            if line.rstrip() == heading:
-                start = index
-        elif line.startswith("## ") or line.startswith("# "):
-            return start, index
-    return None if start is None else (start, len(lines))
-
-
-def write_section(path: Path, heading: str, body: str, preamble: str = DEFAULT_FILE_PREAMBLE) -> None:
-    """Replace the text of section ``heading`` in ``path`` with ``body``; other sections are kept.
-
-    A missing file is created with ``preamble``; a missing section is appended at the end.
-    """
-    section = f"{heading}\n\n{body.rstrip()}\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else preamble
-    lines = text.splitlines(keepends=True)
-    bounds = _section_bounds(lines, heading)
-    if bounds is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        start, end = bounds
-        following = "".join(lines[end:])
-        new_text = "".join(lines[:start]) + section + ("\n" + following if following else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new_text, encoding="utf-8")
 
 
 # ---- command line -------------------------------------------------------------------------------

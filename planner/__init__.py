@@ -13,13 +13,14 @@ from planner.errors import (
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
 from planner.plan import Plan, plan
 from planner.execute import PlannedModule
+from planner.backend import backend
 from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
 from planner.schedule import Compute, Free, Schedule
 from planner.simulate import SimResult, simulate
 from planner.units import format_bytes, parse_budget
 
 __all__ = [
-    "plan", "Plan", "PlannedModule", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
+    "plan", "Plan", "PlannedModule", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
     "Schedule", "Compute", "Free", "simulate", "SimResult",
     "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",

@@ -16,6 +16,8 @@ from torch._functorch._aot_autograd import descriptors as _desc
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from planner.errors import CaptureError
+
 FORWARD_TAG = "is_forward"
 BACKWARD_TAG = "is_backward"
 
@@ -33,8 +35,8 @@ class InputRole:
 class OutputRole:
     """What a joint-graph output is."""
 
-    kind: str  # "mutation" (new buffer value) | "loss" | "gradient"
-    target: str  # buffer or parameter name for mutations and gradients; "" for the loss
+    kind: str  # "mutation" (new value of a buffer or input) | "loss" | "gradient"
+    target: str  # buffer, input ("input<i>") or parameter name; "" for the loss
 
 
 class _JointGraphCaptured(Exception):
@@ -63,7 +65,8 @@ def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
         )
     except _JointGraphCaptured as captured:
         return captured.graph
-    raise RuntimeError("AOT autograd did not hand over a joint graph (no backward was traced)")
+    raise CaptureError("the traced step produces no parameter gradient: does the loss depend on a "
+                       "parameter with requires_grad=True?")
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -88,7 +91,9 @@ def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | N
     roles: list[OutputRole | None] = []
     for desc in output_node.meta["desc"]:
         if isinstance(desc, _desc.InputMutationAOTOutput):
-            roles.append(OutputRole("mutation", _strip(desc.mutated_input.target, prefix)))
+            mutated = desc.mutated_input
+            name = f"input{mutated.idx}" if isinstance(mutated, _desc.PlainAOTInput) else _strip(mutated.target, prefix)
+            roles.append(OutputRole("mutation", name))
         elif isinstance(desc, _desc.PlainAOTOutput):
             roles.append(OutputRole("loss", ""))
         elif isinstance(desc, _desc.GradAOTOutput):

@@ -232,6 +232,8 @@ class _GraphBuilder:
         if target is _BOUNDARY:  # contract the marker: its output is its input
             (source,) = node.args
             self.tensor_of[node] = self.tensor_of[source]
+            # later views of the marker's output live in the source's storage
+            self.storage_ids.setdefault(_aot.storage_key(node.meta["val"]), self.tensor_rows[self.tensor_of[source]]["storage"])
             is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
             (self.model_outputs if is_forward else self.output_grads).append(self.tensor_of[source])
             return
@@ -281,6 +283,11 @@ class _GraphBuilder:
         ))
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
 
+    def _resident_named(self, name: str) -> int:
+        if name in self.buffers:
+            return self.buffers[name]
+        return self.inputs[int(name.removeprefix("input"))]
+
     def _output(self, node: torch.fx.Node) -> tuple[int, dict[int, int], dict[int, int]]:
         loss = -1
         gradients: dict[int, int] = {}
@@ -292,7 +299,7 @@ class _GraphBuilder:
             if role.kind == "loss":
                 loss = tensor_id
             elif role.kind == "mutation":
-                buffer_updates[tensor_id] = self.buffers[role.target]
+                buffer_updates[tensor_id] = self._resident_named(role.target)
             elif role.target in self.parameters:
                 gradients[tensor_id] = self.parameters[role.target]
                 self.tensor_rows[tensor_id]["kind"] = TensorKind.GRADIENT

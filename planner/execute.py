@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
 from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import TrainingGraph
 from planner.runtime import bind, initial_env, store_outputs
-from planner.schedule import Compute, Free, Schedule
+from planner.schedule import Compute, Schedule
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,6 @@ class StepRunner:
             raise PlanMismatchError(f"the model has no {sorted(missing)[:3]}: this plan is for another model")
         self.parameters = [parameters[n] for n in graph.parameters]
         self.model = model
-        self._buffer_of = {t: buffers[n] for n, b in graph.buffers.items() for t in (b,)}
-        self._updates = {new: self._buffer_of[old] for new, old in graph.buffer_updates.items()}
         self._param_of_grad = {g: parameters[self._name_of(p)] for g, p in graph.gradients.items()}
         with torch.enable_grad():  # a parameter's AccumulateGrad node is reachable only with grad mode on
             self._accumulators = {g: p.view_as(p).grad_fn.next_functions[0][0] for g, p in self._param_of_grad.items()}
@@ -150,8 +148,8 @@ class StepRunner:
             for tensor in op.outputs:
                 if tensor in self._param_of_grad:
                     self._accumulate(tensor, env[tensor])
-                elif tensor in self._updates and step.first:
-                    self._updates[tensor].copy_(env[tensor])
+                elif tensor in graph.buffer_updates and step.first:
+                    env[graph.buffer_updates[tensor]].copy_(env[tensor])
 
     def _accumulate(self, tensor: int, grad: torch.Tensor) -> None:
         """Add ``grad`` into its parameter's ``.grad`` exactly as eager autograd does."""

@@ -117,7 +117,7 @@ class TrainingGraph:
     model_outputs: tuple[int, ...]  # flattened model outputs (what the loss consumes)
     output_grads: tuple[int, ...]  # d(loss)/d(model output), where the model's backward starts
     gradients: dict[int, int]  # gradient tensor id -> parameter tensor id
-    buffer_updates: dict[int, int]  # tensor holding a buffer's new value -> buffer tensor id
+    buffer_updates: dict[int, int]  # tensor holding a new value -> the buffer (or input) it is written into
     input_specs: tuple[InputSpec, ...]  # model inputs then targets, to re-capture at apply time
     device: str
     # pytree structure of the model's output, when every leaf is a tensor that requires grad
@@ -131,8 +131,9 @@ class TrainingGraph:
 
     @cached_property
     def grad_accumulator_bytes(self) -> int:
-        """Bytes of the ``.grad`` tensors of every parameter that receives a gradient."""
-        return sum(self.tensors[p].nbytes for p in set(self.gradients.values()))
+        """Bytes of the ``.grad`` tensors of every parameter that receives a gradient (a tied
+        parameter, listed under several names, has one ``.grad``)."""
+        return sum(self.storages[s].nbytes for s in {self.tensors[p].storage for p in self.gradients.values()})
 
     @cached_property
     def resident_bytes(self) -> int:

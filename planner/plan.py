@@ -15,7 +15,7 @@ import torch
 
 from planner.capture import LossFn, capture
 from planner.cost import CostModel, RooflineCostModel, default_cost_model
-from planner.errors import InfeasibleBudgetError, InvalidScheduleError, PlanMismatchError
+from planner.errors import InfeasibleBudgetError, InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import SimResult, simulate
@@ -77,6 +77,9 @@ class Plan:
         source = self._source() if self._source is not None else None
         if self.graph is not None and source is model and model.training == self._source_training:
             return self.graph
+        if loss_fn is None and len(self.input_specs) > self.n_inputs:
+            raise TypeError("this plan was made with a loss function that takes targets: "
+                            "pass the same one, plan.apply(model, loss_fn=...)")
         examples = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype.split(".")[1]), device=s.device)
                     for s in self.input_specs]
         graph = capture(model, examples[: self.n_inputs], loss_fn, targets=examples[self.n_inputs:])

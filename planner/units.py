@@ -39,8 +39,8 @@ def parse_budget(budget: int | float | str, reference_bytes: int | None = None) 
             value = float(quantity.group(1)) * _UNITS[unit]
     else:
         raise ValueError(f"budget of type {type(budget).__name__} is not accepted: give {ACCEPTED_FORMS}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"budget {budget!r} must be a positive, finite size: give {ACCEPTED_FORMS}")
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"budget {budget!r} must be a finite size of at least one byte: give {ACCEPTED_FORMS}")
     return int(value)
 
 
