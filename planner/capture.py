@@ -180,6 +180,7 @@ class _GraphBuilder:
         self.tangent = -1
         self.model_outputs: list[int] = []
         self.output_grads: list[int] = []
+        self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
 
     # -- tensors and storages -----------------------------------------------------------------
     def _storage(self, value: torch.Tensor) -> int:
@@ -225,12 +226,16 @@ class _GraphBuilder:
         target = node.target
         if target is operator.getitem:
             parent, index = node.args
+            if parent in self.loss_nodes:
+                self.loss_nodes.add(node)
             tensor_id = self.slots_of[parent][index]
             if tensor_id is not None:
                 self.tensor_of[node] = tensor_id
             return
         if target is _BOUNDARY:  # contract the marker: its output is its input
             (source,) = node.args
+            if node.meta.get("partitioner_tag") == _aot.FORWARD_TAG:
+                self.loss_nodes.add(node)
             self.tensor_of[node] = self.tensor_of[source]
             # later views of the marker's output live in the source's storage
             self.storage_ids.setdefault(_aot.storage_key(node.meta["val"]), self.tensor_rows[self.tensor_of[source]]["storage"])
@@ -243,6 +248,9 @@ class _GraphBuilder:
         if target._schema.is_mutable:
             raise UnsupportedOperatorError(str(target), "it writes into its inputs, which the planner "
                                            "cannot reorder or recompute safely")
+        is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
+        if is_forward and any(a in self.loss_nodes for a in node.all_input_nodes):
+            self.loss_nodes.add(node)  # reads the marked model output (or loss values): part of the loss
         args = tree_map(lambda a: self._ref(a) if isinstance(a, torch.fx.Node) else a, node.args)
         kwargs = tree_map(lambda a: self._ref(a) if isinstance(a, torch.fx.Node) else a, node.kwargs)
         input_ids = list(dict.fromkeys(r.id for r in tree_flatten((args, kwargs))[0] if isinstance(r, TensorRef)))
@@ -274,7 +282,7 @@ class _GraphBuilder:
         vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
         self.op_rows.append(dict(
             id=op_id, name=node.name, target=str(target),
-            phase=Phase.FORWARD if node.meta.get("partitioner_tag") == _aot.FORWARD_TAG else Phase.BACKWARD,
+            phase=Phase.FORWARD if is_forward else Phase.BACKWARD, in_loss=node in self.loss_nodes,
             inputs=tuple(input_ids), outputs=tuple(outputs),
             flops=0.0 if is_view else _flops(target, vals[0], vals[1], value),
             bytes_read=0 if is_view else sum(self.tensor_rows[i]["nbytes"] for i in input_ids),
@@ -320,8 +328,9 @@ class _GraphBuilder:
         if not gradients:
             raise CaptureError("the traced step produces no parameter gradient: does the loss depend "
                                "on a parameter with requires_grad=True?")
-        in_loss = self._loss_region()
-        ops = tuple(OpInfo(**row, in_loss=op_id in in_loss) for op_id, row in enumerate(self.op_rows))
+        for op_id in self._loss_backward():
+            self.op_rows[op_id]["in_loss"] = True
+        ops = tuple(OpInfo(**row) for row in self.op_rows)
         tensors = tuple(TensorInfo(**{**row, "consumers": tuple(row["consumers"])}) for row in self.tensor_rows)
         return TrainingGraph(
             ops=ops, tensors=tensors,
@@ -333,14 +342,9 @@ class _GraphBuilder:
             device=self.device,
         )
 
-    def _loss_region(self) -> set[int]:
-        """Forward ops downstream of the model outputs, and backward ops upstream of their grads."""
+    def _loss_backward(self) -> set[int]:
+        """Backward ops upstream of the gradients of the model outputs: the loss's backward."""
         region: set[int] = set()
-        loss_tensors = set(self.model_outputs)
-        for row in self.op_rows:
-            if row["phase"] is Phase.FORWARD and loss_tensors.intersection(row["inputs"]):
-                region.add(row["id"])
-                loss_tensors.update(row["outputs"])
         pending = [self.tensor_rows[t]["producer"] for t in self.output_grads]
         while pending:
             op_id = pending.pop()

@@ -7,11 +7,13 @@ over a tensor slot table: compute an op, or drop a slot. Steps follow the schedu
 memory the meter measures is the memory the simulator predicted.
 
 What makes recomputation safe:
-- gradients are accumulated into ``.grad`` the moment they are produced, through the parameter's
-  own ``AccumulateGrad`` node (eager's exact semantics and hooks), never held to the end;
+- gradients are accumulated into ``.grad`` the moment they are produced, by handing each one to
+  the autograd engine at its parameter (eager's exact semantics: tensor hooks, in-place
+  accumulation, post-accumulate hooks, DDP's hooks), never held to the end of the backward;
 - new buffer values (BatchNorm running statistics) are copied into the buffers when first
   computed and discarded when recomputed, so statistics update exactly once;
-- random ops that are recomputed replay the RNG state saved before their first run.
+- random ops that are recomputed replay the RNG state saved before their first run (saved per
+  forward call, so several forwards may precede one backward).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import TrainingGraph
 from planner.runtime import bind, initial_env, store_outputs
 from planner.schedule import Compute, Schedule
+from planner.simulate import simulate
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class StepRunner:
     """Runs the sections of a lowered schedule for one model, over a slot table ``env``."""
 
     def __init__(self, graph: TrainingGraph, schedule: Schedule, model: torch.nn.Module):
+        simulate(graph, schedule)  # refuse an invalid schedule before anything runs
         self.graph = graph
         self.lowered = lower(graph, schedule)
         parameters = dict(model.named_parameters(remove_duplicate=False))
@@ -114,12 +118,8 @@ class StepRunner:
         missing = (set(graph.parameters) - set(parameters)) | (set(graph.buffers) - set(buffers))
         if missing:
             raise PlanMismatchError(f"the model has no {sorted(missing)[:3]}: this plan is for another model")
-        self.parameters = [parameters[n] for n in graph.parameters]
         self.model = model
         self._param_of_grad = {g: parameters[self._name_of(p)] for g, p in graph.gradients.items()}
-        with torch.enable_grad():  # a parameter's AccumulateGrad node is reachable only with grad mode on
-            self._accumulators = {g: p.view_as(p).grad_fn.next_functions[0][0] for g, p in self._param_of_grad.items()}
-        self._rng_states: dict[int, Any] = {}
 
     def _name_of(self, tensor: int) -> str:
         return self.graph.tensors[tensor].name
@@ -127,7 +127,8 @@ class StepRunner:
     def new_env(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
         return initial_env(self.graph, self.model, tuple(inputs), tuple(targets))
 
-    def run(self, steps: Sequence[_Run | _Drop], env: list) -> None:
+    def run(self, steps: Sequence[_Run | _Drop], env: list, rng_states: dict[int, Any]) -> None:
+        """Execute ``steps``; ``rng_states`` carries saved RNG states from one section to a later one."""
         graph = self.graph
         for step in steps:
             if isinstance(step, _Drop):
@@ -137,11 +138,11 @@ class StepRunner:
             call = graph.calls[step.op]
             if step.replay_rng:
                 with torch.random.fork_rng(devices=self._rng_devices()):
-                    self._set_rng(self._rng_states.pop(step.op))
+                    self._set_rng(rng_states.pop(step.op))
                     result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
             else:
                 if step.save_rng:
-                    self._rng_states[step.op] = self._get_rng()
+                    rng_states[step.op] = self._get_rng()
                 result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
             store_outputs(call, result, env)
             del result
@@ -152,8 +153,8 @@ class StepRunner:
                     env[graph.buffer_updates[tensor]].copy_(env[tensor])
 
     def _accumulate(self, tensor: int, grad: torch.Tensor) -> None:
-        """Add ``grad`` into its parameter's ``.grad`` exactly as eager autograd does."""
-        self._accumulators[tensor](grad)
+        """Add ``grad`` into its parameter's ``.grad`` exactly as eager autograd does, hooks included."""
+        torch.autograd.backward([self._param_of_grad[tensor]], [grad])
 
     def _rng_devices(self) -> list:
         device = torch.device(self.graph.device)
@@ -173,35 +174,36 @@ class StepRunner:
     def run_step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The whole step in one call (forward, loss, backward); returns the detached loss."""
         env = self.new_env(inputs, targets)
-        lowered = self.lowered
+        lowered, rng_states = self.lowered, {}
         with torch.no_grad():
-            self.run(lowered.forward, env)
+            self.run(lowered.forward, env, rng_states)
             loss_box: list[torch.Tensor] = []
-            self._run_capturing_loss(lowered.loss, env, loss_box)
-            self.run(lowered.backward, env)
+            self._run_capturing_loss(lowered.loss, env, loss_box, rng_states)
+            self.run(lowered.backward, env, rng_states)
         return loss_box[0]
 
-    def _run_capturing_loss(self, steps, env, loss_box: list) -> None:
+    def _run_capturing_loss(self, steps, env, loss_box: list, rng_states: dict) -> None:
         loss = self.graph.loss
         for step in steps:
             if isinstance(step, _Drop) and step.tensor == loss:
                 loss_box.append(env[loss])
-            self.run((step,), env)
+            self.run((step,), env, rng_states)
 
 
 class _PlannedFunction(torch.autograd.Function):
     """Model forward and backward of a plan; the loss between them is the user's own code."""
 
     @staticmethod
-    def forward(ctx, runner: StepRunner, n_inputs: int, *args: torch.Tensor):
+    def forward(ctx, runner: StepRunner, anchor: torch.Tensor, *inputs: torch.Tensor):
         lowered = runner.lowered
-        env = runner.new_env(args[:n_inputs])
-        runner.run(lowered.forward, env)
+        env = runner.new_env(inputs)
+        ctx.rng_states = {}
+        runner.run(lowered.forward, env, ctx.rng_states)
         ctx.runner = runner
-        ctx.inputs = args[:n_inputs]  # the backward reads them (e.g. the first layer's weight grad)
+        ctx.inputs = inputs  # the backward reads them (e.g. the first layer's weight gradient)
         ctx.carried = {t: env[t] for t in lowered.carried}
         ctx.save_for_backward(*(env[t] for t in lowered.saved_outputs))
-        ctx.n_args = len(args)
+        ctx.n_inputs = len(inputs)
         outputs = tuple(env[t] for t in runner.graph.model_outputs)
         env.clear()
         return outputs
@@ -224,8 +226,8 @@ class _PlannedFunction(torch.autograd.Function):
                 env[tensor] = value  # parameters, buffers, inputs, the loss tangent
         ctx.inputs = None
         with torch.no_grad():
-            runner.run(lowered.backward, env)
-        return (None, None) + (None,) * ctx.n_args
+            runner.run(lowered.backward, env, ctx.rng_states)
+        return (None, None) + (None,) * ctx.n_inputs
 
 
 class PlannedModule(torch.nn.Module):
@@ -244,11 +246,13 @@ class PlannedModule(torch.nn.Module):
         self.model = model
         self.runner = StepRunner(graph, schedule, model)
         self._output_spec = graph.output_spec
+        # an input that requires grad makes autograd call our backward; the parameters are not
+        # Function inputs (their gradients reach them through the engine as they are produced)
+        self._anchor = torch.empty(0, requires_grad=True)
 
     def forward(self, *inputs: torch.Tensor):
         _check_inputs(self.runner.graph, inputs)
-        # parameters as Function inputs make autograd call our backward; it returns None for them
-        outputs = _PlannedFunction.apply(self.runner, len(inputs), *inputs, *self.runner.parameters)
+        outputs = _PlannedFunction.apply(self.runner, self._anchor, *inputs)
         return tree_unflatten(list(outputs), self._output_spec)
 
     def training_step(self, inputs, targets=()) -> torch.Tensor:

@@ -107,8 +107,8 @@ class Plan:
             raise InvalidScheduleError(f"{path} is not valid JSON ({error}); it may be truncated: plan again") from error
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or "plan" not in data:
             raise InvalidScheduleError(f"{path} is not a plan of format {PLAN_FORMAT}: plan again with this version")
-        meta = dict(data["plan"])
         try:
+            meta = dict(data["plan"])
             specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
             return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
         except (KeyError, TypeError, ValueError, IndexError) as error:
