@@ -5,6 +5,7 @@ from typing import Callable
 from planner.algorithms.baselines import (
     chen_greedy, chen_greedy_linear, chen_sqrt, chen_sqrt_linear, checkpoint_all, store_all,
 )
+from planner.algorithms.dp import dp, dp_memory
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
@@ -12,6 +13,8 @@ from planner.schedule import Schedule
 Algorithm = Callable[[TrainingGraph, CostModel, int], Schedule]
 
 ALGORITHMS: dict[str, Algorithm] = {
+    "dp": dp,
+    "dp_memory": dp_memory,
     "store_all": store_all,
     "checkpoint_all": checkpoint_all,
     "chen_sqrt": chen_sqrt,
@@ -19,6 +22,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "chen_greedy": chen_greedy,
     "chen_greedy_linear": chen_greedy_linear,
 }
-BASELINES = tuple(ALGORITHMS)
+BASELINES = ("store_all", "checkpoint_all", "chen_sqrt", "chen_sqrt_linear", "chen_greedy", "chen_greedy_linear")
+# fast mode: the DP, with every baseline as a safety net (the best schedule in budget wins)
+FAST = ("dp",) + BASELINES
 
-__all__ = ["ALGORITHMS", "BASELINES", "Algorithm"] + list(ALGORITHMS)
+__all__ = ["ALGORITHMS", "BASELINES", "FAST", "Algorithm"] + list(ALGORITHMS)

@@ -154,7 +154,8 @@ def plan(
         (capture once, plan many budgets).
     budget: peak memory of the whole step (parameters, ``.grad``, inputs and activations): bytes,
         ``"6GiB"``, ``"512MB"``, or ``"50%"`` of the store-all (plain PyTorch) peak.
-    mode: ``"fast"``: the best of the heuristics, in well under a second.
+    mode: ``"fast"``: the DP checkpoint search, with the baselines as a safety net, in about a
+        second or less.
     algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
     cost_model: a ``CostModel``, a preset name (``"cpu"``, ``"v100"``, ``"a100"``, ``"h100"``), or
         None for the preset matching the graph's device.
@@ -164,7 +165,7 @@ def plan(
     ValueError: an unreadable budget, unknown mode or algorithm.
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    from planner.algorithms import ALGORITHMS, BASELINES
+    from planner.algorithms import ALGORITHMS, FAST
 
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
@@ -182,15 +183,15 @@ def plan(
 
     reference = simulate(graph, graph.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
-    names = [algorithm] if algorithm else list(BASELINES)
+    names = [algorithm] if algorithm else list(FAST)
     tried: list[tuple[str, Schedule, SimResult]] = []
     for name in names:
         schedule = ALGORITHMS[name](graph, cost_model, budget_bytes)
         tried.append((name, schedule, simulate(graph, schedule, cost_model)))
     fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
     if not fitting:
-        if algorithm:  # say how low any baseline gets, not just the one asked for
-            tried += [(n, s, simulate(graph, s, cost_model)) for n in BASELINES if n != algorithm
+        if algorithm:  # say how low fast mode gets, not just the algorithm asked for
+            tried += [(n, s, simulate(graph, s, cost_model)) for n in FAST if n != algorithm
                       for s in [ALGORITHMS[n](graph, cost_model, budget_bytes)]]
         lowest = min(t[2].peak_bytes for t in tried)
         raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t[0] for t in tried))}")
@@ -201,7 +202,7 @@ def plan(
         store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
         algorithm=name, status="feasible", cost_model=cost_model.name,
-        message="" if algorithm else f"fast mode: best of {len(names)} heuristics",
+        message="" if algorithm else f"fast mode: DP checkpoint search, best of {len(names)} candidates",
         input_specs=graph.input_specs, n_inputs=len(graph.inputs),
     )
     if source is not None:
