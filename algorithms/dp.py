@@ -20,6 +20,7 @@ buckets; a few DP runs per plan. ResNet-50 (231 forward ops): well under a secon
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numba
 import numpy as np
@@ -275,13 +276,14 @@ def best_cuts(tables: SegmentTables, activation_limit: float) -> np.ndarray | No
     return cuts if len(cuts) else None
 
 
-def dp(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
+def search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
+           polish: Callable[[TrainingGraph, Schedule, CostModel], Schedule] | None = None) -> Schedule:
     """Least-recompute segmentation whose simulated peak fits ``budget_bytes``.
 
     The DP's memory model is an estimate, so its limit is searched: bisection on the limit, each
-    step one DP run plus one simulation, keeping the fastest schedule whose simulated peak fits.
-    If none fits, the lowest-peak schedule found is returned (``plan`` then reports the budget
-    infeasible with that peak).
+    step one DP run plus one simulation (of the schedule after ``polish``, e.g. reordering),
+    keeping the fastest schedule whose simulated peak fits. If none fits, the lowest-peak schedule
+    found is returned (``plan`` then reports the budget infeasible with that peak).
     """
     tables = segment_tables(graph, cost_model)
     activation_budget = float(budget_bytes - graph.resident_bytes)
@@ -296,6 +298,8 @@ def dp(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedu
         key_cuts = tuple(int(c) for c in cuts)
         if key_cuts not in seen:
             schedule = schedule_keeping(graph, kept_ops_for_cuts(tables, cuts))
+            if polish is not None:
+                schedule = polish(graph, schedule, cost_model)
             seen[key_cuts] = (schedule, simulate(graph, schedule, cost_model))
         schedule, result = seen[key_cuts]
         fits = result.peak_bytes <= budget_bytes
@@ -308,6 +312,18 @@ def dp(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedu
             high = limit
         limit = (low + high) / 2
     return best if best is not None else schedule_keeping(graph, [])
+
+
+def dp(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
+    """The DP checkpoint search alone (graph order, no reordering)."""
+    return search(graph, cost_model, budget_bytes)
+
+
+def dp_reorder(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
+    """The DP checkpoint search, judging each candidate after greedy reordering: fast mode's core."""
+    from planner.algorithms.reorder import reorder_schedule
+
+    return search(graph, cost_model, budget_bytes, polish=reorder_schedule)
 
 
 def dp_memory(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:

@@ -150,6 +150,23 @@ class TrainingGraph:
         return np.array([t.storage for t in self.tensors], dtype=np.int64)
 
     @cached_property
+    def op_arrays(self) -> dict[str, np.ndarray]:
+        """The ops as flat arrays for compiled loops: inputs and outputs in CSR form, view flags,
+        and a resident mask over tensors."""
+        def csr(lists):
+            pointer = np.zeros(len(lists) + 1, dtype=np.int64)
+            pointer[1:] = np.cumsum([len(x) for x in lists])
+            return pointer, np.array([v for x in lists for v in x], dtype=np.int64)
+
+        in_ptr, in_idx = csr([op.inputs for op in self.ops])
+        out_ptr, out_idx = csr([op.outputs for op in self.ops])
+        resident = np.array([t.kind in RESIDENT_KINDS for t in self.tensors], dtype=np.bool_)
+        is_view = np.array([op.is_view for op in self.ops], dtype=np.bool_)
+        is_backward = np.array([op.phase is Phase.BACKWARD for op in self.ops], dtype=np.bool_)
+        return dict(in_ptr=in_ptr, in_idx=in_idx, out_ptr=out_ptr, out_idx=out_idx,
+                    resident=resident, is_view=is_view, is_backward=is_backward)
+
+    @cached_property
     def forward_ops(self) -> tuple[int, ...]:
         return tuple(op.id for op in self.ops if op.phase is Phase.FORWARD)
 

@@ -23,6 +23,7 @@ from planner.units import format_bytes, parse_budget
 
 PLAN_FORMAT = 1
 MODES = ("fast",)  # "exact" arrives with the MILP solver
+LAST_RESORT = "dp_memory"  # tried when nothing in fast mode fits: lowest peak, whatever the time
 
 
 @dataclass
@@ -184,15 +185,14 @@ def plan(
     reference = simulate(graph, graph.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
     names = [algorithm] if algorithm else list(FAST)
-    tried: list[tuple[str, Schedule, SimResult]] = []
-    for name in names:
-        schedule = ALGORITHMS[name](graph, cost_model, budget_bytes)
-        tried.append((name, schedule, simulate(graph, schedule, cost_model)))
+    tried = [_candidate(graph, cost_model, budget_bytes, name, polish=algorithm is None) for name in names]
     fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
+    if not fitting and algorithm is None:  # last resort: the least-memory segmentation, at any cost
+        tried.append(_candidate(graph, cost_model, budget_bytes, LAST_RESORT, polish=True))
+        fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
     if not fitting:
         if algorithm:  # say how low fast mode gets, not just the algorithm asked for
-            tried += [(n, s, simulate(graph, s, cost_model)) for n in FAST if n != algorithm
-                      for s in [ALGORITHMS[n](graph, cost_model, budget_bytes)]]
+            tried += [_candidate(graph, cost_model, budget_bytes, name, polish=True) for name in FAST + (LAST_RESORT,)]
         lowest = min(t[2].peak_bytes for t in tried)
         raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t[0] for t in tried))}")
     name, schedule, result = min(fitting, key=lambda t: (t[2].time, t[2].peak_bytes))
@@ -202,10 +202,23 @@ def plan(
         store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
         algorithm=name, status="feasible", cost_model=cost_model.name,
-        message="" if algorithm else f"fast mode: DP checkpoint search, best of {len(names)} candidates",
+        message="" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(names)}",
         input_specs=graph.input_specs, n_inputs=len(graph.inputs),
     )
     if source is not None:
         chosen._source = weakref.ref(source)
         chosen._source_training = source.training
     return chosen
+
+
+def _candidate(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, name: str,
+               polish: bool) -> tuple[str, Schedule, SimResult]:
+    """Run one algorithm; with ``polish``, also reorder its schedule (kept when the peak drops)."""
+    from planner.algorithms import ALGORITHMS, reorder_schedule
+
+    schedule = ALGORITHMS[name](graph, cost_model, budget_bytes)
+    if polish and not name.endswith("reorder"):
+        reordered = reorder_schedule(graph, schedule, cost_model)
+        if reordered is not schedule:
+            schedule, name = reordered, f"{name}+reorder"
+    return name, schedule, simulate(graph, schedule, cost_model)

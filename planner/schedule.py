@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Union
+
+import numpy as np
 
 from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import TrainingGraph
@@ -30,6 +33,13 @@ class Free:
 
 
 Step = Union[Compute, Free]
+_FREE_STEPS: list[Free] = []  # Free steps are immutable: one object per tensor id, shared
+
+
+def _free(tensor: int) -> Free:
+    while len(_FREE_STEPS) <= tensor:
+        _FREE_STEPS.append(Free(len(_FREE_STEPS)))
+    return _FREE_STEPS[tensor]
 
 
 @dataclass(frozen=True)
@@ -70,8 +80,16 @@ class Schedule:
         steps: list[Step] = []
         for compute, frees in zip(computes, frees_after):
             steps.append(compute)
-            steps.extend(Free(t) for t in sorted(frees))
+            steps.extend(_free(t) for t in sorted(frees))
         return cls(tuple(steps), graph.fingerprint)
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Steps as arrays for compiled loops: is-compute flags, op or tensor ids, and impls."""
+        is_compute = np.fromiter((isinstance(s, Compute) for s in self.steps), dtype=np.bool_, count=len(self.steps))
+        index = np.fromiter((s.op if isinstance(s, Compute) else s.tensor for s in self.steps), dtype=np.int64,
+                            count=len(self.steps))
+        return is_compute, index, [s.impl for s in self.steps if isinstance(s, Compute)]
 
     # ---- reading ---------------------------------------------------------------------------
     @property

@@ -3,17 +3,19 @@
 Memory is counted per storage: a storage holds bytes while any tensor living in it is live.
 Resident storages (parameters, buffers, inputs) and the ``.grad`` accumulators are held throughout.
 While an op runs, its inputs and outputs are live and its workspace is allocated on top.
+The replay loop is compiled (numba); it reports a status code that Python turns into a message.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from planner.cost import CostModel, default_cost_model
 from planner.errors import InvalidScheduleError
-from planner.graph import Phase, TrainingGraph
-from planner.schedule import Compute, Schedule
+from planner.graph import TrainingGraph
+from planner.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -35,87 +37,114 @@ class SimResult:
         return int(np.maximum(self.compute_counts - 1, 0).sum())
 
 
+_OK, _NO_OP, _READS_DEAD, _OUTPUT_LIVE, _VIEW_LIVE, _FREES_DEAD, _FREES_RESIDENT = range(7)
+
+
+@numba.njit(cache=True)
+def _replay(is_compute, index, in_ptr, in_idx, out_ptr, out_idx, is_view, resident, tensor_storage,
+            storage_bytes, pinned, op_times, workspace, start_bytes, timeline, counts, live):
+    """Returns (status, failing step, offending tensor, peak, peak step, total time)."""
+    n_ops = len(in_ptr) - 1
+    n_tensors = len(resident)
+    refs = pinned.copy()
+    memory = start_bytes
+    peak, peak_step, total = start_bytes, -1, 0.0
+    for step in range(len(is_compute)):
+        i = index[step]
+        if is_compute[step]:
+            if i < 0 or i >= n_ops:
+                return _NO_OP, step, -1, peak, peak_step, total
+            for k in range(in_ptr[i], in_ptr[i + 1]):
+                if not live[in_idx[k]]:
+                    return _READS_DEAD, step, in_idx[k], peak, peak_step, total
+            for k in range(out_ptr[i], out_ptr[i + 1]):
+                t = out_idx[k]
+                if live[t]:
+                    return _OUTPUT_LIVE, step, t, peak, peak_step, total
+                s = tensor_storage[t]
+                if refs[s] > 0 and not is_view[i]:
+                    aliased = False
+                    for j in range(in_ptr[i], in_ptr[i + 1]):
+                        aliased = aliased or tensor_storage[in_idx[j]] == s
+                    if not aliased:
+                        return _VIEW_LIVE, step, t, peak, peak_step, total
+                live[t] = True
+                refs[s] += 1
+                if refs[s] == 1:
+                    memory += storage_bytes[s]
+            counts[i] += 1
+            total += op_times[i]
+            if memory + workspace[i] > peak:
+                peak, peak_step = memory + workspace[i], step
+        else:
+            if i < 0 or i >= n_tensors or not live[i]:
+                return _FREES_DEAD, step, i, peak, peak_step, total
+            if resident[i]:
+                return _FREES_RESIDENT, step, i, peak, peak_step, total
+            live[i] = False
+            s = tensor_storage[i]
+            refs[s] -= 1
+            if refs[s] == 0:
+                memory -= storage_bytes[s]
+        timeline[step] = memory
+    return _OK, -1, -1, peak, peak_step, total
+
+
 def simulate(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> SimResult:
     """Replay ``schedule`` and return its peak memory, time and memory curve.
 
     Raises ``PlanMismatchError`` for a schedule of another graph and ``InvalidScheduleError`` if a
-    step reads or frees a tensor that is not live, recomputes an op whose output is still live,
-    skips or repeats a backward op, never produces a gradient, or leaves a tensor allocated.
-    Complexity: O(steps + total op inputs/outputs).
+    step reads or frees a tensor that is not live, recomputes an op whose output (or a view of
+    it) is still live, skips or repeats a backward op, never produces a gradient, or leaves a
+    tensor allocated. Complexity: O(steps + total op inputs/outputs), compiled.
     """
     schedule.check_graph(graph)
     cost_model = cost_model or default_cost_model(graph)
-    op_times = cost_model.op_times(graph)
-    workspace = cost_model.workspace_bytes(graph)
-    storage_bytes = graph.storage_bytes
-    tensor_storage = graph.tensor_storage
-    tensors, ops = graph.tensors, graph.ops
-
-    live = np.zeros(len(tensors), dtype=bool)
-    refs = np.zeros(len(storage_bytes), dtype=np.int64)
-    for storage in graph.resident_storages:
-        refs[storage] = 1  # pinned: never reaches zero
-    for tensor in tensors:
-        if graph.is_resident(tensor.id):
-            live[tensor.id] = True
-    counts = np.zeros(len(ops), dtype=np.int64)
-    memory = graph.resident_bytes
-    peak, peak_step, total_time = memory, -1, 0.0
-    timeline = np.empty(len(schedule.steps), dtype=np.int64)
-
-    for index, step in enumerate(schedule.steps):
-        if isinstance(step, Compute):
-            if not 0 <= step.op < len(ops):
-                raise InvalidScheduleError(f"step {index}: op {step.op} does not exist in this graph")
-            op = ops[step.op]
-            for t in op.inputs:
-                if not live[t]:
-                    raise InvalidScheduleError(
-                        f"step {index}: op {op.name} reads {tensors[t].name}, which is not live")
-            for t in op.outputs:
-                if live[t]:
-                    raise InvalidScheduleError(
-                        f"step {index}: op {op.name} is computed again while its output {tensors[t].name} is live")
-                storage = tensor_storage[t]
-                if refs[storage] > 0 and not op.is_view and storage not in _input_storages(graph, op):
-                    raise InvalidScheduleError(
-                        f"step {index}: op {op.name} is recomputed while a view of its output "
-                        f"{tensors[t].name} is still live")
-                live[t] = True
-                refs[storage] += 1
-                if refs[storage] == 1:
-                    memory += int(storage_bytes[storage])
-            counts[step.op] += 1
-            total_time += float(op_times[step.op])
-            if memory + workspace[step.op] > peak:
-                peak, peak_step = memory + int(workspace[step.op]), index
-        else:
-            t = step.tensor
-            if not 0 <= t < len(tensors) or not live[t]:
-                raise InvalidScheduleError(f"step {index}: frees tensor {t}, which is not live")
-            if graph.is_resident(t):
-                raise InvalidScheduleError(f"step {index}: frees resident tensor {tensors[t].name}")
-            live[t] = False
-            storage = tensor_storage[t]
-            refs[storage] -= 1
-            if refs[storage] == 0:
-                memory -= int(storage_bytes[storage])
-        timeline[index] = memory
-
+    arrays = graph.op_arrays
+    is_compute, index, _ = schedule.arrays
+    pinned = np.zeros(len(graph.storages), dtype=np.int64)
+    pinned[list(graph.resident_storages)] = 1  # never reaches zero
+    timeline = np.empty(len(index), dtype=np.int64)
+    counts = np.zeros(len(graph.ops), dtype=np.int64)
+    live = arrays["resident"].copy()
+    status, step, tensor, peak, peak_step, total = _replay(
+        is_compute, index, arrays["in_ptr"], arrays["in_idx"], arrays["out_ptr"], arrays["out_idx"],
+        arrays["is_view"], arrays["resident"], graph.tensor_storage, graph.storage_bytes, pinned,
+        np.asarray(cost_model.op_times(graph), dtype=np.float64),
+        np.asarray(cost_model.workspace_bytes(graph), dtype=np.int64), graph.resident_bytes,
+        timeline, counts, live)
+    if status != _OK:
+        raise InvalidScheduleError(_describe(graph, schedule, status, step, tensor))
     _check_complete(graph, counts, live)
-    return SimResult(peak, peak_step, total_time, timeline, graph.resident_bytes, counts)
+    return SimResult(int(peak), int(peak_step), float(total), timeline, graph.resident_bytes, counts)
 
 
-def _input_storages(graph: TrainingGraph, op) -> set[int]:
-    return {int(graph.tensor_storage[t]) for t in op.inputs}
+def _describe(graph: TrainingGraph, schedule: Schedule, status: int, step: int, tensor: int) -> str:
+    instruction = schedule.steps[step]
+    name = graph.tensors[tensor].name if 0 <= tensor < len(graph.tensors) else str(tensor)
+    op = getattr(instruction, "op", None)
+    op_name = graph.ops[op].name if op is not None and 0 <= op < len(graph.ops) else str(op)
+    messages = {
+        _NO_OP: f"op {op} does not exist in this graph",
+        _READS_DEAD: f"op {op_name} reads {name}, which is not live",
+        _OUTPUT_LIVE: f"op {op_name} is computed again while its output {name} is live",
+        _VIEW_LIVE: f"op {op_name} is recomputed while a view of its output {name} is still live",
+        _FREES_DEAD: f"frees tensor {name}, which is not live",
+        _FREES_RESIDENT: f"frees resident tensor {name}",
+    }
+    return f"step {step}: {messages[status]}"
 
 
 def _check_complete(graph: TrainingGraph, counts: np.ndarray, live: np.ndarray) -> None:
-    for op in graph.ops:
-        if op.phase is Phase.BACKWARD and counts[op.id] != 1:
-            raise InvalidScheduleError(f"backward op {op.name} is computed {counts[op.id]} times; it must run exactly once")
-        if op.phase is Phase.FORWARD and counts[op.id] == 0:
-            raise InvalidScheduleError(f"forward op {op.name} is never computed")
-    leaked = [graph.tensors[t].name for t in np.flatnonzero(live) if not graph.is_resident(int(t))]
-    if leaked:
-        raise InvalidScheduleError(f"{len(leaked)} tensors are never freed, e.g. {leaked[:3]}")
+    phases = graph.op_arrays["is_backward"]
+    wrong_backward = np.flatnonzero(phases & (counts != 1))
+    if len(wrong_backward):
+        op = graph.ops[int(wrong_backward[0])]
+        raise InvalidScheduleError(f"backward op {op.name} is computed {counts[op.id]} times; it must run exactly once")
+    missing_forward = np.flatnonzero(~phases & (counts == 0))
+    if len(missing_forward):
+        raise InvalidScheduleError(f"forward op {graph.ops[int(missing_forward[0])].name} is never computed")
+    leaked = np.flatnonzero(live & ~graph.op_arrays["resident"])
+    if len(leaked):
+        names = [graph.tensors[int(t)].name for t in leaked[:3]]
+        raise InvalidScheduleError(f"{len(leaked)} tensors are never freed, e.g. {names}")

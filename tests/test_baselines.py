@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import planner
-from planner.algorithms import ALGORITHMS
+from planner.algorithms import ALGORITHMS, BASELINES
 
 from _workloads import (
     ALL_ALGORITHMS, VGG_ALGORITHMS, Workload, assert_same_step, build_workload, planned_step,
@@ -54,8 +54,9 @@ def _check_peak_matches_simulation(workload: Workload, algorithm: str) -> None:
 
 # ---- the matrix ------------------------------------------------------------------------------------
 def test_all_baselines_are_registered() -> None:
-    assert set(ALGORITHMS) == {"store_all", "checkpoint_all", "chen_sqrt", "chen_sqrt_linear",
-                               "chen_greedy", "chen_greedy_linear"}
+    assert set(BASELINES) == {"store_all", "checkpoint_all", "chen_sqrt", "chen_sqrt_linear",
+                              "chen_greedy", "chen_greedy_linear"}
+    assert set(BASELINES) <= set(ALGORITHMS)
     assert set(VGG_ALGORITHMS) <= set(ALGORITHMS)
 
 
@@ -68,6 +69,10 @@ def test_schedule_is_valid_for_its_graph(workload: Workload, algorithm: str) -> 
     if algorithm == "store_all":
         assert schedule == workload.graph.store_all()
         assert result.recomputations == 0
+    elif algorithm == "reorder":  # the store-all computations, in an order of lower (or equal) peak
+        assert sorted(c.op for c in schedule.computes) == sorted(c.op for c in workload.graph.store_all().computes)
+        assert result.recomputations == 0
+        assert result.peak_bytes <= workload.sim("store_all").peak_bytes
     else:
         assert result.recomputations > 0, f"{algorithm} recomputes nothing on {workload.name}"
         assert result.time > workload.sim("store_all").time

@@ -93,13 +93,13 @@ def test_fast_mode_returns_the_fastest_baseline_in_budget(transformer: Workload)
     assert chosen.predicted_time == pytest.approx(min(r.time for r in fitting.values()), rel=1e-12)
 
 
-def test_full_budget_plans_store_all(transformer: Workload) -> None:
+def test_full_budget_plans_no_recomputation(transformer: Workload) -> None:
+    """At the store-all budget nothing needs recomputing; fast mode may still reorder."""
     chosen = planner.plan(transformer.graph, "100%")
-    assert chosen.algorithm == "store_all"
-    assert chosen.schedule == transformer.graph.store_all()
+    assert sorted(c.op for c in chosen.schedule.computes) == sorted(c.op for c in transformer.graph.store_all().computes)
     assert chosen.recomputations == 0
     assert chosen.overhead == 0
-    assert chosen.predicted_peak_bytes == chosen.store_all_peak_bytes
+    assert chosen.predicted_peak_bytes <= chosen.store_all_peak_bytes
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
@@ -273,11 +273,12 @@ def test_infeasible_budget_names_the_lowest_peak(request: pytest.FixtureRequest,
     error = caught.value
     assert error.budget_bytes == budget_bytes
     assert error.min_feasible_bytes > budget_bytes
-    assert error.min_feasible_bytes == _lowest_baseline_peak(graph, budget_bytes)
+    # at least as low as any single algorithm reaches (fast mode also reorders each schedule)
+    assert error.min_feasible_bytes <= _lowest_baseline_peak(graph, budget_bytes)
     assert str(error.min_feasible_bytes) in str(error)
 
     again = planner.plan(graph, error.min_feasible_bytes)
-    assert again.predicted_peak_bytes == error.min_feasible_bytes
+    assert again.predicted_peak_bytes <= error.min_feasible_bytes
     with pytest.raises(InfeasibleBudgetError):
         planner.plan(graph, error.min_feasible_bytes - 1)
 
@@ -288,7 +289,7 @@ def test_infeasible_explicit_algorithm_names_the_lowest_peak_of_any_baseline(tra
     with pytest.raises(InfeasibleBudgetError) as caught:
         planner.plan(graph, budget, algorithm="store_all")
     error = caught.value
-    assert error.min_feasible_bytes == _lowest_baseline_peak(graph, budget)
+    assert error.min_feasible_bytes <= _lowest_baseline_peak(graph, budget)
     assert error.min_feasible_bytes < transformer.store_all_peak
     assert planner.plan(graph, error.min_feasible_bytes).predicted_peak_bytes <= error.min_feasible_bytes
 
