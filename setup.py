@@ -28,6 +28,8 @@ setup(
         "scipy>=1.11",
         "networkx>=3.2",
         "numba>=0.60",
+        "matplotlib>=3.8",  # the CLI's pictures
+        "tqdm>=4.66",  # the CLI's progress bars
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13.6"],

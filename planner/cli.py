@@ -1,90 +1,352 @@
-"""Command line: ``planner plan MODEL --batch-size N --budget B [--run]``."""
+"""The ``planner`` command: plan, sweep, max-batch, show, run.
+
+Exit codes: 0 success; 2 bad input (arguments, model spec, budget, files); 3 the budget cannot be
+met; 4 the model cannot be planned or the plan does not match it. Errors print one line; add
+``--debug`` for the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
-from planner.errors import PlannerError
+from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError, PlannerError
 from planner.units import format_bytes
 
+EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_CANNOT_PLAN = 2, 3, 4
+SWEEP_ALGORITHMS = ("fast", "checkpoint_all", "chen_sqrt", "chen_greedy", "chen_sqrt_linear", "chen_greedy_linear")
+MAX_BATCH_ALGORITHMS = ("store_all", "checkpoint_all", "chen_sqrt", "chen_greedy", "fast")
 
-def _plan_command(args: argparse.Namespace) -> int:
+
+# ---- shared pieces ------------------------------------------------------------------------------
+def _progress(iterable, total: int | None = None, desc: str = "", quiet: bool = False):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False, file=sys.stderr)
+
+
+def _cost(args: argparse.Namespace):
+    from planner.cost import RooflineCostModel
+
+    return RooflineCostModel(args.device_preset) if args.device_preset else None
+
+
+def _workload_spec(args: argparse.Namespace, batch_size: int | None = None) -> dict:
+    return {"model": args.model, "batch_size": batch_size or args.batch_size, "image_size": args.image_size}
+
+
+def _capture(spec: dict):
     from planner.capture import capture
-    from planner.measure import measure_step, measure_training_step
-    from planner.plan import plan
-    from planner.simulate import simulate
     from planner.zoo import load_workload
 
-    torch.manual_seed(args.seed)
-    work = load_workload(args.model, args.batch_size, args.image_size)
+    torch.manual_seed(0)
+    work = load_workload(spec["model"], spec["batch_size"], spec.get("image_size"))
+    return work, capture(work.model, work.inputs, work.loss_fn, targets=work.targets)
+
+
+def _plan(graph, budget, algorithm: str, cost_model):
+    from planner.plan import plan
+
+    if algorithm == "fast":
+        return plan(graph, budget, mode="fast", cost_model=cost_model)
+    return plan(graph, budget, algorithm=algorithm, cost_model=cost_model)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# ---- plan -----------------------------------------------------------------------------------------
+def _breakdown(graph, result) -> dict[str, int]:
+    """What the predicted peak is made of."""
+    from planner.simulate import simulate
+
+    summary = graph.summary()
+    peak = simulate(graph, result.schedule).peak_bytes
+    return {
+        "parameters": summary.get("parameter", 0),
+        "gradients (.grad)": summary.get("gradient accumulators", 0),
+        "buffers + batch": summary.get("buffer", 0) + summary.get("input", 0) + summary.get("tangent", 0),
+        "activations": peak - graph.resident_bytes,
+        "workspace": 0,
+    }
+
+
+def _plan_payload(result, graph, capture_seconds: float, plan_seconds: float) -> dict:
+    from planner.execute import lower
+
+    lowered = lower(graph, result.schedule)
+    kept_bytes = sum(graph.storages[s].nbytes for s in {graph.tensors[t].storage for t in lowered.carried})
+    return {
+        "algorithm": result.algorithm, "status": result.status, "gap": result.gap,
+        "budget_bytes": result.budget_bytes, "store_all_peak_bytes": result.store_all_peak_bytes,
+        "predicted_peak_bytes": result.predicted_peak_bytes, "overhead": result.overhead,
+        "recomputations": result.recomputations, "recomputed_ops": len(result.schedule.recomputed_ops()),
+        "kept_tensors": len(lowered.carried), "kept_bytes": kept_bytes,
+        "breakdown": _breakdown(graph, result), "cost_model": result.cost_model,
+        "capture_seconds": capture_seconds, "plan_seconds": plan_seconds,
+    }
+
+
+def _plan_text(payload: dict) -> str:
+    rows = [
+        ("store-all peak", format_bytes(payload["store_all_peak_bytes"])),
+        ("budget", format_bytes(payload["budget_bytes"])),
+        ("predicted peak", f"{format_bytes(payload['predicted_peak_bytes'])} "
+                           f"({payload['predicted_peak_bytes'] / payload['store_all_peak_bytes']:.1%} of store-all)"),
+        *[(f"  {k}", format_bytes(v)) for k, v in payload["breakdown"].items()],
+        ("overhead", f"{payload['overhead']:+.1%} compute time ({payload['cost_model']})"),
+        ("status", payload["status"] + (f", gap {payload['gap']:.2%}" if payload["gap"] is not None else "")),
+        ("algorithm", payload["algorithm"]),
+        ("kept for backward", f"{payload['kept_tensors']} tensors, {format_bytes(payload['kept_bytes'])}"),
+        ("recomputed", f"{payload['recomputed_ops']} ops, {payload['recomputations']} extra computations"),
+        ("time", f"capture {payload['capture_seconds']:.2f} s, planning {payload['plan_seconds']:.2f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = _workload_spec(args)
     start = time.perf_counter()
-    graph = capture(work.model, work.inputs, work.loss_fn, targets=work.targets)
-    print(f"captured {args.model} batch {args.batch_size}: {len(graph.forward_ops)} forward + "
-          f"{len(graph.backward_ops)} backward ops in {time.perf_counter() - start:.2f} s")
-    for kind, nbytes in graph.summary().items():
-        print(f"  {kind:<22} {format_bytes(nbytes)}")
-    store_all = simulate(graph, graph.store_all())
-    print(f"  {'activations (peak)':<22} {format_bytes(store_all.peak_activation_bytes)}")
-    print(f"  {'store-all peak':<22} {format_bytes(store_all.peak_bytes)}\n")
+    work, graph = _capture(spec)
+    capture_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    result = plan(graph, args.budget, mode=args.mode, algorithm=args.algorithm, cost_model=args.device_preset)
-    print(f"planned in {time.perf_counter() - start:.2f} s\n{result}")
+    result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args))
+    plan_seconds = time.perf_counter() - start
+    result.workload = spec
+    payload = _plan_payload(result, graph, capture_seconds, plan_seconds)
     if args.out:
         result.save(args.out)
-        print(f"saved {args.out}")
+        payload["saved"] = str(args.out)
+    text = _plan_text(payload) + (f"\nsaved {args.out}" if args.out else "")
     if args.run:
-        _run_and_compare(work, result, measure_step, measure_training_step)
+        payload["run"] = _run(work, result, steps=1)
+        text += "\n" + _run_text(payload["run"])
+    _emit(args, payload, text)
     return 0
 
 
-def _run_and_compare(work, result, measure_step, measure_training_step) -> None:
-    """Execute one planned step for real; compare peak with the prediction and grads with eager."""
+# ---- run ------------------------------------------------------------------------------------------
+def _run(work, result, steps: int) -> dict:
+    """Execute planned steps for real; compare peak with the prediction and grads with eager."""
+    from planner.measure import measure_step, measure_training_step
+
     reference = copy.deepcopy(work.model)
     planned = result.apply(work.model, work.loss_fn)
     loss_fn = work.loss_fn or (lambda out: out.sum())
-    measured = measure_step(work.model, lambda: loss_fn(planned(*work.inputs), *work.targets).backward(),
-                            [*work.inputs, *work.targets])
-    eager = measure_training_step(reference, work.inputs, work.loss_fn, work.targets)
+    step = lambda: loss_fn(planned(*work.inputs), *work.targets).backward()  # noqa: E731
+    held = [*work.inputs, *work.targets]
+    runs = [measure_step(work.model, step, held) for _ in range(steps)]
+    eager = [measure_training_step(reference, work.inputs, work.loss_fn, work.targets) for _ in range(steps)]
     grads_equal = all(torch.equal(a.grad, b.grad) for a, b in zip(work.model.parameters(), reference.parameters()))
-    print(f"\nran one planned training step: measured peak {format_bytes(measured.peak_bytes)} "
-          f"(predicted {format_bytes(result.predicted_peak_bytes)}, "
-          f"{measured.peak_bytes / result.predicted_peak_bytes - 1:+.2%}), "
-          f"{measured.seconds:.2f} s; eager PyTorch {format_bytes(eager.peak_bytes)}, {eager.seconds:.2f} s; "
-          f"gradients identical to eager: {grads_equal}")
+    return {
+        "steps": steps, "measured_peak_bytes": max(r.peak_bytes for r in runs),
+        "predicted_peak_bytes": result.predicted_peak_bytes,
+        "seconds_per_step": sum(r.seconds for r in runs) / steps,
+        "eager_peak_bytes": max(r.peak_bytes for r in eager),
+        "eager_seconds_per_step": sum(r.seconds for r in eager) / steps,
+        "gradients_equal_to_eager": grads_equal,
+    }
+
+
+def _run_text(run: dict) -> str:
+    return (f"ran {run['steps']} planned step(s): measured peak {format_bytes(run['measured_peak_bytes'])} "
+            f"(predicted {format_bytes(run['predicted_peak_bytes'])}, "
+            f"{run['measured_peak_bytes'] / run['predicted_peak_bytes'] - 1:+.2%}), "
+            f"{run['seconds_per_step']:.2f} s/step; eager PyTorch {format_bytes(run['eager_peak_bytes'])}, "
+            f"{run['eager_seconds_per_step']:.2f} s/step; gradients identical to eager: "
+            f"{run['gradients_equal_to_eager']}")
+
+
+def _load_plan_with_workload(path: Path):
+    from planner.plan import Plan
+
+    if not path.exists():
+        raise FileNotFoundError(f"no plan file {path}")
+    result = Plan.load(path)
+    if not result.workload:
+        raise ValueError(f"{path} does not say which model it is for (it was not made by the CLI): "
+                         "use Plan.load(...).apply(model) in Python")
+    return result
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    result = _load_plan_with_workload(Path(args.plan))
+    work, _ = _capture(result.workload)
+    payload = _run(work, result, args.steps)
+    _emit(args, payload, _run_text(payload))
+    return 0
+
+
+# ---- show -----------------------------------------------------------------------------------------
+def cmd_show(args: argparse.Namespace) -> int:
+    from planner.cost import default_cost_model
+    from planner.plots import timeline_png
+
+    result = _load_plan_with_workload(Path(args.plan))
+    _, graph = _capture(result.workload)
+    result.schedule.check_graph(graph)
+    spec = result.workload
+    title = (f"{spec['model']}, batch {spec['batch_size']}: {result.algorithm}, "
+             f"budget {format_bytes(result.budget_bytes)}, overhead {result.overhead:+.1%}")
+    timeline_png(graph, result.schedule, default_cost_model(graph), args.png, result.budget_bytes, title)
+    _emit(args, {"png": str(args.png)}, f"wrote {args.png}")
+    return 0
+
+
+# ---- sweep ----------------------------------------------------------------------------------------
+def _parse_budgets(text: str) -> list[str]:
+    budgets = [b.strip() for b in text.split(",") if b.strip()]
+    if not budgets or not all(b.endswith("%") for b in budgets):
+        raise ValueError(f"--budgets takes percentages of the store-all peak, e.g. 100%,80%,60%; got {text!r}")
+    return budgets
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from planner.units import parse_budget
+
+    budgets = _parse_budgets(args.budgets)
+    algorithms = args.algorithms.split(",") if args.algorithms else list(SWEEP_ALGORITHMS)
+    _, graph = _capture(_workload_spec(args))
+    cost_model = _cost(args)
+    rows = []
+    cells = [(a, b) for b in budgets for a in algorithms]
+    for algorithm, budget in _progress(cells, desc="sweep", quiet=args.json):
+        fraction = parse_budget(budget, 100) / 100
+        try:
+            result = _plan(graph, budget, algorithm, cost_model)
+            rows.append({"algorithm": algorithm, "budget": budget, "budget_fraction": fraction,
+                         "overhead": result.overhead, "peak_bytes": result.predicted_peak_bytes})
+        except InfeasibleBudgetError:
+            rows.append({"algorithm": algorithm, "budget": budget, "budget_fraction": fraction,
+                         "overhead": None, "peak_bytes": None})
+    if args.png:
+        from planner.plots import sweep_png
+
+        sweep_png(rows, args.png, f"{args.model}, batch {args.batch_size}")
+    table = _table(["algorithm", *budgets], [
+        [a, *[(f"{r['overhead']:+.1%}" if r["overhead"] is not None else "—")
+              for b in budgets for r in rows if r["algorithm"] == a and r["budget"] == b]]
+        for a in algorithms])
+    _emit(args, {"rows": rows, "png": args.png},
+          "compute overhead at each budget (— : does not fit)\n" + table + (f"\nwrote {args.png}" if args.png else ""))
+    return 0
+
+
+# ---- max-batch ------------------------------------------------------------------------------------
+def cmd_max_batch(args: argparse.Namespace) -> int:
+    from planner.units import parse_budget
+
+    memory = parse_budget(args.memory)
+    algorithms = args.algorithms.split(",") if args.algorithms else list(MAX_BATCH_ALGORITHMS)
+    cost_model = _cost(args)
+    graphs: dict[int, Any] = {}
+
+    def fits(algorithm: str, batch: int) -> bool:
+        if batch not in graphs:
+            graphs[batch] = _capture(_workload_spec(args, batch))[1]
+        try:
+            _plan(graphs[batch], memory, algorithm, cost_model)
+            return True
+        except InfeasibleBudgetError:
+            return False
+
+    best = {}
+    for algorithm in _progress(algorithms, desc="max-batch", quiet=args.json):
+        low, high = 0, 1
+        while high <= args.limit and fits(algorithm, high):
+            low, high = high, high * 2
+        high = min(high, args.limit + 1)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(algorithm, middle) else (low, middle)
+        best[algorithm] = low
+    table = _table(["algorithm", "largest batch"], [[a, str(b) if b else "none fits"] for a, b in best.items()])
+    _emit(args, {"memory_bytes": memory, "max_batch": best},
+          f"largest batch of {args.model} within {format_bytes(memory)}\n{table}")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None = 32) -> None:
+    parser.add_argument("model", help="torchvision:NAME, preset:transformer, preset:transformer-tiny, or module:factory")
+    if batch_default is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_default)
+    parser.add_argument("--image-size", type=int, default=None, help="image side for vision models")
+    parser.add_argument("--device-preset", choices=["cpu", "v100", "a100", "h100"], default=None,
+                        help="roofline cost model (default: the graph's device)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planner", description="Plan PyTorch training under a memory budget.")
+    parser = argparse.ArgumentParser(prog="planner", description="Plan PyTorch training under a memory budget.",
+                                     epilog=__doc__.split("\n\n")[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("plan", help="capture a model, plan one training step under a budget")
-    p.add_argument("model", help="torchvision:NAME or package.module:factory")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=None)
+
+    p = commands.add_parser("plan", help="plan one training step under a budget")
+    _model_arguments(p)
     p.add_argument("--budget", default="50%", help="bytes, '6GiB', '512MB' or '50%%' of the store-all peak")
-    p.add_argument("--mode", default="fast")
-    p.add_argument("--algorithm", default=None)
-    p.add_argument("--device-preset", default=None, help="cost model preset: cpu, v100, a100, h100")
-    p.add_argument("--out", default=None, help="save the plan as JSON")
+    p.add_argument("--mode", choices=["fast"], default="fast")
+    p.add_argument("--algorithm", default=None, help="one algorithm instead of a mode (see planner.algorithms)")
+    p.add_argument("--out", type=Path, default=None, help="save the plan as JSON")
     p.add_argument("--run", action="store_true", help="execute one planned step and measure it")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_plan_command)
+    p.set_defaults(handler=cmd_plan)
+
+    p = commands.add_parser("sweep", help="overhead against budget for several algorithms")
+    _model_arguments(p)
+    p.add_argument("--budgets", default="100%,90%,80%,70%,60%,50%,40%,30%,20%")
+    p.add_argument("--algorithms", default=None, help=f"comma-separated (default: {','.join(SWEEP_ALGORITHMS)})")
+    p.add_argument("--png", type=Path, default=None)
+    p.set_defaults(handler=cmd_sweep)
+
+    p = commands.add_parser("max-batch", help="largest batch each algorithm fits in a memory size")
+    _model_arguments(p, batch_default=None)
+    p.add_argument("--memory", required=True, help="device memory, e.g. 16GiB")
+    p.add_argument("--algorithms", default=None, help=f"comma-separated (default: {','.join(MAX_BATCH_ALGORITHMS)})")
+    p.add_argument("--limit", type=int, default=4096, help="largest batch size tried")
+    p.set_defaults(handler=cmd_max_batch)
+
+    p = commands.add_parser("show", help="picture of a saved plan's memory over the step")
+    p.add_argument("plan", help="plan JSON written by 'planner plan --out'")
+    p.add_argument("--png", type=Path, required=True)
+    p.set_defaults(handler=cmd_show)
+
+    p = commands.add_parser("run", help="execute a saved plan's training steps and measure them")
+    p.add_argument("plan", help="plan JSON written by 'planner plan --out'")
+    p.add_argument("--steps", type=int, default=2)
+    p.set_defaults(handler=cmd_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (PlannerError, ValueError, TypeError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"planner: error: {error}", file=sys.stderr)
-        return 2
+    except InfeasibleBudgetError as error:
+        code, message = EXIT_INFEASIBLE, str(error)
+    except (CaptureError, PlanMismatchError) as error:
+        code, message = EXIT_CANNOT_PLAN, str(error)
+    except (PlannerError, ValueError, TypeError, FileNotFoundError, IsADirectoryError) as error:
+        code, message = EXIT_BAD_INPUT, str(error)
+    if args.debug:
+        raise
+    print(f"planner: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class Plan:
     message: str = ""
     input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
     n_inputs: int = 0  # how many of input_specs are model inputs
+    workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
     _source: Any = field(default=None, repr=False, compare=False)  # weakref to the planned model
     _source_training: bool = field(default=True, repr=False, compare=False)
 
@@ -93,7 +94,7 @@ class Plan:
         meta = {k: getattr(self, k) for k in (
             "budget_bytes", "predicted_peak_bytes", "predicted_time", "store_all_peak_bytes",
             "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
-            "cost_model", "gap", "lower_bound", "message", "n_inputs")}
+            "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
         meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
         Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
 
@@ -111,6 +112,7 @@ class Plan:
         try:
             meta = dict(data["plan"])
             specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
+            meta.setdefault("workload", None)
             return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error

@@ -1,4 +1,5 @@
-"""Model specs for the CLI and benchmarks: ``torchvision:resnet50``, ``package.module:factory``.
+"""Model specs for the CLI and benchmarks: ``torchvision:resnet50``, ``preset:transformer``,
+``package.module:factory``.
 
 A spec builds a model (random weights, no downloads), an example batch and a loss.
 """
@@ -33,6 +34,18 @@ def _torchvision(name: str, batch_size: int, image_size: int | None) -> Workload
     return Workload(model.train(), inputs, targets, F.cross_entropy)
 
 
+def _transformer(layers: int, width: int, heads: int, sequence: int, batch_size: int) -> Workload:
+    layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    return Workload(model.train(), (torch.randn(batch_size, sequence, width),), (), None)
+
+
+PRESETS: dict[str, Callable[[int], Workload]] = {
+    "transformer": lambda batch: _transformer(6, 512, 8, 128, batch),
+    "transformer-tiny": lambda batch: _transformer(2, 64, 4, 32, batch),
+}
+
+
 def _user_factory(spec: str, batch_size: int, image_size: int | None) -> Workload:
     module_name, _, attribute = spec.partition(":")
     try:
@@ -50,7 +63,8 @@ def load_workload(spec: str, batch_size: int, image_size: int | None = None) -> 
     """Build the model, batch and loss named by ``spec``.
 
     ``torchvision:NAME`` builds a torchvision classifier with cross-entropy on random labels;
-    ``module:factory`` calls ``factory(batch_size=..., [image_size=...])``, which returns a
+    ``preset:transformer`` (6 layers, width 512, sequence 128) and ``preset:transformer-tiny``
+    build a ``TransformerEncoder`` with dropout and a sum loss; ``module:factory`` calls ``factory(batch_size=..., [image_size=...])``, which returns a
     ``Workload`` or a ``(model, inputs)`` pair (loss: sum of the output).
     """
     source, _, name = spec.partition(":")
@@ -58,4 +72,8 @@ def load_workload(spec: str, batch_size: int, image_size: int | None = None) -> 
         raise ValueError(f"model spec {spec!r} needs a source: 'torchvision:resnet50' or 'package.module:factory'")
     if source == "torchvision":
         return _torchvision(name, batch_size, image_size)
+    if source == "preset":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        return PRESETS[name](batch_size)
     return _user_factory(spec, batch_size, image_size)
