@@ -10,9 +10,9 @@ the one of least recompute time whose modelled memory fits.
 Memory model, per segment (b, e]: while its backward runs, the tensors kept at earlier cuts are
 held (``A``, accumulated along the segmentation) plus the segment's local peak: the backward
 visits the segment from its end, so at op p the saved tensors of positions up to p are held and
-p's output and input gradients are in flight. The model is an estimate; the
-returned schedule is always replayed by the simulator, and the DP's memory limit is adjusted
-(secant steps on the simulated peak) until the best schedule found fits the real budget.
+p's gradients are in flight (output, input, and the parameters it reads). The model is an estimate; the
+returned schedule is always replayed by the simulator, and the DP's memory limit is bisected
+against simulated peaks until the best schedule found fits the real budget.
 
 Complexity: tables O(n^2 + n*E) for n forward ops and E edges; DP O(n^2 * Q) with Q memory
 buckets; a few DP runs per plan. ResNet-50 (231 forward ops): well under a second.
@@ -62,17 +62,22 @@ def segment_tables(graph: TrainingGraph, cost_model: CostModel) -> SegmentTables
     pos_time = np.zeros(n + 2, dtype=np.float64)
     backward_bytes = np.zeros(n + 2, dtype=np.int64)  # outputs the backward reads
     forward_bytes = np.zeros(n + 2, dtype=np.int64)  # outputs later forward ops read
-    largest = np.zeros(n + 2, dtype=np.int64)
+    transient = np.zeros(n + 2, dtype=np.int64)  # largest output (its gradient, and its input's)
+    parameter_grads = np.zeros(n + 2, dtype=np.int64)  # bytes of the parameter gradients its backward makes
     crosses_to = np.zeros(n + 2, dtype=np.int64)
     read_by_backward = np.zeros(n + 2, dtype=np.bool_)
     consumers: list[list[int]] = [[] for _ in range(n + 2)]
+    gets_gradient = {param for param in graph.gradients.values()}
     for op, p in position.items():
         pos_time[p] = times[op]
+        # the backward of this op produces the gradients of the parameters it reads
+        parameter_grads[p] = sum(int(graph.storage_bytes[graph.tensors[t].storage]) for t in graph.ops[op].inputs
+                         if t in gets_gradient)
         if graph.ops[op].is_view:
             continue  # views own no bytes; their storage is counted with its owner
         for tensor in graph.ops[op].outputs:
             nbytes = int(graph.storage_bytes[graph.tensors[tensor].storage])
-            largest[p] = max(largest[p], nbytes)
+            transient[p] = max(transient[p], nbytes)
             read_forward = read_backward = False
             for consumer in _consumers_through_views(graph, tensor):
                 if consumer in position:
@@ -90,8 +95,9 @@ def segment_tables(graph: TrainingGraph, cost_model: CostModel) -> SegmentTables
     pointer = np.zeros(n + 3, dtype=np.int64)
     pointer[1:] = np.cumsum([len(c) for c in consumers])
     flat = np.array([c for cs in consumers for c in cs], dtype=np.int64)
+    in_flight = 2 * transient + parameter_grads  # backward transients at each position
     recompute, local, carry, last_local = _tables(
-        n, backward_bytes, forward_bytes, largest, pos_time, crosses_to, read_by_backward, pointer, flat)
+        n, backward_bytes, forward_bytes, in_flight, pos_time, crosses_to, read_by_backward, pointer, flat)
     return SegmentTables(np.array([-1] + ops, dtype=np.int64), recompute, local, carry, last_local, crosses_to)
 
 
@@ -109,7 +115,7 @@ def _consumers_through_views(graph: TrainingGraph, tensor: int) -> list[int]:
 
 
 @numba.njit(cache=True)
-def _tables(n, backward_bytes, forward_bytes, largest, pos_time, crosses_to, read_by_backward, pointer, flat):
+def _tables(n, backward_bytes, forward_bytes, in_flight, pos_time, crosses_to, read_by_backward, pointer, flat):
     """For every segment end e, passes over positions p <= e:
 
     1. (descending, consumers first) which ops the backward must recompute: those read by a
@@ -117,7 +123,9 @@ def _tables(n, backward_bytes, forward_bytes, largest, pos_time, crosses_to, rea
     2. what the recomputation reads from before the segment (``inputs``: held from the forward
        until the segment is recomputed), via a difference array over the segment start b;
     3. the local peak: the backward visits the segment from its end, so at op p the saved
-       tensors of positions up to p are held, and p's output and input gradients are in flight.
+       tensors of positions up to p are held, and p's gradients are in flight (``in_flight``:
+       twice its largest output, for its output's and input's gradients, plus the gradients of
+       the parameters it reads).
 
     ``carry[b, e]`` is what the segment adds to the memory held during the backward of every
     later segment: its recomputation inputs and its kept tensors that the backward reads.
@@ -177,14 +185,14 @@ def _tables(n, backward_bytes, forward_bytes, largest, pos_time, crosses_to, rea
             prefix[p] = prefix[p - 1] + held[p]
         top = -1
         for p in range(e, 0, -1):
-            top = max(top, prefix[p] + 2 * largest[p])
+            top = max(top, prefix[p] + in_flight[p])
             local[p - 1, e] += top - prefix[p - 1]
         if e == n:  # the last segment is kept from the forward: everything the backward reads
             for p in range(1, n + 1):
                 prefix[p] = prefix[p - 1] + max(held[p], backward_bytes[p])
             top = -1
             for p in range(n, 0, -1):
-                top = max(top, prefix[p] + 2 * largest[p])
+                top = max(top, prefix[p] + in_flight[p])
                 last_local[p - 1] = top - prefix[p - 1]
     return recompute, local, carry, last_local
 
