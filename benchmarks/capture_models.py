@@ -33,7 +33,7 @@ import torch
 import torchvision
 
 import planner
-from report import command_line, environment_line, write_section
+from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Capture (issue 2)"
 RESNET50_TARGET_SECONDS = 3.0
@@ -206,10 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {name}: {status}", file=sys.stderr, flush=True)
         rows.append(row)
     body = section_body(rows, argv, args.repeats)
-    print(f"{SECTION_HEADING}\n\n{body}")
-    if args.markdown is not None:
-        write_section(args.markdown, SECTION_HEADING, body)
-        print(f"wrote section '{SECTION_HEADING}' of {args.markdown}", file=sys.stderr)
+    publish(SECTION_HEADING, body, args.markdown)
     return 1 if any(row.error for row in rows) else 0
 
 

@@ -23,7 +23,7 @@ import torchvision
 
 import planner
 from planner.algorithms import reorder_schedule
-from report import command_line, environment_line, write_section
+from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Reordering alone (issue 4)"
 
@@ -108,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(measure(CASES[name], args.batch_size))
         print(f"  {name}: {rows[-1]}", file=sys.stderr, flush=True)
     body = section_body(rows, argv)
-    print(f"{SECTION_HEADING}\n\n{body}")
-    if args.markdown is not None:
-        write_section(args.markdown, SECTION_HEADING, body)
+    publish(SECTION_HEADING, body, args.markdown)
     return 0
 
 

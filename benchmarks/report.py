@@ -71,3 +71,10 @@ def write_section(path: Path, heading: str, body: str, preamble: str = DEFAULT_F
         new_text = "".join(lines[:start]) + section + ("\n" + following if following else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new_text, encoding="utf-8")
+
+
+def publish(heading: str, body: str, markdown: Path | None) -> None:
+    """Print a section, and write it into ``markdown`` (docs/benchmarks.md) when given."""
+    print(f"{heading}\n\n{body}")
+    if markdown is not None:
+        write_section(markdown, heading, body)

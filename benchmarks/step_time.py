@@ -31,7 +31,7 @@ import torchvision
 
 import planner
 from planner.algorithms import ALGORITHMS
-from report import command_line, environment_line, write_section
+from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Executor step time (issue 3)"
 TARGET_RATIO = 1.05
@@ -132,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv[1:])
     rows = run(args.model, args.batch_size, args.image_size, args.repeats)
     body = section_body(rows, argv, args)
-    print(f"{SECTION_HEADING}\n\n{body}")
-    if args.markdown is not None:
-        write_section(args.markdown, SECTION_HEADING, body)
+    publish(SECTION_HEADING, body, args.markdown)
     return 0
 
 
