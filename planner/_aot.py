@@ -98,7 +98,8 @@ def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | N
             roles.append(OutputRole("loss", ""))
         elif isinstance(desc, _desc.GradAOTOutput):
             grad_of = desc.grad_of
-            roles.append(OutputRole("gradient", _strip(getattr(grad_of, "target", ""), prefix)))
+            name = f"input{grad_of.idx}" if isinstance(grad_of, _desc.PlainAOTInput) else _strip(grad_of.target, prefix)
+            roles.append(OutputRole("gradient", name))
         else:
             roles.append(None)
     return roles

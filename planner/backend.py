@@ -3,7 +3,9 @@
 ``torch.compile(model, backend=planner.backend(budget="60%"))``. Dynamo hands the backend each
 graph it captures with the parameters lifted to inputs; the backend turns those back into
 parameters of a small module (the same ``nn.Parameter`` objects, so ``.grad`` lands on the user's
-model), plans it with ``planner.plan`` and returns the planned module's forward. Each graph is
+model), captures it with its input gradients (after a graph break, a graph's inputs are
+activations that require grad), plans it with ``planner.plan`` and runs it as a
+``PlannedModule``. Each graph is
 planned on its own: with graph breaks, a byte budget applies to each graph separately; a
 percentage budget is of each graph's own store-all peak.
 """
@@ -39,13 +41,17 @@ class _GraphWithParameters(torch.nn.Module):
 def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | None = None,
             cost_model: CostModel | str | None = None) -> Callable:
     """A ``torch.compile`` backend planning each graph under ``budget`` (see ``planner.plan``)."""
+    from planner.capture import capture
+    from planner.execute import PlannedModule
     from planner.plan import plan
 
     def compile_graph(graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         parameter_positions = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)]
         module = _GraphWithParameters(graph_module, example_inputs, parameter_positions)
         others = tuple(example_inputs[i] for i in module.other_positions)
-        planned = plan(module, budget, others, mode=mode, algorithm=algorithm, cost_model=cost_model).apply(module)
+        graph = capture(module, others, input_grads=True)
+        chosen = plan(graph, budget, mode=mode, algorithm=algorithm, cost_model=cost_model)
+        planned = PlannedModule(module, graph, chosen.schedule)
 
         def run(*args):
             return planned(*(args[i] for i in module.other_positions))

@@ -83,7 +83,7 @@ def _as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
     return values
 
 
-def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple) -> torch.device:
+def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, input_grads: bool) -> torch.device:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inputs:
@@ -98,7 +98,7 @@ def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple) -> t
             if value.device != device:
                 raise CaptureError(f"{what}[{i}] is on {value.device} but the model is on {device}: "
                                    f"move it with .to('{device}')")
-            if value.requires_grad:
+            if value.requires_grad and not (input_grads and what == "inputs"):
                 raise CaptureError(f"{what}[{i}] requires grad; the planner plans parameter gradients "
                                    "only: pass it .detach()ed")
     return device
@@ -110,6 +110,7 @@ def capture(
     loss_fn: LossFn | None = None,
     *,
     targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    input_grads: bool = False,
 ) -> TrainingGraph:
     """Trace one training step of ``model`` into a ``TrainingGraph``.
 
@@ -119,6 +120,8 @@ def capture(
     inputs: an example batch: a tensor or a tuple of tensors, passed as ``model(*inputs)``.
     loss_fn: ``loss_fn(output, *targets) -> scalar``; defaults to the sum of the output.
     targets: extra tensors for ``loss_fn`` (labels).
+    input_grads: allow inputs that require grad and plan their gradients too (the
+        ``torch.compile`` backend needs it: after a graph break, a graph's inputs are activations).
 
     Raises
     ------
@@ -133,7 +136,7 @@ def capture(
     """
     inputs = _as_tuple(inputs, "inputs")
     targets = _as_tuple(targets, "targets")
-    device = _check_arguments(model, inputs, targets)
+    device = _check_arguments(model, inputs, targets, input_grads)
     step = _TrainingStep(model, loss_fn, len(inputs))
     try:
         joint = _aot.trace_joint(step, inputs + targets)
@@ -181,6 +184,7 @@ class _GraphBuilder:
         self.model_outputs: list[int] = []
         self.output_grads: list[int] = []
         self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
+        self.input_gradients: dict[int, int] = {}
 
     # -- tensors and storages -----------------------------------------------------------------
     def _storage(self, value: torch.Tensor) -> int:
@@ -311,6 +315,8 @@ class _GraphBuilder:
             elif role.target in self.parameters:
                 gradients[tensor_id] = self.parameters[role.target]
                 self.tensor_rows[tensor_id]["kind"] = TensorKind.GRADIENT
+            elif role.target.startswith("input"):
+                self.input_gradients[tensor_id] = self.inputs[int(role.target.removeprefix("input"))]
         return loss, gradients, buffer_updates
 
     # -- assembly -------------------------------------------------------------------------------
@@ -338,7 +344,8 @@ class _GraphBuilder:
             calls=tuple(self.calls), parameters=self.parameters, buffers=self.buffers,
             inputs=tuple(self.inputs), targets=tuple(self.targets), tangent=self.tangent, loss=loss,
             model_outputs=tuple(self.model_outputs), output_grads=tuple(self.output_grads),
-            gradients=gradients, buffer_updates=buffer_updates, input_specs=self.input_specs,
+            gradients=gradients, buffer_updates=buffer_updates, input_gradients=self.input_gradients,
+            input_specs=self.input_specs,
             device=self.device,
         )
 

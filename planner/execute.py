@@ -127,12 +127,14 @@ class StepRunner:
     def new_env(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
         return initial_env(self.graph, self.model, tuple(inputs), tuple(targets))
 
-    def run(self, steps: Sequence[_Run | _Drop], env: list, rng_states: dict[int, Any]) -> None:
-        """Execute ``steps``; ``rng_states`` carries saved RNG states from one section to a later one."""
+    def run(self, steps: Sequence[_Run | _Drop], env: list, rng_states: dict[int, Any], keep=()) -> None:
+        """Execute ``steps``; ``rng_states`` carries saved RNG states from one section to a later
+        one; tensors in ``keep`` stay in ``env`` for the caller (dropped by the caller after use)."""
         graph = self.graph
         for step in steps:
             if isinstance(step, _Drop):
-                env[step.tensor] = None
+                if step.tensor not in keep:
+                    env[step.tensor] = None
                 continue
             op = graph.ops[step.op]
             call = graph.calls[step.op]
@@ -226,8 +228,9 @@ class _PlannedFunction(torch.autograd.Function):
                 env[tensor] = value  # parameters, buffers, inputs, the loss tangent
         ctx.inputs = None
         with torch.no_grad():
-            runner.run(lowered.backward, env, ctx.rng_states)
-        return (None, None) + (None,) * ctx.n_inputs
+            runner.run(lowered.backward, env, ctx.rng_states, keep=graph.input_gradients)
+        input_grads = {tensor: env[grad] for grad, tensor in graph.input_gradients.items()}
+        return (None, None) + tuple(input_grads.get(tensor) for tensor in graph.inputs)
 
 
 class PlannedModule(torch.nn.Module):

@@ -118,6 +118,7 @@ class TrainingGraph:
     output_grads: tuple[int, ...]  # d(loss)/d(model output), where the model's backward starts
     gradients: dict[int, int]  # gradient tensor id -> parameter tensor id
     buffer_updates: dict[int, int]  # tensor holding a new value -> the buffer (or input) it is written into
+    input_gradients: dict[int, int]  # gradient tensor id -> input tensor id (inputs that require grad)
     input_specs: tuple[InputSpec, ...]  # model inputs then targets, to re-capture at apply time
     device: str
     # pytree structure of the model's output, when every leaf is a tensor that requires grad

@@ -51,7 +51,8 @@ class Schedule:
     def from_order(cls, graph: TrainingGraph, order: Iterable[int | Compute]) -> "Schedule":
         """Schedule computing ``order`` (op ids or ``Compute`` steps) and freeing every tensor
         right after its last use; tensors consumed on production (gradients, buffer updates, the
-        loss) right after they are produced.
+        loss) right after they are produced; gradients of inputs at the end (autograd takes them
+        when the step's backward returns).
 
         Raises ``InvalidScheduleError`` if an op reads a tensor that was never produced.
         Complexity: O(total inputs + outputs of the computed ops).
@@ -74,6 +75,9 @@ class Schedule:
                 instance_of[tensor] = len(instance_tensor)
                 instance_tensor.append(tensor)
                 instance_last_use.append(position)
+        for index, tensor in enumerate(instance_tensor):  # returned to autograd when the step ends
+            if tensor in graph.input_gradients:
+                instance_last_use[index] = len(computes) - 1
         frees_after: list[list[int]] = [[] for _ in computes]
         for tensor, last in zip(instance_tensor, instance_last_use):
             frees_after[last].append(tensor)
