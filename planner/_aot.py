@@ -8,6 +8,8 @@ or a gradient. Verified on torch 2.14.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import CaptureError
 
-FORWARD_TAG = "is_forward"
-BACKWARD_TAG = "is_backward"
+FORWARD_TAG = "is_forward"  # partitioner tag of forward nodes; everything else is backward
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,15 @@ def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | N
 def storage_key(tensor: torch.Tensor) -> StorageWeakRef:
     """Identity of a tensor's storage: views and in-place results share one key."""
     return StorageWeakRef(tensor.untyped_storage())
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Silence torch's own error logging while tracing; failures surface as our exceptions."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -139,7 +139,8 @@ def capture(
     device = _check_arguments(model, inputs, targets, input_grads)
     step = _TrainingStep(model, loss_fn, len(inputs))
     try:
-        joint = _aot.trace_joint(step, inputs + targets)
+        with _aot.quiet_torch_logs():  # a failure becomes one CaptureError, not pages of torch logs
+            joint = _aot.trace_joint(step, inputs + targets)
     except PlannerError:
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause

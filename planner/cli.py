@@ -38,16 +38,27 @@ def _cost(args: argparse.Namespace):
 
 
 def _workload_spec(args: argparse.Namespace, batch_size: int | None = None) -> dict:
-    return {"model": args.model, "batch_size": batch_size or args.batch_size, "image_size": args.image_size}
+    return {"model": args.model, "batch_size": args.batch_size if batch_size is None else batch_size,
+            "image_size": args.image_size}
 
 
-def _capture(spec: dict):
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _capture(spec: dict, quiet: bool = False):
     from planner.capture import capture
     from planner.zoo import load_workload
 
     torch.manual_seed(0)
     work = load_workload(spec["model"], spec["batch_size"], spec.get("image_size"))
-    return work, capture(work.model, work.inputs, work.loss_fn, targets=work.targets)
+    with _progress(None, total=1, desc=f"capture {spec['model']} batch {spec['batch_size']}", quiet=quiet) as bar:
+        graph = capture(work.model, work.inputs, work.loss_fn, targets=work.targets)
+        bar.update(1)
+    return work, graph
 
 
 def _plan(graph, budget, algorithm: str, cost_model):
@@ -147,8 +158,15 @@ def _run(work, result, steps: int) -> dict:
     reference = copy.deepcopy(work.model)
     planned = result.apply(work.model, work.loss_fn)
     loss_fn = work.loss_fn or (lambda out: out.sum())
-    planned_step = lambda: loss_fn(planned(*work.inputs), *work.targets).backward()  # noqa: E731
-    eager_step = lambda: loss_fn(reference(*work.inputs), *work.targets).backward()  # noqa: E731
+    def stepper(module):
+        calls = iter(range(10**9))
+
+        def step():  # the k-th step of either model draws the same random numbers (dropout)
+            torch.manual_seed(next(calls))
+            loss_fn(module(*work.inputs), *work.targets).backward()
+        return step
+
+    planned_step, eager_step = stepper(planned), stepper(reference)
     held = [*work.inputs, *work.targets]
     # one metered step each (the meter's dispatch hook slows it: not timed), then timed steps
     measured = measure_step(work.model, planned_step, held)
@@ -171,7 +189,7 @@ def _seconds(step, steps: int) -> float:
 
 
 def _run_text(run: dict) -> str:
-    return (f"ran {run['steps'] + 1} planned step(s): measured peak {format_bytes(run['measured_peak_bytes'])} "
+    return (f"ran 1 metered + {run['steps']} timed planned step(s): measured peak {format_bytes(run['measured_peak_bytes'])} "
             f"(predicted {format_bytes(run['predicted_peak_bytes'])}, "
             f"{run['measured_peak_bytes'] / run['predicted_peak_bytes'] - 1:+.2%}), "
             f"{run['seconds_per_step']:.2f} s/step; eager PyTorch {format_bytes(run['eager_peak_bytes'])}, "
@@ -292,15 +310,24 @@ def cmd_max_batch(args: argparse.Namespace) -> int:
 def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None = 32) -> None:
     parser.add_argument("model", help="torchvision:NAME, preset:transformer, preset:transformer-tiny, or module:factory")
     if batch_default is not None:
-        parser.add_argument("--batch-size", type=int, default=batch_default)
-    parser.add_argument("--image-size", type=int, default=None, help="image side for vision models")
+        parser.add_argument("--batch-size", type=_positive, default=batch_default)
+    parser.add_argument("--image-size", type=_positive, default=None, help="image side for vision models")
     parser.add_argument("--device-preset", choices=["cpu", "v100", "a100", "h100"], default=None,
                         help="roofline cost model (default: the graph's device)")
 
 
+class UsageError(ValueError):
+    """Bad command-line arguments (reported in one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planner", description="Plan PyTorch training under a memory budget.",
-                                     epilog=__doc__.split("\n\n")[1])
+    parser = _Parser(prog="planner", description="Plan PyTorch training under a memory budget.",
+                     epilog=__doc__.split("\n\n")[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -325,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(p, batch_default=None)
     p.add_argument("--memory", required=True, help="device memory, e.g. 16GiB")
     p.add_argument("--algorithms", default=None, help=f"comma-separated (default: {','.join(MAX_BATCH_ALGORITHMS)})")
-    p.add_argument("--limit", type=int, default=4096, help="largest batch size tried")
+    p.add_argument("--limit", type=_positive, default=4096, help="largest batch size tried")
     p.set_defaults(handler=cmd_max_batch)
 
     p = commands.add_parser("show", help="picture of a saved plan's memory over the step")
@@ -335,26 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="execute a saved plan's training steps and measure them")
     p.add_argument("plan", help="plan JSON written by 'planner plan --out'")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=_positive, default=2)
     p.set_defaults(handler=cmd_run)
     return parser
 
 
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, InfeasibleBudgetError):
+        return EXIT_INFEASIBLE
+    if isinstance(error, (CaptureError, PlanMismatchError)):
+        return EXIT_CANNOT_PLAN
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
-    except InfeasibleBudgetError as error:
-        code, message = EXIT_INFEASIBLE, str(error)
-    except (CaptureError, PlanMismatchError) as error:
-        code, message = EXIT_CANNOT_PLAN, str(error)
     except (PlannerError, ValueError, TypeError, FileNotFoundError, IsADirectoryError) as error:
-        code, message = EXIT_BAD_INPUT, str(error)
-    if args.debug:
-        raise
-    print(f"planner: error: {message}", file=sys.stderr)
-    return code
+        if "--debug" in argv:
+            raise
+        print(f"planner: error: {error}", file=sys.stderr)
+        return _exit_code(error)
 
 
 if __name__ == "__main__":

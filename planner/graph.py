@@ -175,12 +175,6 @@ class TrainingGraph:
     def backward_ops(self) -> tuple[int, ...]:
         return tuple(op.id for op in self.ops if op.phase is Phase.BACKWARD)
 
-    @cached_property
-    def released_on_production(self) -> frozenset[int]:
-        """Tensors consumed the moment they are produced: gradients (added into ``.grad``), new
-        buffer values (copied into the buffer) and the loss (handed to the caller)."""
-        return frozenset(self.gradients) | frozenset(self.buffer_updates) | {self.loss}
-
     def is_resident(self, tensor: int) -> bool:
         return self.tensors[tensor].kind in RESIDENT_KINDS
 

@@ -160,6 +160,8 @@ def plan(
     mode: ``"fast"``: the DP checkpoint search, with the baselines as a safety net, in about a
         second or less.
     algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
+    time_limit: seconds for exact mode's solver; fast mode, which finishes in about a second on
+        the models benchmarked, does not use it.
     cost_model: a ``CostModel``, a preset name (``"cpu"``, ``"v100"``, ``"a100"``, ``"h100"``), or
         None for the preset matching the graph's device.
 

@@ -52,7 +52,10 @@ def _user_factory(spec: str, batch_size: int, image_size: int | None) -> Workloa
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot load model factory {spec!r} ({error}): give 'package.module:function'") from error
-    built = factory(batch_size=batch_size, image_size=image_size) if image_size else factory(batch_size=batch_size)
+    try:
+        built = factory(batch_size=batch_size, image_size=image_size) if image_size else factory(batch_size=batch_size)
+    except Exception as error:  # the user's code: report it in one line, whatever it raised
+        raise ValueError(f"model factory {spec!r} failed: {type(error).__name__}: {error}") from error
     if isinstance(built, Workload):
         return built
     model, inputs = built[0], built[1]
