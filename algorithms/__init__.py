@@ -22,10 +22,11 @@ ALGORITHMS: dict[str, Algorithm] = {
     "chen_sqrt_linear": baselines.chen_sqrt_linear,
     "chen_greedy": baselines.chen_greedy,
     "chen_greedy_linear": baselines.chen_greedy_linear,
+    "recompute_cheap": baselines.recompute_cheap,
 }
 BASELINES = ("store_all", "checkpoint_all", "chen_sqrt", "chen_sqrt_linear", "chen_greedy", "chen_greedy_linear")
-# fast mode: the DP (judged after reordering), with every baseline, reordered, as a safety net;
-# the fastest schedule in budget wins
-FAST = ("dp_reorder",) + BASELINES
+# fast mode: the DP (judged after reordering), with every baseline and selective recomputation,
+# reordered, as a safety net; the fastest schedule in budget wins
+FAST = ("dp_reorder", "recompute_cheap") + BASELINES
 
 __all__ = ["ALGORITHMS", "BASELINES", "FAST", "Algorithm", "reorder_schedule"]

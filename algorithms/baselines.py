@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from planner.cost import CostModel
+from planner.cost import PRESETS, CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import simulate
@@ -86,3 +86,18 @@ def chen_greedy_linear(graph: TrainingGraph, cost_model: CostModel, budget_bytes
     """Chen's greedy over all forward ops taken as a chain, segment size tuned to the budget."""
     sizes = op_output_bytes(graph)
     return _chen_greedy(graph, cost_model, budget_bytes, [op for op in model_forward_ops(graph) if sizes[op] > 0])
+
+
+def recompute_cheap(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
+    """Selective recomputation: keep what compute-bound ops (convolutions, matmuls) produce and
+    recompute the memory-bound ones (normalization, activations, concatenation), whose outputs
+    cost memory but little time to redo. What torch.compile's partitioner leans towards.
+
+    An op is memory-bound when the device moves its bytes more slowly than it does its FLOPs
+    (from the op's FLOPs and bytes against the preset's rates; cpu rates when the cost model has
+    no preset). O(ops + edges).
+    """
+    spec = getattr(cost_model, "spec", PRESETS["cpu"])
+    kept = [op for op in model_forward_ops(graph)
+            if graph.ops[op].flops / spec.fp32_flops > (graph.ops[op].bytes_read + graph.ops[op].bytes_written) / spec.bandwidth]
+    return schedule_keeping(graph, kept)
