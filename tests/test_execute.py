@@ -205,33 +205,28 @@ def test_planned_module_forward_output_matches_eager(resnet: Workload) -> None:
     assert torch.equal(out, want)
 
 
-def test_two_forwards_then_one_backward_match_eager_resnet(resnet: Workload) -> None:
-    """Two planned forwards feeding one loss: BatchNorm statistics update twice, gradients add up."""
-    model, pm = resnet.planned("checkpoint_all")
-    reference = resnet.fresh_copy()
-    x2 = torch.flip(resnet.x, dims=[0])
+def _two_forwards_then_one_backward(workload: Workload) -> None:
+    model, pm = workload.planned("checkpoint_all")
+    reference = workload.fresh_copy()
+    x2 = torch.flip(workload.x, dims=[0])
     results = []
     for module, runner in ((model, pm), (reference, reference)):
         torch.manual_seed(1)
-        loss = resnet.loss(runner(resnet.x)) + resnet.loss(runner(x2))
+        loss = workload.loss(runner(workload.x)) + workload.loss(runner(x2))
         loss.backward()
         results.append(snapshot(module, loss))
     assert_same_step(*results)
+
+
+def test_two_forwards_then_one_backward_match_eager_resnet(resnet: Workload) -> None:
+    """Two planned forwards feeding one loss: BatchNorm statistics update twice, gradients add up."""
+    _two_forwards_then_one_backward(resnet)
 
 
 def test_two_forwards_then_one_backward_match_eager_dropout(transformer: Workload) -> None:
     """Each forward draws its own dropout masks; each backward must replay its own forward's."""
-    model, pm = transformer.planned("checkpoint_all")
     assert _random_recomputed(transformer, transformer.schedule("checkpoint_all"))
-    reference = transformer.fresh_copy()
-    x2 = torch.flip(transformer.x, dims=[0])
-    results = []
-    for module, runner in ((model, pm), (reference, reference)):
-        torch.manual_seed(1)
-        loss = transformer.loss(runner(transformer.x)) + transformer.loss(runner(x2))
-        loss.backward()
-        results.append(snapshot(module, loss))
-    assert_same_step(*results)
+    _two_forwards_then_one_backward(transformer)
 
 
 @pytest.mark.parametrize("activation, algorithm", [
