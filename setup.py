@@ -26,6 +26,7 @@ setup(
         "torchvision>=0.29,<0.30",
         "numpy>=1.26",
         "scipy>=1.11",
+        "highspy>=1.7",  # exact mode's MILP solver (MIP start, callbacks); SciPy's HiGHS is the fallback
         "networkx>=3.2",
         "numba>=0.60",
         "matplotlib>=3.8",  # the CLI's pictures

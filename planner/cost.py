@@ -5,16 +5,15 @@ time from FLOPs and bytes moved against a device preset; ``ProfiledCostModel`` t
 the real device with real tensors and caches the result by op signature, so repeated blocks and
 repeated runs are timed once.
 
-Workspace: the roofline presets model none. On CPU, convolution kernels allocate scratch memory
+Workspace: the roofline presets model only what ops declare (``OpInfo.workspace_bytes``: the
+low-memory variants' transient masks and indices). On CPU, convolution kernels allocate scratch memory
 inside the kernel that no tensor-level meter sees (a 512-channel 3x3 conv backward: ~9 MiB extra);
 the profiled model measures it with ``torch.profiler`` and reports it per op.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from planner.graph import TrainingGraph
+from planner.quiet import silenced
 
 _HALF_DTYPES = {"torch.float16", "torch.bfloat16"}
 
@@ -91,7 +91,8 @@ class RooflineCostModel:
         return self._times[graph.fingerprint]
 
     def workspace_bytes(self, graph: TrainingGraph) -> np.ndarray:
-        return np.zeros(len(graph.ops), dtype=np.int64)
+        """The workspace ops declare (variant ops); zero for ATen ops."""
+        return np.fromiter((op.workspace_bytes for op in graph.ops), dtype=np.int64, count=len(graph.ops))
 
 
 def default_cost_model(graph: TrainingGraph) -> CostModel:
@@ -207,27 +208,13 @@ def _workspace_of(call, env, device: str) -> int:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        with _quiet_stderr(), torch.profiler.profile(
+        with silenced(2), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             result = call.target(*args, **kwargs)
         peak = _profiler_peak(prof)
     outputs = result if isinstance(result, (tuple, list)) else (result,)
     output_bytes = sum(o.untyped_storage().nbytes() for o in outputs if isinstance(o, torch.Tensor))
     return max(0, int(peak) - output_bytes)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side logs every start and stop to file descriptor 2; silence it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _profiler_peak(prof) -> int:

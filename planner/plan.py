@@ -6,11 +6,14 @@ saved, loaded, printed, and applied to the model it was made for.
 from __future__ import annotations
 
 import json
+import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from planner.capture import LossFn, capture
@@ -21,9 +24,11 @@ from planner.schedule import Schedule
 from planner.simulate import SimResult, simulate
 from planner.units import format_bytes, parse_budget
 
+logger = logging.getLogger("planner")
 PLAN_FORMAT = 1
-MODES = ("fast",)  # "exact" arrives with the MILP solver
+MODES = ("fast", "exact")
 LAST_RESORT = "dp_memory"  # tried when nothing in fast mode fits: lowest peak, whatever the time
+DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
 
 
 @dataclass
@@ -148,6 +153,7 @@ def plan(
     algorithm: str | None = None,
     time_limit: float | None = None,
     cost_model: CostModel | str | None = None,
+    progress: Callable[[float, float, float], bool | None] | None = None,
 ) -> Plan:
     """Find a schedule for one training step of ``model`` that fits ``budget``.
 
@@ -158,12 +164,18 @@ def plan(
     budget: peak memory of the whole step (parameters, ``.grad``, inputs and activations): bytes,
         ``"6GiB"``, ``"512MB"``, or ``"50%"`` of the store-all (plain PyTorch) peak.
     mode: ``"fast"``: the DP checkpoint search, with the baselines as a safety net, in about a
-        second or less.
+        second or less. ``"exact"``: fast mode, then the MILP on HiGHS, which returns a proven
+        optimum (``status="optimal"``), or when ``time_limit`` ends the best plan found with its
+        proven ``gap`` (``"feasible"``); never a plan slower than fast mode's (``"fallback"``
+        says the MILP found nothing better, and ``message`` why).
     algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
-    time_limit: seconds for exact mode's solver; fast mode, which finishes in about a second on
-        the models benchmarked, does not use it.
+    time_limit: seconds for exact mode, from the end of capture to the answer (default 60);
+        fast mode does not use it.
     cost_model: a ``CostModel``, a preset name (``"cpu"``, ``"v100"``, ``"a100"``, ``"h100"``), or
         None for the preset matching the graph's device.
+    progress: exact mode calls ``progress(incumbent_seconds, bound_seconds, elapsed)`` whenever
+        the solver improves its plan (predicted step times); returning True stops the solver,
+        which keeps the best plan found so far.
 
     Raises
     ------
@@ -186,6 +198,7 @@ def plan(
         cost_model = RooflineCostModel(cost_model)
     cost_model = cost_model or default_cost_model(graph)
 
+    began = time.perf_counter()
     reference = simulate(graph, graph.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
     names = [algorithm] if algorithm else list(FAST)
@@ -194,25 +207,49 @@ def plan(
     if not fitting and algorithm is None:  # last resort: the least-memory segmentation, at any cost
         tried.append(_candidate(graph, cost_model, budget_bytes, LAST_RESORT, polish=True))
         fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
+    exact = None
+    if algorithm is None and mode == "exact":
+        from planner.algorithms.milp import exact_search
+
+        limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
+        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
+        if exact.schedule is not None:
+            fitting.append(("milp", exact.schedule, simulate(graph, exact.schedule, cost_model)))
     if not fitting:
         if algorithm:  # say how low fast mode gets, not just the algorithm asked for
             tried += [_candidate(graph, cost_model, budget_bytes, name, polish=True) for name in FAST + (LAST_RESORT,)]
         lowest = min(t[2].peak_bytes for t in tried)
         raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t[0] for t in tried))}")
     name, schedule, result = min(fitting, key=lambda t: (t[2].time, t[2].peak_bytes))
+    status, gap, lower_bound, message = "feasible", None, None, (
+        "" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(names)}")
+    if exact is not None:
+        status, gap, lower_bound, message = _exact_verdict(exact, name, result.time)
     chosen = Plan(
         schedule=schedule, graph=graph, budget_bytes=budget_bytes,
         predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
         store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
-        algorithm=name, status="feasible", cost_model=cost_model.name,
-        message="" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(names)}",
-        input_specs=graph.input_specs, n_inputs=len(graph.inputs),
+        algorithm=name, status=status, cost_model=cost_model.name, gap=gap, lower_bound=lower_bound,
+        message=message, input_specs=graph.input_specs, n_inputs=len(graph.inputs),
     )
     if source is not None:
         chosen._source = weakref.ref(source)
         chosen._source_training = source.training
     return chosen
+
+
+def _exact_verdict(exact, chosen: str, chosen_time: float) -> tuple[str, float | None, float | None, str]:
+    """Status, gap, bound and message of an exact-mode plan. The bound covers staged schedules
+    (see ``planner.algorithms.milp``); a faster fast-mode plan lies outside that set."""
+    bound = exact.lower_bound if np.isfinite(exact.lower_bound) else None
+    if chosen == "milp":
+        gap = 0.0 if exact.optimal else max(0.0, (chosen_time - bound) / chosen_time) if bound else None
+        status = "optimal" if exact.optimal else "feasible"
+        logger.info("exact mode: %s, gap %s (%s)", status, gap, exact.message)
+        return status, gap, bound, f"exact mode: MILP ({exact.message}), {exact.columns} binaries"
+    logger.info("exact mode fell back to fast mode: %s", exact.message)
+    return "fallback", None, bound, f"exact mode: fell back to fast mode's plan; MILP: {exact.message}"
 
 
 def _candidate(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, name: str,

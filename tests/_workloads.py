@@ -153,13 +153,15 @@ class Workload:
         return self._measured[algorithm]
 
 
-def build_workload(name: str, cost_model: planner.CostModel | None = None) -> Workload:
-    """Build ``name`` from ``SPECS`` under seed 0, in train mode, and capture its step."""
+def build_workload(name: str, cost_model: planner.CostModel | None = None, batch: int | None = None) -> Workload:
+    """Build ``name`` from ``SPECS`` under seed 0, in train mode (optionally at another batch
+    size), and capture its step."""
     spec = SPECS[name]
+    shape = spec.input_shape if batch is None else (batch,) + spec.input_shape[1:]
     torch.manual_seed(0)
     model = spec.factory().train()
-    x = torch.randn(spec.input_shape)
-    y = torch.randint(0, NUM_CLASSES, (spec.input_shape[0],)) if spec.classifier else None
+    x = torch.randn(shape)
+    y = torch.randint(0, NUM_CLASSES, (shape[0],)) if spec.classifier else None
     loss_fn = F.cross_entropy if spec.classifier else None
     graph = planner.capture(model, x, loss_fn, targets=y)
     return Workload(name, model, x, y, graph, cost_model or planner.RooflineCostModel("cpu"), spec.algorithms)

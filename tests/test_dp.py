@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +23,7 @@ from planner.algorithms.dp import (
 from planner.algorithms.keepset import model_forward_ops
 
 from _random_dags import MAX_FORWARD_OPS, DagSpec, build_dag, dag_specs
-from _workloads import (
-    NUM_CLASSES, SPECS, Workload, assert_same_step, build_workload, planned_step,
-)
+from _workloads import Workload, assert_same_step, build_workload, planned_step
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 CPU = planner.RooflineCostModel("cpu")  # what plan() uses for a CPU graph when given no cost model
@@ -164,38 +161,15 @@ def test_memory_lower_bound_on_resnet18() -> None:
 
 
 # ---- 4. executed fast plans ---------------------------------------------------------------------------
-def _workload(name: str, batch: int | None = None) -> Workload:
-    """``build_workload``, optionally at another batch size."""
-    if batch is None:
-        return build_workload(name)
-    spec = SPECS[name]
-    shape = (batch,) + spec.input_shape[1:]
-    torch.manual_seed(0)
-    model = spec.factory().train()
-    x = torch.randn(shape)
-    y = torch.randint(0, NUM_CLASSES, (batch,)) if spec.classifier else None
-    graph = planner.capture(model, x, F.cross_entropy if spec.classifier else None, targets=y)
-    return Workload(name, model, x, y, graph, CPU, spec.algorithms)
-
-
-#: name -> (loose, tight) budgets as fractions of store-all's activation peak beyond resident
-#: memory: both force recomputation and fit; at the loose one the DP's schedule is the fastest
-EXECUTED = {
-    "resnet18": (0.8, 0.65),  # batch 4; its lowest peak found is ~62% (weight gradients dominate)
-    "mobilenet_v2": (0.6, 0.4),
-    "transformer": (0.6, 0.4),
-}
-
-
 @pytest.fixture(scope="module")
 def resnet18_b4() -> Workload:
     """resnet18, batch 4 at 64x64, cross-entropy."""
-    return _workload("resnet18", batch=4)
+    return build_workload("resnet18", CPU, batch=4)
 
 
 @pytest.fixture(scope="module", params=list(EXECUTED))
 def executed(request: pytest.FixtureRequest, resnet18_b4: Workload) -> Workload:
-    return resnet18_b4 if request.param == "resnet18" else _workload(request.param)
+    return resnet18_b4 if request.param == "resnet18" else build_workload(request.param, CPU)
 
 
 @pytest.mark.parametrize("which", ["loose", "tight"])

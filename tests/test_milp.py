@@ -1,0 +1,217 @@
+"""Exact mode: the staged problem, the MILP against brute force, the decoded schedules against the
+simulator and eager PyTorch, and the fallbacks (solver failure, no time, no highspy, stopped)."""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import planner
+from planner import InfeasibleBudgetError
+from planner.algorithms import milp
+from planner.algorithms.milp import exact_search, formulate, solve_highs, solve_scipy
+from planner.algorithms.staging import build_problem
+
+from _random_dags import build_dag, dag_specs
+from _workloads import Workload, assert_same_step, build_workload, planned_step
+from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
+
+CPU = planner.RooflineCostModel("cpu")
+PEAK_TOLERANCE = 0.01
+BRUTE_FORCE_COLUMNS = 12  # 4096 recomputation patterns
+
+
+def _budget(graph, fraction: float) -> int:
+    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    return graph.resident_bytes + int(fraction * (store_all - graph.resident_bytes))
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> Workload:
+    """Batch 8 at 64x64: activations are about half the peak, so budgets force recomputation."""
+    return build_workload("resnet18", CPU, batch=8)
+
+
+@pytest.fixture(scope="module")
+def transformer() -> Workload:
+    return build_workload("transformer")
+
+
+# ---- the staged problem --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "transformer"])
+def test_staged_store_all_is_store_all(name: str, request: pytest.FixtureRequest) -> None:
+    """With nothing recomputed the staged order peaks exactly where plain PyTorch does: the fixed
+    backward profile and the lazily emitted views lose nothing."""
+    graph = request.getfixturevalue(name).graph
+    problem = build_problem(graph, CPU)
+    assert sorted(op for node in problem.nodes for op in node.ops) == list(graph.forward_ops)
+    staged = planner.simulate(graph, problem.schedule(np.zeros((problem.n_stages, len(problem.nodes)), bool)), CPU)
+    reference = planner.simulate(graph, graph.store_all(), CPU)
+    assert staged.peak_bytes == reference.peak_bytes
+    assert staged.time == pytest.approx(reference.time, rel=1e-12)
+
+
+# ---- the MILP equals brute force, and its memory rows bound the simulator ------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0))
+def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
+    """Every recomputation pattern, each with the least holding it needs (memory only grows with
+    what is held), is checked against the rows; the best feasible one must be what HiGHS proves
+    optimal. Each feasible pattern's decoded schedule must fit the budget in the simulator and cost
+    exactly the MILP's objective."""
+    graph = build_dag(spec).graph
+    budget = _budget(graph, fraction)
+    problem = build_problem(graph, CPU)
+    form = formulate(problem, budget)
+    free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
+            if form.col_upper[form.recompute_index[k, f]] > 0]
+    assume(len(free) <= BRUTE_FORCE_COLUMNS)
+    best = None
+    for pattern in itertools.product((False, True), repeat=len(free)):
+        recompute = np.zeros(form.recompute_index.shape, dtype=bool)
+        for (k, f), on in zip(free, pattern):
+            recompute[k, f] = on
+        keep = problem.minimal_keep(recompute)
+        assert not (keep & (form.keep_index < 0)).any(), "a needed group has no variable at that stage"
+        x = form.vector(keep, recompute)
+        if form.violation(x) > 1e-9 or form.constant_violation:
+            continue
+        result = planner.simulate(graph, problem.schedule(recompute), CPU)
+        assert result.peak_bytes <= budget, f"rows accept a schedule that peaks at {result.peak_bytes} > {budget}"
+        assert result.time == pytest.approx(form.objective(x), rel=1e-9)
+        best = form.objective(x) if best is None else min(best, form.objective(x))
+    if form.constant_violation:
+        assert best is None
+        return
+    outcome = solve_highs(form, 30.0, gap=0.0)
+    if best is None:
+        assert outcome.x is None
+    else:
+        assert outcome.optimal
+        assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
+def test_scipy_backend_agrees_with_highspy(resnet18: Workload) -> None:
+    form = formulate(build_problem(resnet18.graph, CPU), _budget(resnet18.graph, 0.8))
+    ours, theirs = solve_highs(form, 30.0), solve_scipy(form, 30.0)
+    assert ours.optimal and theirs.optimal
+    assert form.objective(ours.x) == pytest.approx(form.objective(theirs.x), rel=1e-3)
+
+
+# ---- exact plans run like eager PyTorch -----------------------------------------------------------------
+@pytest.mark.parametrize("name,fraction", [("resnet18", 0.65), ("transformer", 0.5)])
+def test_exact_schedule_executes_like_eager(name: str, fraction: float, request: pytest.FixtureRequest) -> None:
+    work: Workload = request.getfixturevalue(name)
+    budget = _budget(work.graph, fraction)
+    found = exact_search(work.graph, CPU, budget, time_limit=30.0)
+    assert found.schedule is not None and found.optimal, found.message
+    result = planner.simulate(work.graph, found.schedule, CPU)
+    assert result.peak_bytes <= budget and result.recomputations > 0
+
+    model = work.fresh_copy()
+    pm = planner.PlannedModule(model, work.graph, found.schedule)
+    assert_same_step(planned_step(model, pm, work.x, work.loss, seed=1), work.reference(seed=1))
+    measured = planner.measure_step(model, lambda: work.loss(pm(work.x)).backward(), work.held)
+    error = abs(measured.peak_bytes - result.peak_bytes) / result.peak_bytes
+    assert error <= PEAK_TOLERANCE, f"measured {measured.peak_bytes} vs predicted {result.peak_bytes}"
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.65, 0.5])
+def test_exact_mode_is_never_slower_than_fast_mode(resnet18: Workload, fraction: float) -> None:
+    graph = resnet18.graph
+    budget = _budget(graph, fraction)
+    try:
+        fast = planner.plan(graph, budget, cost_model=CPU)
+    except InfeasibleBudgetError:
+        fast = None
+    exact = planner.plan(graph, budget, mode="exact", time_limit=8, cost_model=CPU)
+    assert exact.predicted_peak_bytes <= budget
+    if fast is not None:
+        assert exact.predicted_time <= fast.predicted_time
+    assert exact.status in ("optimal", "feasible", "fallback")
+    if exact.status == "optimal":
+        assert exact.gap == 0.0 and exact.lower_bound <= exact.predicted_time * (1 + 1e-9)
+    if exact.status == "fallback":
+        assert fast is not None and exact.schedule == fast.schedule
+
+
+def test_exact_mode_finds_better_plans_than_fast_mode(resnet18: Workload) -> None:
+    """Not a guarantee in general, but on resnet18 at 65% of the activations the DP's
+    segmentations leave time on the table that the MILP's throw-away checkpoints recover."""
+    budget = _budget(resnet18.graph, 0.65)
+    fast = planner.plan(resnet18.graph, budget, cost_model=CPU)
+    exact = planner.plan(resnet18.graph, budget, mode="exact", time_limit=20, cost_model=CPU)
+    assert exact.algorithm == "milp" and exact.status == "optimal"
+    assert exact.predicted_time < fast.predicted_time
+
+
+def test_time_limit_is_respected() -> None:
+    import torchvision
+
+    model = torchvision.models.resnet50().train()
+    graph = planner.capture(model, torch.randn(8, 3, 64, 64))
+    began = time.perf_counter()
+    chosen = planner.plan(graph, _budget(graph, 0.33), mode="exact", time_limit=3, cost_model=CPU)
+    assert time.perf_counter() - began <= 3 + 2.5
+    assert chosen.status in ("feasible", "fallback", "optimal")
+    if chosen.status == "feasible":
+        assert chosen.gap is not None and 0 <= chosen.gap < 1
+
+
+# ---- faults ---------------------------------------------------------------------------------------------
+def test_solver_failure_falls_back_to_fast_mode(resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("HiGHS exploded")
+
+    monkeypatch.setattr(milp, "solve_highs", broken)
+    budget = _budget(resnet18.graph, 0.65)
+    exact = planner.plan(resnet18.graph, budget, mode="exact", time_limit=10, cost_model=CPU)
+    fast = planner.plan(resnet18.graph, budget, cost_model=CPU)
+    assert exact.status == "fallback" and exact.schedule == fast.schedule
+    assert "HiGHS exploded" in exact.message
+
+
+def test_time_limit_zero_returns_fast_mode_at_once(resnet18: Workload) -> None:
+    budget = _budget(resnet18.graph, 0.65)
+    began = time.perf_counter()
+    exact = planner.plan(resnet18.graph, budget, mode="exact", time_limit=0, cost_model=CPU)
+    assert time.perf_counter() - began < 5
+    assert exact.status == "fallback" and "time limit" in exact.message
+    assert exact.schedule == planner.plan(resnet18.graph, budget, cost_model=CPU).schedule
+
+
+def test_without_highspy_scipy_solves(resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "highspy", None)  # import highspy now raises ImportError
+    exact = planner.plan(resnet18.graph, _budget(resnet18.graph, 0.8), mode="exact", time_limit=20,
+                         cost_model=CPU)
+    assert exact.status == "optimal" and "scipy" in exact.message
+
+
+def test_stopping_the_solver_keeps_its_incumbent(resnet18: Workload) -> None:
+    """``progress`` returning True interrupts HiGHS (what Ctrl-C in the CLI does): the answer is
+    the incumbent so far, or fast mode's plan, never an error."""
+    seen = []
+
+    def stop_at_first(incumbent: float, bound: float, elapsed: float) -> bool:
+        seen.append((incumbent, bound))
+        return True
+
+    budget = _budget(resnet18.graph, 0.5)
+    chosen = planner.plan(resnet18.graph, budget, mode="exact", time_limit=20, cost_model=CPU,
+                          progress=stop_at_first)
+    assert len(seen) >= 1
+    assert chosen.predicted_peak_bytes <= budget
+    assert chosen.status in ("feasible", "fallback", "optimal")
+
+
+def test_exact_mode_below_the_minimum_names_it(resnet18: Workload) -> None:
+    with pytest.raises(InfeasibleBudgetError) as error:
+        planner.plan(resnet18.graph, resnet18.graph.resident_bytes, mode="exact", time_limit=5,
+                     cost_model=CPU)
+    assert error.value.min_feasible_bytes > resnet18.graph.resident_bytes
