@@ -34,7 +34,9 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13.6"],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Hugging Face models (tests/test_transformers.py, preset:gpt2, benchmarks/hf_transformers.py)
+        "transformers": ["transformers>=5.20,<6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6"],
     },
     entry_points={"console_scripts": ["planner=planner.cli:main"]},
 )

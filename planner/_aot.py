@@ -53,6 +53,22 @@ def _no_compile(graph, _inputs):
     return graph
 
 
+@contextlib.contextmanager
+def _tracing_state():
+    """``torch.compiler.is_compiling()`` is true while tracing, as in torch.export's non-strict mode.
+
+    Libraries branch on it to skip eager-only checks that read tensor values, which a trace with
+    fake tensors cannot do (transformers' mask helpers look for packed sequences in
+    ``position_ids``); torch.compile, which the ``planner.backend`` runs under, sets it too.
+    """
+    previous = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = previous
+
+
 def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     """Trace ``module(*args)`` (which must return a 1-tuple holding a scalar loss) with its backward.
 
@@ -60,10 +76,11 @@ def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     tuple of them) and ``meta['partitioner_tag']``; placeholders and the output carry descriptors.
     """
     try:
-        aot_module_simplified(
-            module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
-            partition_fn=_keep_joint_graph,
-        )
+        with _tracing_state():
+            aot_module_simplified(
+                module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
+                partition_fn=_keep_joint_graph,
+            )
     except _JointGraphCaptured as captured:
         return captured.graph
     raise CaptureError("the traced step produces no parameter gradient: does the loss depend on a "

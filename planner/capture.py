@@ -26,17 +26,22 @@ _MODEL_PREFIX = "model."
 
 
 @torch.library.custom_op("remat_planner::boundary", mutates_args=())
-def _boundary(x: torch.Tensor) -> torch.Tensor:
-    """Marks a model output (forward) or its gradient (backward); removed from the captured graph."""
+def _boundary(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Marks model output ``index`` (forward) or its gradient (backward); removed from the captured
+    graph. The index pairs each gradient with its output: the backward need not meet them in order."""
     return x.clone()
 
 
 @_boundary.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, index: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-_boundary.register_autograd(lambda ctx, grad: _boundary(grad))
+def _boundary_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.index = inputs[1]
+
+
+_boundary.register_autograd(lambda ctx, grad: (_boundary(grad, ctx.index), None), setup_context=_boundary_setup)
 _BOUNDARY = torch.ops.remat_planner.boundary.default
 
 
@@ -54,6 +59,7 @@ class _TrainingStep(torch.nn.Module):
         self.loss_fn = loss_fn or _default_loss
         self.n_inputs = n_inputs
         self.output_spec = None
+        self.n_outputs = 0
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor]:
         output = self.model(*args[: self.n_inputs])
@@ -63,7 +69,8 @@ class _TrainingStep(torch.nn.Module):
                                "nothing to differentiate (is requires_grad off everywhere?)")
         marked = [isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves]
         self.output_spec = spec if all(marked) else None
-        leaves = [_boundary(leaf) if mark else leaf for leaf, mark in zip(leaves, marked)]
+        self.n_outputs = len(leaves)
+        leaves = [_boundary(leaf, i) if mark else leaf for i, (leaf, mark) in enumerate(zip(leaves, marked))]
         loss = self.loss_fn(tree_unflatten(leaves, spec), *args[self.n_inputs:])
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -140,15 +147,34 @@ def capture(
     step = _TrainingStep(model, loss_fn, len(inputs))
     try:
         with _aot.quiet_torch_logs():  # a failure becomes one CaptureError, not pages of torch logs
-            joint = _aot.trace_joint(step, inputs + targets)
+            joint = _aot.trace_joint(step, _distinct_storages(inputs + targets))
     except PlannerError:
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause
         raise CaptureError(_explain_trace_failure(error)) from error
     specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in inputs + targets)
-    graph = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device)).build()
-    graph.output_spec = step.output_spec
+    builder = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device))
+    graph = builder.build()
+    # apply() hands every output back through autograd and every output's gradient to the plan's
+    # backward: only when each output has both (an output the loss ignores has no gradient)
+    every_output = list(range(step.n_outputs))
+    complete = sorted(builder.model_outputs) == sorted(builder.output_grads) == every_output
+    graph.output_spec = step.output_spec if complete else None
     return graph
+
+
+def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The batch with every tensor in a storage of its own (a tensor passed twice, such as token
+    ids given as input and as labels, is traced as two): the graph, and so its fingerprint, does
+    not depend on how the caller's example tensors alias, so a plan re-captured from fresh
+    tensors (``Plan.apply``, ``Plan.load``) matches. Each is counted as resident on its own."""
+    seen: set = set()
+    distinct = []
+    for value in values:
+        key = _aot.storage_key(value)
+        distinct.append(value.clone() if key in seen else value)
+        seen.add(key)
+    return tuple(distinct)
 
 
 def _explain_trace_failure(error: Exception) -> str:
@@ -182,8 +208,8 @@ class _GraphBuilder:
         self.inputs: list[int] = []
         self.targets: list[int] = []
         self.tangent = -1
-        self.model_outputs: list[int] = []
-        self.output_grads: list[int] = []
+        self.model_outputs: dict[int, int] = {}  # output index -> tensor id
+        self.output_grads: dict[int, int] = {}  # output index -> tensor id of its gradient
         self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
         self.input_gradients: dict[int, int] = {}
 
@@ -238,14 +264,14 @@ class _GraphBuilder:
                 self.tensor_of[node] = tensor_id
             return
         if target is _BOUNDARY:  # contract the marker: its output is its input
-            (source,) = node.args
+            source, index = node.args
             if node.meta.get("partitioner_tag") == _aot.FORWARD_TAG:
                 self.loss_nodes.add(node)
             self.tensor_of[node] = self.tensor_of[source]
             # later views of the marker's output live in the source's storage
             self.storage_ids.setdefault(_aot.storage_key(node.meta["val"]), self.tensor_rows[self.tensor_of[source]]["storage"])
             is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
-            (self.model_outputs if is_forward else self.output_grads).append(self.tensor_of[source])
+            (self.model_outputs if is_forward else self.output_grads)[index] = self.tensor_of[source]
             return
         if not isinstance(target, torch._ops.OpOverload):
             raise UnsupportedOperatorError(str(target), "only ATen operators can be planned "
@@ -335,7 +361,8 @@ class _GraphBuilder:
         if not gradients:
             raise CaptureError("the traced step produces no parameter gradient: does the loss depend "
                                "on a parameter with requires_grad=True?")
-        for op_id in self._loss_backward():
+        loss_backward = self._loss_backward()
+        for op_id in loss_backward | self._loss_forward(loss_backward, buffer_updates):
             self.op_rows[op_id]["in_loss"] = True
         ops = tuple(OpInfo(**row) for row in self.op_rows)
         tensors = tuple(TensorInfo(**{**row, "consumers": tuple(row["consumers"])}) for row in self.tensor_rows)
@@ -344,16 +371,33 @@ class _GraphBuilder:
             storages=tuple(StorageInfo(i, n) for i, n in enumerate(self.storage_sizes)),
             calls=tuple(self.calls), parameters=self.parameters, buffers=self.buffers,
             inputs=tuple(self.inputs), targets=tuple(self.targets), tangent=self.tangent, loss=loss,
-            model_outputs=tuple(self.model_outputs), output_grads=tuple(self.output_grads),
+            model_outputs=tuple(self.model_outputs[i] for i in sorted(self.model_outputs)),
+            output_grads=tuple(self.output_grads[i] for i in sorted(self.output_grads)),
             gradients=gradients, buffer_updates=buffer_updates, input_gradients=self.input_gradients,
             input_specs=self.input_specs,
             device=self.device,
         )
 
+    def _loss_forward(self, loss_backward: set[int], buffer_updates: dict[int, int]) -> set[int]:
+        """Forward ops the model does not need: upstream of no model output, no new buffer value
+        and nothing the model's own backward reads. They are the loss's, even though they do not
+        read the model's output (``labels[:, 1:]``, a one-hot of the targets, constants)."""
+        needed: set[int] = set()
+        pending = [*self.model_outputs.values(), *buffer_updates, *(
+            t for row in self.op_rows if row["phase"] is Phase.BACKWARD and row["id"] not in loss_backward
+            for t in row["inputs"])]
+        while pending:
+            op_id = self.tensor_rows[pending.pop()]["producer"]
+            if op_id is None or op_id in needed or self.op_rows[op_id]["phase"] is not Phase.FORWARD:
+                continue
+            needed.add(op_id)
+            pending.extend(self.op_rows[op_id]["inputs"])
+        return {row["id"] for row in self.op_rows if row["phase"] is Phase.FORWARD and row["id"] not in needed}
+
     def _loss_backward(self) -> set[int]:
         """Backward ops upstream of the gradients of the model outputs: the loss's backward."""
         region: set[int] = set()
-        pending = [self.tensor_rows[t]["producer"] for t in self.output_grads]
+        pending = [self.tensor_rows[t]["producer"] for t in self.output_grads.values()]
         while pending:
             op_id = pending.pop()
             if op_id is None or op_id in region or self.op_rows[op_id]["phase"] is not Phase.BACKWARD:

@@ -24,7 +24,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from planner.errors import InvalidScheduleError, PlanMismatchError
-from planner.graph import TrainingGraph
+from planner.graph import Phase, TrainingGraph
 from planner.runtime import bind, initial_env, store_outputs
 from planner.schedule import Compute, Schedule
 from planner.simulate import simulate
@@ -77,9 +77,13 @@ def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
         else:
             steps.append(_Drop(step.tensor))
     loss_positions = [i for i, s in enumerate(steps) if isinstance(s, _Run) and graph.ops[s.op].in_loss]
-    if not loss_positions:
-        raise InvalidScheduleError("the schedule computes no loss op")
-    start, end = loss_positions[0], loss_positions[-1] + 1
+    if loss_positions:
+        start, end = loss_positions[0], loss_positions[-1] + 1
+    else:  # the model returns the loss itself (loss_fn=lambda loss: loss): the loss section is empty
+        backward = [i for i, s in enumerate(steps) if isinstance(s, _Run) and graph.ops[s.op].phase is Phase.BACKWARD]
+        if not backward:
+            raise InvalidScheduleError("the schedule computes neither a loss op nor a backward op")
+        start = end = backward[0]
     while end < len(steps) and isinstance(steps[end], _Drop):
         end += 1  # frees right after the last loss op belong to the loss section
     middle = steps[start:end]
@@ -87,10 +91,13 @@ def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
     if stray:
         raise InvalidScheduleError(f"model ops {stray[:3]} are scheduled inside the loss computation; "
                                    "such a schedule cannot leave the loss to user code")
-    forward, backward = tuple(steps[:start]), tuple(steps[end:])
+    outputs = set(graph.model_outputs)
+    # the forward hands its outputs to the caller: a model output no loss op reads (the model
+    # returns its loss) is freed by the caller, not inside the forward
+    forward = tuple(s for s in steps[:start] if not (isinstance(s, _Drop) and s.tensor in outputs))
+    backward = tuple(steps[end:])
     live = _live_after(graph, forward)
     needed_later = {t for s in backward if isinstance(s, _Run) for t in graph.ops[s.op].inputs}
-    outputs = set(graph.model_outputs)
     carried = tuple(sorted(t for t in live if t in needed_later and t not in outputs))
     saved_outputs = tuple(t for t in graph.model_outputs if t in needed_later and t in live)
     return LoweredSchedule(forward, tuple(middle), backward, carried, saved_outputs)
@@ -181,6 +188,8 @@ class StepRunner:
             self.run(lowered.forward, env, rng_states)
             loss_box: list[torch.Tensor] = []
             self._run_capturing_loss(lowered.loss, env, loss_box, rng_states)
+            if not loss_box:  # the model returns its loss: no loss section
+                loss_box.append(env[self.graph.loss])
             self.run(lowered.backward, env, rng_states)
         return loss_box[0]
 
@@ -196,8 +205,9 @@ class _PlannedFunction(torch.autograd.Function):
     """Model forward and backward of a plan; the loss between them is the user's own code."""
 
     @staticmethod
-    def forward(ctx, runner: StepRunner, anchor: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, runner: StepRunner, anchor: torch.Tensor, box: list, *inputs: torch.Tensor):
         lowered = runner.lowered
+        ctx.box = box  # where _HandOver leaves the gradients of the outputs
         env = runner.new_env(inputs)
         ctx.rng_states = {}
         runner.run(lowered.forward, env, ctx.rng_states)
@@ -211,26 +221,53 @@ class _PlannedFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, *output_grads: torch.Tensor):
+    def backward(ctx, *placeholders: torch.Tensor):
+        del placeholders  # the real gradients of the outputs are in the box
         runner: StepRunner = ctx.runner
         graph, lowered = runner.graph, runner.lowered
         env: list = [None] * len(graph.tensors)
-        for tensor, value in ctx.carried.items():
-            env[tensor] = value
+        # every value is put into env by _put, whose loop variables die with it: a loop variable
+        # left here would hold its last tensor through the whole backward
+        _put(env, ctx.carried.keys(), ctx.carried.values())
         ctx.carried = None  # the env now owns them: each is dropped after its last use
-        for tensor, value in zip(lowered.saved_outputs, ctx.saved_tensors):
-            env[tensor] = value
-        for tensor, value in zip(graph.output_grads, output_grads):
-            env[tensor] = value
-        del output_grads
-        for tensor, value in enumerate(runner.new_env(ctx.inputs)):
-            if value is not None:
-                env[tensor] = value  # parameters, buffers, inputs, the loss tangent
+        _put(env, lowered.saved_outputs, ctx.saved_tensors)
+        _put(env, range(len(graph.tensors)), runner.new_env(ctx.inputs))  # parameters, buffers, inputs, tangent
         ctx.inputs = None
+        _put(env, graph.output_grads, ctx.box.pop())  # after the tangent: a model returning its loss gets its gradient
         with torch.no_grad():
             runner.run(lowered.backward, env, ctx.rng_states, keep=graph.input_gradients)
         input_grads = {tensor: env[grad] for grad, tensor in graph.input_gradients.items()}
-        return (None, None) + tuple(input_grads.get(tensor) for tensor in graph.inputs)
+        return (None, None, None) + tuple(input_grads.get(tensor) for tensor in graph.inputs)
+
+
+def _put(env: list, tensors, values) -> None:
+    for tensor, value in zip(tensors, values):
+        if value is not None:
+            env[tensor] = value
+
+
+class _HandOver(torch.autograd.Function):
+    """Stands between the plan's outputs and the user's loss, to free each output's gradient at
+    its last use in the plan's backward, where the simulator frees it.
+
+    The autograd engine holds the gradients it passes to a node until that node's backward
+    returns: for ``_PlannedFunction`` that is the whole model backward, and a large output's
+    gradient (a language model's logits) would stay for all of it. This node's backward returns
+    at once: it leaves the gradients in a box that the plan's backward takes over, and passes on
+    one-element placeholders, expanded to the outputs' shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, box: list, *outputs: torch.Tensor):
+        ctx.box = box
+        return tuple(output.detach() for output in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        placeholders = tuple(grad.new_zeros(()).expand(grad.shape) for grad in grads)
+        ctx.box.append(grads)
+        del grads
+        return (None,) + placeholders
 
 
 class PlannedModule(torch.nn.Module):
@@ -242,10 +279,6 @@ class PlannedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, graph: TrainingGraph, schedule: Schedule):
         super().__init__()
-        if graph.output_spec is None:
-            raise PlanMismatchError("the model returns values other than tensors that require grad "
-                                    "(e.g. integer tensors or constants); apply() cannot rebuild its "
-                                    "output: use training_step(inputs, targets) instead")
         self.model = model
         self.runner = StepRunner(graph, schedule, model)
         self._output_spec = graph.output_spec
@@ -254,8 +287,14 @@ class PlannedModule(torch.nn.Module):
         self._anchor = torch.empty(0, requires_grad=True)
 
     def forward(self, *inputs: torch.Tensor):
+        if self._output_spec is None:
+            raise PlanMismatchError("the model returns values other than tensors that require grad "
+                                    "(e.g. integer tensors or constants), or outputs the loss does not "
+                                    "use; the planned module cannot hand its output to autograd: use "
+                                    "training_step(inputs, targets) instead, or return only what the loss uses")
         _check_inputs(self.runner.graph, inputs)
-        outputs = _PlannedFunction.apply(self.runner, self._anchor, *inputs)
+        box: list = []  # one per call: several forwards may precede their backwards
+        outputs = _HandOver.apply(box, *_PlannedFunction.apply(self.runner, self._anchor, box, *inputs))
         return tree_unflatten(list(outputs), self._output_spec)
 
     def training_step(self, inputs, targets=()) -> torch.Tensor:
