@@ -95,6 +95,7 @@ def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, inpu
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inputs:
         raise TypeError("inputs are required: pass an example batch, e.g. torch.randn(32, 3, 224, 224)")
+    _refuse_distributed_wrappers(model)
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if len(devices) > 1:
         raise CaptureError(f"the model's parameters are spread over {sorted(map(str, devices))}; "
@@ -109,6 +110,28 @@ def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, inpu
                 raise CaptureError(f"{what}[{i}] requires grad; the planner plans parameter gradients "
                                    "only: pass it .detach()ed")
     return device
+
+
+def _refuse_distributed_wrappers(model: torch.nn.Module) -> None:
+    """DDP's forward and FSDP's sharded parameters cannot be traced; say what works instead."""
+    if not torch.distributed.is_available():
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise CaptureError("the model is wrapped in DistributedDataParallel: plan the module inside "
+                           "(ddp.module), then wrap the planned module: DistributedDataParallel(plan.apply(model))")
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without them: nothing can be sharded
+        return
+
+    sharded = [name or "the model" for name, module in model.named_modules()
+               if isinstance(module, (FSDPModule, FullyShardedDataParallel))]
+    sharded += [name for name, parameter in model.named_parameters() if isinstance(parameter, DTensor)]
+    if sharded:
+        raise CaptureError(f"{sharded[0]} is sharded (FSDP or DTensor parameters), which the planner does "
+                           "not support: plan the unsharded model and train it with DistributedDataParallel, "
+                           "or use FSDP with torch.utils.checkpoint (docs/reliability.md)")
 
 
 def capture(
