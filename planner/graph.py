@@ -69,6 +69,9 @@ class OpInfo:
     is_view: bool  # every output aliases an input's storage: free to run, allocates nothing
     is_random: bool  # draws from the RNG: a recomputation must replay the same state
     in_loss: bool  # part of the loss (forward) or of its backward, outside the model itself
+    # scratch bytes the op is known to allocate beyond its outputs while it runs (the variant ops
+    # of planner.variants declare theirs); cost models add it to their own workspace estimate
+    workspace_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class TrainingGraph:
     device: str
     # pytree structure of the model's output, when every leaf is a tensor that requires grad
     output_spec: Any = field(default=None, repr=False)
+    # low-memory operator variants applied by planner.variants ("relu_packed@relu_3", ...)
+    variants: tuple[str, ...] = ()
 
     # ---- derived views -------------------------------------------------------------------
     @cached_property
@@ -190,6 +195,8 @@ class TrainingGraph:
             digest.update(repr((op.target, op.phase.value, op.inputs, op.outputs)).encode())
             digest.update(_constant_repr(call).encode())
         digest.update(repr((self.model_outputs, self.output_grads, self.loss)).encode())
+        if self.variants:
+            digest.update(repr(self.variants).encode())
         return digest.hexdigest()[:32]
 
     # ---- analysis --------------------------------------------------------------------------
@@ -225,8 +232,9 @@ class TrainingGraph:
         return by_kind
 
     def __repr__(self) -> str:
+        variants = f", {len(self.variants)} variants" if self.variants else ""
         return (f"TrainingGraph({len(self.forward_ops)} forward ops, {len(self.backward_ops)} backward ops, "
-                f"{len(self.tensors)} tensors, fingerprint={self.fingerprint[:12]})")
+                f"{len(self.tensors)} tensors{variants}, fingerprint={self.fingerprint[:12]})")
 
 
 def _constant_repr(call: OpCall) -> str:

@@ -27,7 +27,7 @@ def _pyplot():
 def _step_curve(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel):
     """Per step: cumulative simulated time (ms), memory (GiB), and which steps recompute."""
     result = simulate(graph, schedule, cost_model)
-    is_compute, index, _ = schedule.arrays
+    is_compute, index = schedule.arrays
     times = np.where(is_compute, np.asarray(cost_model.op_times(graph))[np.where(is_compute, index, 0)], 0.0)
     seen, recompute = set(), np.zeros(len(index), dtype=bool)
     for k in np.flatnonzero(is_compute):

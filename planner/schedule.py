@@ -18,13 +18,15 @@ from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import TrainingGraph
 
 FORMAT_VERSION = 1
-DEFAULT_IMPL = "default"
+_LEGACY_IMPL = "default"  # files written before low-memory variants became graph rewrites
 
 
 @dataclass(frozen=True)
 class Compute:
+    """Run op ``op`` (again, if it ran before: a recomputation). Which implementation runs is
+    part of the graph (``planner.variants`` rewrites ops), not of the schedule."""
+
     op: int
-    impl: str = DEFAULT_IMPL
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,12 @@ class Schedule:
         return cls(tuple(steps), graph.fingerprint)
 
     @cached_property
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Steps as arrays for compiled loops: is-compute flags, op or tensor ids, and impls."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Steps as arrays for compiled loops: is-compute flags, and op or tensor ids."""
         is_compute = np.fromiter((isinstance(s, Compute) for s in self.steps), dtype=np.bool_, count=len(self.steps))
         index = np.fromiter((s.op if isinstance(s, Compute) else s.tensor for s in self.steps), dtype=np.int64,
                             count=len(self.steps))
-        return is_compute, index, [s.impl for s in self.steps if isinstance(s, Compute)]
+        return is_compute, index
 
     # ---- reading ---------------------------------------------------------------------------
     @property
@@ -118,7 +120,7 @@ class Schedule:
         return {
             "format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
-            "steps": [["c", s.op, s.impl] if isinstance(s, Compute) else ["f", s.tensor] for s in self.steps],
+            "steps": [["c", s.op] if isinstance(s, Compute) else ["f", s.tensor] for s in self.steps],
         }
 
     @classmethod
@@ -132,8 +134,8 @@ class Schedule:
         steps: list[Step] = []
         try:
             for row in data["steps"]:
-                if row[0] == "c" and len(row) == 3:
-                    steps.append(Compute(int(row[1]), str(row[2])))
+                if row[0] == "c" and (len(row) == 2 or (len(row) == 3 and row[2] == _LEGACY_IMPL)):
+                    steps.append(Compute(int(row[1])))
                 elif row[0] == "f" and len(row) == 2:
                     steps.append(Free(int(row[1])))
                 else:

@@ -101,7 +101,7 @@ def simulate(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | N
     schedule.check_graph(graph)
     cost_model = cost_model or default_cost_model(graph)
     arrays = graph.op_arrays
-    is_compute, index, _ = schedule.arrays
+    is_compute, index = schedule.arrays
     pinned = np.zeros(len(graph.storages), dtype=np.int64)
     pinned[list(graph.resident_storages)] = 1  # never reaches zero
     timeline = np.empty(len(index), dtype=np.int64)

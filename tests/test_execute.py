@@ -358,12 +358,16 @@ def test_wrong_number_of_inputs_or_targets_is_refused(resnet: Workload) -> None:
         pm.training_step(resnet.x, resnet.y[:1])
 
 
-def test_unavailable_implementation_is_refused(resnet: Workload) -> None:
-    steps = list(resnet.schedule("store_all").steps)
-    first = next(i for i, s in enumerate(steps) if isinstance(s, Compute))
-    steps[first] = Compute(steps[first].op, "lowmem_cupy")
-    with pytest.raises(InvalidScheduleError):
-        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, Schedule(tuple(steps), resnet.graph.fingerprint))
+def test_schedule_of_other_implementations_is_refused(resnet: Workload) -> None:
+    """Implementations live in the graph: a schedule of the graph with low-memory variants is
+    refused on the stock graph, and the other way round."""
+    from planner.variants import apply_variants, variant_sites
+
+    variant = apply_variants(resnet.graph, variant_sites(resnet.graph))
+    with pytest.raises(PlanMismatchError):
+        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, variant.store_all())
+    with pytest.raises(PlanMismatchError):
+        planner.PlannedModule(resnet.fresh_copy(), variant, resnet.graph.store_all())
 
 
 def test_model_op_inside_the_loss_is_refused(resnet: Workload) -> None:

@@ -127,11 +127,16 @@ def test_json_round_trip(tiny_cnn_case: Case, tmp_path: Path) -> None:
     assert planner.simulate(g, loaded).peak_bytes == planner.simulate(g, schedule).peak_bytes
 
 
-def test_json_round_trip_keeps_impl(tiny_cnn_case: Case, tmp_path: Path) -> None:
-    g = tiny_cnn_case.graph
-    schedule = Schedule((Compute(0, "chunked"), Free(3)), g.fingerprint)
-    schedule.save(tmp_path / "s.json")
-    assert Schedule.load(tmp_path / "s.json") == schedule
+def test_json_accepts_legacy_default_impl_and_refuses_others(tiny_cnn_case: Case) -> None:
+    """Steps are written ["c", op]; files from before variants moved into the graph carried a
+    third element, accepted when it is "default" (the only implementation there was)."""
+    data = tiny_cnn_case.graph.store_all().to_json()
+    assert all(len(row) == 2 for row in data["steps"])
+    legacy = {**data, "steps": [row + ["default"] if row[0] == "c" else row for row in data["steps"]]}
+    assert Schedule.from_json(legacy) == tiny_cnn_case.graph.store_all()
+    legacy["steps"][0] = ["c", legacy["steps"][0][1], "lowmem_cupy"]
+    with pytest.raises(InvalidScheduleError, match="corrupted"):
+        Schedule.from_json(legacy)
 
 
 def test_load_with_another_graph_raises_mismatch(tiny_cnn_case: Case, tmp_path: Path) -> None:

@@ -1,0 +1,135 @@
+"""ReLU that saves a 1-bit mask for its backward instead of its output.
+
+``relu_packed(x) -> (y, mask)``: ``y`` is ``torch.relu(x)`` (the stock kernel, bit for bit) and
+``mask`` holds one bit per element (``gpu._bits`` layout), set where the gradient passes.
+``relu_packed_backward(grad, mask)`` equals ``aten.threshold_backward(grad, y, 0)`` bit for bit:
+the gradient where ``not (y <= 0)`` (so NaN outputs pass it, as stock does) and +0.0 elsewhere.
+The mask is 1/32 of an fp32 output.
+"""
+from __future__ import annotations
+
+import torch
+
+from planner.gpu import _bits, _cuda
+from planner.gpu._checks import check_float, check_packed, check_same_device
+
+# Stock's condition on the raw bits of y: the gradient passes where y is not <= 0, i.e. where
+# |y| != 0 and (y has no sign bit, or y is NaN: |y| above the infinity pattern).
+SOURCE = r"""
+template <typename U>
+__device__ void pack_passing(const U* y, u8* mask, i64 n, U magnitude_bits, U infinity) {
+    i64 byte = global_index();
+    if (byte >= (n + 7) / 8) return;
+    u32 bits = 0;
+    for (int k = 0; k < 8; ++k) {
+        i64 i = byte * 8 + k;
+        if (i < n) {
+            U value = y[i];
+            U magnitude = value & magnitude_bits;
+            if (magnitude != 0 && (magnitude == value || magnitude > infinity)) bits |= 1u << k;
+        }
+    }
+    mask[byte] = (u8)bits;
+}
+
+template <typename U>
+__device__ void select_passing(const U* grad, const u8* mask, U* out, i64 n) {
+    i64 i = global_index();
+    if (i >= n) return;
+    out[i] = ((mask[i >> 3] >> (i & 7)) & 1) ? grad[i] : (U)0;
+}
+
+extern "C" __global__ void relu_pack_f32(const u32* y, u8* mask, i64 n) {
+    pack_passing<u32>(y, mask, n, 0x7fffffffu, 0x7f800000u); }
+extern "C" __global__ void relu_pack_f64(const u64* y, u8* mask, i64 n) {
+    pack_passing<u64>(y, mask, n, 0x7fffffffffffffffull, 0x7ff0000000000000ull); }
+extern "C" __global__ void relu_pack_f16(const u16* y, u8* mask, i64 n) {
+    pack_passing<u16>(y, mask, n, (u16)0x7fff, (u16)0x7c00); }
+extern "C" __global__ void relu_pack_bf16(const u16* y, u8* mask, i64 n) {
+    pack_passing<u16>(y, mask, n, (u16)0x7fff, (u16)0x7f80); }
+
+extern "C" __global__ void relu_select_32(const u32* grad, const u8* mask, u32* out, i64 n) {
+    select_passing<u32>(grad, mask, out, n); }
+extern "C" __global__ void relu_select_64(const u64* grad, const u8* mask, u64* out, i64 n) {
+    select_passing<u64>(grad, mask, out, n); }
+extern "C" __global__ void relu_select_16(const u16* grad, const u8* mask, u16* out, i64 n) {
+    select_passing<u16>(grad, mask, out, n); }
+"""
+
+_INT_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORD_BITS = {torch.float32: "32", torch.float64: "64", torch.float16: "16", torch.bfloat16: "16"}
+
+
+@torch.library.custom_op("remat_planner::relu_packed", mutates_args=())
+def relu_packed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(torch.relu(x), mask)`` with a 1-bit mask of where the gradient passes."""
+    check_float(x, "relu_packed")
+    y = torch.relu(x)
+    numel = y.numel()
+    if _cuda.use_kernels(y):
+        mask = torch.empty(_bits.packed_bytes(numel), dtype=torch.uint8, device=y.device)
+        _cuda.launch(SOURCE, f"relu_pack_{_cuda.SUFFIX[y.dtype]}", mask.numel(), (y.contiguous(), mask, numel), y.device)
+        return y, mask
+    buffer = _bits.flag_buffer(numel, y.device)
+    passing = buffer[:numel].view(y.shape)
+    torch.le(y, 0, out=passing)
+    passing.logical_not_()
+    return y, _bits.pack_flag_buffer(buffer)
+
+
+@relu_packed.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), x.new_empty(_bits.packed_bytes(x.numel()), dtype=torch.uint8)
+
+
+@torch.library.custom_op("remat_planner::relu_packed_backward", mutates_args=())
+def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``relu_packed``'s input: ``grad`` where the mask bit is set, else +0.0."""
+    check_float(grad, "relu_packed_backward", "grad")
+    check_same_device("relu_packed_backward", grad, mask)
+    numel = grad.numel()
+    check_packed(mask, _bits.packed_bytes(numel), "relu_packed_backward: mask")
+    out = torch.empty_like(grad)
+    if _cuda.use_kernels(grad):
+        target = out if out.is_contiguous() else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        _cuda.launch(SOURCE, f"relu_select_{_WORD_BITS[grad.dtype]}", numel,
+                     (grad.contiguous(), mask.contiguous(), target, numel), grad.device)
+        return out if target is out else out.copy_(target)
+    passing = _bits.unpack_flags(mask, numel).view(grad.shape)
+    word = _INT_WORD[grad.dtype.itemsize]  # select raw bits: no float path, NaN payloads kept
+    torch.where(passing, grad.view(word), torch.zeros((), dtype=word, device=grad.device), out=out.view(word))
+    return out
+
+
+@relu_packed_backward.register_fake
+def _(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _setup_relu(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _relu_autograd(ctx, grad_y, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    return relu_packed_backward(grad_y, mask)
+
+
+def _setup_select(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _select_autograd(ctx, grad_out):
+    (mask,) = ctx.saved_tensors
+    return relu_packed_backward(grad_out, mask), None
+
+
+relu_packed.register_autograd(_relu_autograd, setup_context=_setup_relu)
+relu_packed_backward.register_autograd(_select_autograd, setup_context=_setup_select)
+
+
+def workspace_bytes(numel: int, kernels: bool) -> tuple[int, int]:
+    """Transient bytes of (forward, backward) beyond their outputs: the PyTorch twin expands the
+    mask to one byte per element; the kernels need nothing (contiguous tensors)."""
+    expanded = 0 if kernels else 8 * _bits.packed_bytes(numel)
+    return expanded, expanded
