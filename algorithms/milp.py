@@ -14,7 +14,8 @@ Memory, against ``budget - resident``, with sizes rounded up and the budget down
 (so every answer fits in bytes):
 
 - each forward op: bytes every schedule holds there + groups past their last forward use if kept;
-- each stage, while recomputing: groups held + the peak of each recomputed node, all at once;
+- each stage, while recomputing: groups held + the groups of every recomputed node + the largest
+  transient (what one node holds only while it runs, a continuous variable per stage);
 - each stage op: its reads + groups carried past it + the fixed backward bytes there;
 - each stage's tail ops: groups carried + the fixed backward bytes there.
 
@@ -60,6 +61,9 @@ class Formulation:
     col_upper: np.ndarray
     keep_index: np.ndarray  # [K, groups] -> column, -1 where the variable does not exist
     recompute_index: np.ndarray  # [K, nodes] -> column, -1 where it does not exist
+    transient_index: np.ndarray  # [K] -> column of the stage's transient bytes (continuous)
+    transient_units: np.ndarray  # per node: units it holds only while it runs (peak minus groups)
+    integrality: np.ndarray  # 1 for binaries, 0 for the continuous transient columns
     unit: int  # bytes per memory unit
     constant_violation: str  # a row no choice can satisfy (the budget is below the staged minimum), or ""
 
@@ -72,7 +76,12 @@ class Formulation:
         for index, values in ((self.keep_index, keep), (self.recompute_index, recompute)):
             present = index >= 0
             x[index[present]] = values[present]
+        x[self.transient_index] = np.max(recompute * self.transient_units, axis=1, initial=0)
         return x
+
+    def rounded(self, x: np.ndarray) -> np.ndarray:
+        """A solver's point with its binaries snapped to 0 or 1."""
+        return np.where(self.integrality > 0, np.round(x), x)
 
     def recompute_of(self, x: np.ndarray) -> np.ndarray:
         recompute = np.zeros(self.recompute_index.shape, dtype=bool)
@@ -132,8 +141,15 @@ def formulate(problem: StagedProblem, budget_bytes: int) -> Formulation:
             span = min(int(problem.node_last_useful[f]) + 1, n_stages)
             recompute_index[:span, f] = np.arange(column, column + span)
             column += span
+    transient_index = np.arange(column, column + n_stages)
+    column += n_stages
+    transient = np.array([max(0, units(node.peak_bytes) - int(size[list(node.groups)].sum())) for node in nodes],
+                         dtype=np.int64)
     cost = np.zeros(column)
     col_lower, col_upper = np.zeros(column), np.ones(column)
+    col_upper[transient_index] = np.inf
+    integrality = np.ones(column)
+    integrality[transient_index] = 0
     for f, node in enumerate(nodes):
         present = recompute_index[:, f] >= 0
         cost[recompute_index[present, f]] = node.time
@@ -163,6 +179,8 @@ def formulate(problem: StagedProblem, budget_bytes: int) -> Formulation:
             for g in nodes[f].input_groups:
                 cols = holders(k, g)
                 rows.add([recompute_index[k, f]] + cols, [1.0] + [-1.0] * len(cols), -np.inf, 0.0)
+        for f in np.flatnonzero((recompute_index[k] >= 0) & (transient > 0)):
+            rows.add([recompute_index[k, f], transient_index[k]], [float(transient[f]), -1.0], -np.inf, 0.0)
         if k + 1 < n_stages:
             for g in np.flatnonzero(keep_index[k + 1] >= 0):
                 cols = holders(k, g)
@@ -175,8 +193,8 @@ def formulate(problem: StagedProblem, budget_bytes: int) -> Formulation:
     for k in range(n_stages):
         held = np.flatnonzero(keep_index[k] >= 0)
         redo = np.flatnonzero(recompute_index[k] >= 0)
-        capacity_row(list(keep_index[k, held]) + list(recompute_index[k, redo]),
-                     list(size[held]) + [units(nodes[f].peak_bytes) for f in redo],
+        capacity_row(list(keep_index[k, held]) + list(recompute_index[k, redo]) + [transient_index[k]],
+                     list(size[held]) + [int(size[list(nodes[f].groups)].sum()) for f in redo] + [1],
                      problem.stage_fixed_before[k], f"recomputation before stage {k}")
         reads = set(problem.stage_reads[k])
         after = [g for g in np.flatnonzero(keep_index[k + 1] >= 0)] if k + 1 < n_stages else []
@@ -185,13 +203,15 @@ def formulate(problem: StagedProblem, budget_bytes: int) -> Formulation:
         if problem.tails[k]:
             capacity_row([keep_index[k + 1, g] for g in after], [size[g] for g in after],
                          problem.tail_fixed[k], f"ops after stage {k}")
-    if problem.prefix and n_stages:
-        first = np.flatnonzero(keep_index[0] >= 0)
-        capacity_row(list(keep_index[0, first]), list(size[first]), problem.tail_fixed[n_stages], "backward start")
+    if problem.prefix:
+        first = np.flatnonzero(keep_index[0] >= 0) if n_stages else []
+        capacity_row([keep_index[0, g] for g in first], [size[g] for g in first], problem.tail_fixed[n_stages],
+                     "backward start")
 
     matrix = sparse.csr_matrix((rows.vals, (rows.rows, rows.cols)), shape=(len(rows.lower), column))
     return Formulation(problem, cost, matrix, np.array(rows.lower), np.array(rows.upper), col_lower, col_upper,
-                       keep_index, recompute_index, unit, violations[0] if violations else "")
+                       keep_index, recompute_index, transient_index, transient, integrality, unit,
+                       violations[0] if violations else "")
 
 
 @dataclass(frozen=True)
@@ -224,7 +244,8 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
     csc = form.matrix.tocsc()
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = csc.indptr, csc.indices, csc.data
-    lp.integrality_ = [highspy.HighsVarType.kInteger] * form.n_columns
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in form.integrality]
     h.passModel(lp)
     if start is not None:
         h.setSolution(_highs_solution(highspy, start))
@@ -244,9 +265,11 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
         h.cbMipInterrupt += interrupt
     h.run()
     model_status = h.getModelStatus()
+    if model_status == highspy.HighsModelStatus.kModelEmpty:  # nothing to decide: no stage reads the forward
+        return SolveOutcome(np.zeros(0), 0.0, True, "highs", "nothing to decide")
     info = h.getInfo()
     has_point = info.primal_solution_status == 2  # kSolutionStatusFeasible
-    x = np.round(np.asarray(h.getSolution().col_value)) if has_point else None
+    x = form.rounded(np.asarray(h.getSolution().col_value)) if has_point else None
     optimal = model_status == highspy.HighsModelStatus.kOptimal
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else -np.inf
     if optimal and x is not None:
@@ -265,10 +288,10 @@ def solve_scipy(form: Formulation, time_limit: float, gap: float = 1e-4) -> Solv
     """``scipy.optimize.milp`` (HiGHS inside SciPy): no MIP start, no progress; the fallback."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    result = milp(form.cost, integrality=np.ones(form.n_columns), bounds=Bounds(form.col_lower, form.col_upper),
+    result = milp(form.cost, integrality=form.integrality, bounds=Bounds(form.col_lower, form.col_upper),
                   constraints=LinearConstraint(form.matrix, form.row_lower, form.row_upper),
                   options={"time_limit": max(float(time_limit), 0.0), "mip_rel_gap": gap, "disp": False})
-    x = np.round(result.x) if result.x is not None else None
+    x = form.rounded(result.x) if result.x is not None else None
     bound = float(getattr(result, "mip_dual_bound", -np.inf) or -np.inf)
     return SolveOutcome(x, bound, result.status == 0 and x is not None, "scipy", result.message)
 
@@ -296,6 +319,9 @@ def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
 # staged algorithms (no reordering) whose schedules seed the solver: the best one the MILP's
 # memory rows accept becomes its MIP start
 SEEDS = ("dp", "checkpoint_all", "chen_greedy", "chen_greedy_linear", "chen_sqrt", "recompute_cheap", "store_all")
+# the DP also runs at these fractions of the budget: its memory model and the MILP's rows differ,
+# and the fastest DP plan the rows accept is usually the best start
+DP_SEED_SHRINK = (0.97, 0.94, 0.9, 0.85, 0.8)
 
 
 @dataclass(frozen=True)
@@ -311,26 +337,36 @@ class ExactResult:
     rows: int = 0
 
 
+def _seed(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, problem: StagedProblem,
+          form: Formulation) -> np.ndarray | None:
+    """The MIP start: the fastest seed schedule that satisfies every row, or None."""
+    from planner.algorithms import ALGORITHMS
+
+    runs = [(name, budget_bytes) for name in SEEDS] + [("dp", int(budget_bytes * f)) for f in DP_SEED_SHRINK]
+    start = None
+    for name, budget in runs:
+        recompute = problem.recomputations(ALGORITHMS[name](graph, cost_model, budget))
+        if recompute is None:
+            continue
+        x = form.vector(problem.minimal_keep(recompute), recompute)
+        if form.violation(x) <= 1e-9 and (start is None or form.cost @ x < form.cost @ start):
+            start = x
+        if name == "dp" and budget < budget_bytes and start is not None:
+            break  # the DP's plans only slow down as its budget shrinks
+    return start
+
+
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
                  progress: Progress | None = None) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
     seeding included). Never raises for a solver failure: the message says what happened."""
-    from planner.algorithms import ALGORITHMS
-
     began = time.perf_counter()
     problem = build_problem(graph, cost_model)
     form = formulate(problem, budget_bytes)
     size = dict(columns=form.n_columns, rows=len(form.row_lower))
     if form.constant_violation:
         return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {form.constant_violation}", **size)
-    start = None
-    for name in SEEDS:
-        recompute = problem.recomputations(ALGORITHMS[name](graph, cost_model, budget_bytes))
-        if recompute is None:
-            continue
-        x = form.vector(problem.minimal_keep(recompute), recompute)
-        if form.violation(x) <= 1e-9 and (start is None or form.cost @ x < form.cost @ start):
-            start = x
+    start = _seed(graph, cost_model, budget_bytes, problem, form)
     remaining = time_limit - (time.perf_counter() - began)
     if remaining <= 0:
         return ExactResult(None, None, -np.inf, False, "the time limit ended before the solver started", **size)

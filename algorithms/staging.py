@@ -5,10 +5,11 @@ that read forward tensors are *stages*. Before each stage, forward *nodes* may b
 A node is a group of forward ops treated as one unit:
 
 - a view joins the node that owns its storage (a view costs nothing and allocates nothing);
-- an op q joins its producer p when the storages of p it reads are read by nobody else, forward
-  or backward, and q allocates no more than those storages hold (ReLU after BatchNorm, the
-  residual add after the last BatchNorm of a block). Holding p's output instead of q's would
-  then cost as much memory and extra recomputation, so no optimal schedule is lost.
+- an op q joins its producer p when nobody else, forward or backward, reads anything p
+  allocates, and q allocates no more than p (a ReLU after a linear layer whose backward does not
+  read its output). Holding p's output instead of q's would then cost as much memory and extra
+  recomputation, and p is never needed without q, so no optimal schedule is lost. (A BatchNorm
+  does not absorb its ReLU: its saved statistics are needed without the ReLU's output.)
 
 What a node holds for later is split into *groups*: its storages, by the set of ops outside the
 node that read them (a BatchNorm's normalised output and its small saved statistics are
@@ -94,8 +95,10 @@ class StagedProblem:
 
     def recomputations(self, schedule: Schedule) -> np.ndarray | None:
         """``recompute[k, f]`` for a schedule that runs the forward once in graph order and then
-        recomputes between backward ops: node f counts as recomputed before stage k if any of its
-        ops is. None if the schedule's forward is not the graph's."""
+        recomputes between backward ops: node f counts as recomputed before stage k if its first
+        op is (a schedule that recomputes only the tail of a node, from the first op's kept output,
+        maps to keeping the node, which holds no more and recomputes less). None if the schedule's
+        forward is not the graph's."""
         computes = [s.op for s in schedule.steps if isinstance(s, Compute)]
         n_forward = len(self.graph.forward_ops)
         if computes[:n_forward] != list(self.graph.forward_ops):
@@ -106,7 +109,7 @@ class StagedProblem:
         for op in computes[n_forward:]:
             if op in stage_of:
                 stage = stage_of[op] + 1
-            elif op in self.node_of_op and stage < self.n_stages:
+            elif op in self.node_of_op and stage < self.n_stages and self.nodes[self.node_of_op[op]].ops[0] == op:
                 recompute[stage, self.node_of_op[op]] = True
         return recompute
 
@@ -217,9 +220,10 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
             if graph.ops[p].in_loss:
                 continue
             members = members_of[p]
-            read = {graph.tensors[t].storage for t in op.inputs} & {s for o in members for s in allocated[o]}
+            owned = {s for o in members for s in allocated[o]}
+            read = {graph.tensors[t].storage for t in op.inputs} & owned
             exclusive = read and all(r in members or r == op_id or graph.ops[r].is_view and find(r) == p
-                                     for s in read for r in readers_of_storage[s])
+                                     for s in owned for r in readers_of_storage.get(s, ()))
             others = producers - {p}
             if exclusive and sum(size(s) for s in allocated[op_id]) <= sum(size(s) for s in read) \
                     and not _reaches(graph, members, others, find):

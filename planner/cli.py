@@ -61,11 +61,21 @@ def _capture(spec: dict, quiet: bool = False):
     return work, graph
 
 
-def _plan(graph, budget, algorithm: str, cost_model):
-    from planner.plan import plan
+def _plan(graph, budget, algorithm: str, cost_model, time_limit: float | None = None, quiet: bool = True):
+    from planner.plan import DEFAULT_TIME_LIMIT, plan
+    from planner.simulate import simulate
 
     if algorithm == "fast":
         return plan(graph, budget, mode="fast", cost_model=cost_model)
+    if algorithm == "exact":
+        limit = DEFAULT_TIME_LIMIT if time_limit is None else time_limit
+        with _progress(None, total=round(limit), desc="exact (incumbent/bound overhead)", quiet=quiet) as bar:
+            def progress(incumbent: float, bound: float, elapsed: float) -> None:
+                bar.update(min(round(elapsed), bar.total) - bar.n)
+                bar.set_postfix_str(f"{incumbent / store_all - 1:+.2%} / {bound / store_all - 1:+.2%}")
+
+            store_all = simulate(graph, graph.store_all(), cost_model).time
+            return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress)
     return plan(graph, budget, algorithm=algorithm, cost_model=cost_model)
 
 
@@ -102,6 +112,7 @@ def _plan_payload(result, graph, capture_seconds: float, plan_seconds: float) ->
     kept_bytes = sum(graph.storages[s].nbytes for s in {graph.tensors[t].storage for t in lowered.carried})
     return {
         "algorithm": result.algorithm, "status": result.status, "gap": result.gap,
+        "lower_bound_seconds": result.lower_bound, "message": result.message,
         "budget_bytes": result.budget_bytes, "store_all_peak_bytes": result.store_all_peak_bytes,
         "predicted_peak_bytes": result.predicted_peak_bytes, "overhead": result.overhead,
         "recomputations": result.recomputations, "recomputed_ops": len(result.schedule.recomputed_ops()),
@@ -135,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     work, graph = _capture(spec)
     capture_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args))
+    result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args), args.time_limit, quiet=args.json)
     plan_seconds = time.perf_counter() - start
     result.workload = spec
     payload = _plan_payload(result, graph, capture_seconds, plan_seconds)
@@ -335,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plan", help="plan one training step under a budget")
     _model_arguments(p)
     p.add_argument("--budget", default="50%", help="bytes, '6GiB', '512MB' or '50%%' of the store-all peak")
-    p.add_argument("--mode", choices=["fast"], default="fast")
+    p.add_argument("--mode", choices=["fast", "exact"], default="fast",
+                   help="fast: about a second; exact: the MILP, optimal or with a proven gap")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for exact mode (default 60)")
     p.add_argument("--algorithm", default=None, help="one algorithm instead of a mode (see planner.algorithms)")
     p.add_argument("--out", type=Path, default=None, help="save the plan as JSON")
     p.add_argument("--run", action="store_true", help="execute one planned step and measure it")

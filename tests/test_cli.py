@@ -181,6 +181,16 @@ def test_plan_text_has_every_line(capsys):
     assert "feasible" in next(line for line in out.splitlines() if line.startswith("status"))
 
 
+def test_plan_exact_mode_reports_status_and_bound(capsys):
+    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "60%", "--mode", "exact", "--time-limit", "5")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["status"] in ("optimal", "feasible", "fallback")
+    assert payload["predicted_peak_bytes"] <= payload["budget_bytes"]
+    assert payload["plan_seconds"] <= 5 + 3
+    assert "exact mode" in payload["message"]
+
+
 def test_plan_text_agrees_with_json(capsys, tiny_plan):
     """Same workload and budget: the text's predicted peak and store-all peak are the JSON's."""
     payload, _ = tiny_plan
