@@ -182,7 +182,7 @@ def test_plan_text_has_every_line(capsys):
 
 
 def test_plan_exact_mode_reports_status_and_bound(capsys):
-    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "60%", "--mode", "exact", "--time-limit", "5")
+    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "85%", "--mode", "exact", "--time-limit", "5")
     assert code == 0, err
     payload = json.loads(out)
     assert payload["status"] in ("optimal", "feasible", "fallback")
