@@ -383,4 +383,5 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     if result.peak_bytes > budget_bytes:  # the rows bound the simulator's count; never trust a miss
         return ExactResult(None, None, bound, False, f"the MILP's schedule peaks at {result.peak_bytes} bytes, "
                            f"over the budget: discarded (please report this)", **size)
+    bound = min(bound, result.time)  # HiGHS's bound can pass its own optimum by rounding
     return ExactResult(schedule, result.time, bound, outcome.optimal, f"{outcome.solver}: {outcome.message}", **size)

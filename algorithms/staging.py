@@ -5,11 +5,13 @@ that read forward tensors are *stages*. Before each stage, forward *nodes* may b
 A node is a group of forward ops treated as one unit:
 
 - a view joins the node that owns its storage (a view costs nothing and allocates nothing);
-- an op q joins its producer p when nobody else, forward or backward, reads anything p
-  allocates, and q allocates no more than p (a ReLU after a linear layer whose backward does not
-  read its output). Holding p's output instead of q's would then cost as much memory and extra
-  recomputation, and p is never needed without q, so no optimal schedule is lost. (A BatchNorm
-  does not absorb its ReLU: its saved statistics are needed without the ReLU's output.)
+- an op q joins its producer p when nobody else, forward or backward, reads the storages of p
+  that q reads, and q allocates no more than those (ReLU after BatchNorm, the residual add and
+  ReLU after a block's last BatchNorm). Holding p's output instead of q's would cost as much
+  memory and extra recomputation. The claim this gives up: p's *other* outputs (a BatchNorm's
+  saved statistics) can only be recomputed together with q, so "optimal" means optimal over
+  schedules that recompute such a pair together. Without this fusion ResNet-50 has ~30k
+  binaries instead of ~22k, and HiGHS proves far less in 60 s.
 
 What a node holds for later is split into *groups*: its storages, by the set of ops outside the
 node that read them (a BatchNorm's normalised output and its small saved statistics are
@@ -220,10 +222,9 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
             if graph.ops[p].in_loss:
                 continue
             members = members_of[p]
-            owned = {s for o in members for s in allocated[o]}
-            read = {graph.tensors[t].storage for t in op.inputs} & owned
+            read = {graph.tensors[t].storage for t in op.inputs} & {s for o in members for s in allocated[o]}
             exclusive = read and all(r in members or r == op_id or graph.ops[r].is_view and find(r) == p
-                                     for s in owned for r in readers_of_storage.get(s, ()))
+                                     for s in read for r in readers_of_storage[s])
             others = producers - {p}
             if exclusive and sum(size(s) for s in allocated[op_id]) <= sum(size(s) for s in read) \
                     and not _reaches(graph, members, others, find):
