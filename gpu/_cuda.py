@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
+import numpy
 import torch
 
 THREADS = 256  # threads per block of every 1-D launch
@@ -130,11 +131,11 @@ def _argument(value: Any):
     if isinstance(value, torch.Tensor):
         if not value.is_contiguous():
             raise ValueError("internal error: kernel arguments must be contiguous")
+        if value.numel() == 0:  # nothing to share; the kernels never dereference it
+            return numpy.uint64(0)
         return cupy.from_dlpack(value.view(_WORD.get(value.dtype, value.dtype)).detach())
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"internal error: kernel scalar arguments are int64, got {type(value).__name__}")
-    import numpy
-
     return numpy.int64(value)
 
 

@@ -57,7 +57,6 @@ extern "C" __global__ void relu_select_16(const u16* grad, const u8* mask, u16* 
 """
 
 _INT_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_WORD_BITS = {torch.float32: "32", torch.float64: "64", torch.float16: "16", torch.bfloat16: "16"}
 
 
 @torch.library.custom_op("remat_planner::relu_packed", mutates_args=())
@@ -92,7 +91,7 @@ def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     out = torch.empty_like(grad)
     if _cuda.use_kernels(grad):
         target = out if out.is_contiguous() else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        _cuda.launch(SOURCE, f"relu_select_{_WORD_BITS[grad.dtype]}", numel,
+        _cuda.launch(SOURCE, f"relu_select_{8 * grad.element_size()}", numel,
                      (grad.contiguous(), mask.contiguous(), target, numel), grad.device)
         return out if target is out else out.copy_(target)
     passing = _bits.unpack_flags(mask, numel).view(grad.shape)

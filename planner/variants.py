@@ -43,6 +43,9 @@ from planner.gpu import maxpool as _maxpool
 from planner.gpu import relu as _relu
 from planner.gpu._checks import FLOAT_DTYPES
 
+#: the variants whose gradients are bitwise stock (``batch_norm_inverted`` is within a tolerance)
+BITWISE_VARIANTS = frozenset({"relu_packed", "dropout_packed", "max_pool2d_packed"})
+
 _ops = torch.ops.remat_planner
 _VIEW_TARGETS = frozenset({"aten.detach.default", "aten.alias.default"})
 _SUPPORTED_DTYPES = frozenset(str(d) for d in FLOAT_DTYPES)
@@ -325,10 +328,12 @@ class _Rewrite:
                 consumers[tensor].append(row["id"])
         tensors = tuple(TensorInfo(**{**row, "shape": tuple(row["shape"]), "consumers": tuple(c)})
                         for row, c in zip(self.tensor_rows, consumers))
+        position = {op.name: op.id for op in self.graph.ops}  # names in op order, however applied
+        names = sorted(self.graph.variants + variants, key=lambda name: position[name.split("@", 1)[1]])
         return dataclasses.replace(
             self.graph, ops=tuple(OpInfo(**row) for row in self.op_rows), tensors=tensors,
             storages=tuple(StorageInfo(i, n) for i, n in enumerate(self.storage_sizes)), calls=tuple(self.calls),
-            variants=self.graph.variants + variants)
+            variants=tuple(names))
 
 
 def _rewrite_relu(rw: _Rewrite, site: VariantSite) -> None:
@@ -412,9 +417,11 @@ _REWRITES: dict[str, Callable[[_Rewrite, VariantSite], None]] = {
 def apply_variants(graph: TrainingGraph, sites: Iterable[VariantSite]) -> TrainingGraph:
     """A new graph with the variants of ``sites`` (from ``variant_sites(graph)``) applied.
 
-    Op ids and order are unchanged; new tensors and storages are appended; the applied sites'
-    names are added to ``variants`` (so the fingerprint differs from ``graph``'s). With no sites,
-    returns ``graph`` itself. Raises ``ValueError`` for a site that is not one of ``graph``'s (from
+    Op ids and order are unchanged; new tensors and storages are appended, in op order whatever
+    the order of ``sites`` (so the same sites always give the same graph; apply them in one call:
+    applying in several calls numbers the new tensors otherwise); the applied sites' names are
+    added to ``variants`` (so the fingerprint differs from ``graph``'s). With no sites, returns
+    ``graph`` itself. Raises ``ValueError`` for a site that is not one of ``graph``'s (from
     another graph, or already applied) or is given twice. Complexity: O(ops + tensors).
     """
     sites = tuple(sites)
@@ -429,9 +436,9 @@ def apply_variants(graph: TrainingGraph, sites: Iterable[VariantSite]) -> Traini
             raise ValueError(f"{site.name} is not a variant site of this graph (made for another graph, "
                              "or already applied): list sites with variant_sites(graph)")
     rewrite = _Rewrite(graph)
-    for site in sorted(sites, key=lambda s: s.forward_op):
+    for site in sorted(sites, key=lambda s: s.forward_op):  # canonical: new tensors in op order
         _REWRITES[site.variant](rewrite, site)
-    return rewrite.build(tuple(site.name for site in sorted(sites, key=lambda s: s.forward_op)))
+    return rewrite.build(tuple(names))
 
 
 def apply_variant_names(graph: TrainingGraph, names: Sequence[str]) -> TrainingGraph:

@@ -114,3 +114,14 @@ def emulated_kernels():
         yield
     finally:
         _cuda.use_kernels, _cuda.launch = saved
+
+
+@contextlib.contextmanager
+def twins():
+    """Within the block, every op runs its PyTorch twin, whatever the device or the emulator says."""
+    saved = _cuda.use_kernels
+    _cuda.use_kernels = lambda *tensors: False
+    try:
+        yield
+    finally:
+        _cuda.use_kernels = saved

@@ -9,6 +9,7 @@ import torch
 
 from planner.gpu import _bits, _cuda, batchnorm
 
+from _kernel_host import twins
 from test_variants_ops import DTYPES, POOLS, _norm_case, same_bits, special
 
 pytestmark = [
@@ -18,17 +19,6 @@ pytestmark = [
 ]
 ops = torch.ops.remat_planner
 aten = torch.ops.aten
-
-
-class twins:
-    """Run the PyTorch twins on CUDA tensors inside the block."""
-
-    def __enter__(self):
-        self.saved = _cuda.use_kernels
-        _cuda.use_kernels = lambda *tensors: False
-
-    def __exit__(self, *exc):
-        _cuda.use_kernels = self.saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

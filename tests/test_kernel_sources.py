@@ -19,7 +19,7 @@ import torch
 
 from planner.gpu import _bits, _cuda, batchnorm, maxpool, relu
 
-from _kernel_host import compiler, emulated_kernels, launch
+from _kernel_host import compiler, emulated_kernels, launch, twins
 from test_variants_ops import DTYPES, POOLS, _norm_case, same_bits, special
 
 ops = torch.ops.remat_planner
@@ -89,7 +89,7 @@ def canaries():
 def test_relu_and_dropout_kernels_match_the_twins(dtype, canaries) -> None:
     for shape in [(0,), (1,), (13,), (3, 5, 7), (2, 3, 8, 9)]:
         x, grad = special(shape, dtype, 1), special(shape, dtype, 2)
-        with _twins():
+        with twins():
             y_twin, mask_twin = ops.relu_packed(x)
             grad_twin = ops.relu_packed_backward(grad, mask_twin)
             torch.manual_seed(5)
@@ -104,17 +104,6 @@ def test_relu_and_dropout_kernels_match_the_twins(dtype, canaries) -> None:
         assert same_bits(ops.dropout_packed_backward(grad, keep, 1 / 0.6), drop_grad_twin)
 
 
-class _twins:
-    """Temporarily run the PyTorch twins inside an emulated block."""
-
-    def __enter__(self):
-        self.saved = _cuda.use_kernels
-        _cuda.use_kernels = lambda *tensors: False
-
-    def __exit__(self, *exc):
-        _cuda.use_kernels = self.saved
-
-
 @needs_compiler
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool_kernels_match_the_cuda_semantics(dtype, canaries) -> None:
@@ -123,7 +112,7 @@ def test_max_pool_kernels_match_the_cuda_semantics(dtype, canaries) -> None:
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     for pool in POOLS:
         x = special((2, 3, 19, 11), dtype)
-        with _twins():
+        with twins():
             y_twin, packed_twin = ops.max_pool2d_packed(x, *pool)
         y, packed = ops.max_pool2d_packed(x, *pool)
         assert same_bits(y, y_twin) and torch.equal(packed, packed_twin), pool
@@ -144,7 +133,7 @@ def test_batch_norm_kernels_match_the_twin(dtype, canaries) -> None:
     out, mean, rstd, _, _, fallback, channels = ops.batch_norm_inverted(x, w, b, *running, 0.1, 1e-5)
     assert channels.tolist() == [0, 1]
     args = (grad, out, w, b, mean, rstd, fallback, channels, [True, True, True])
-    with _twins():
+    with twins():
         want = ops.batch_norm_inverted_backward(*args)
     got = ops.batch_norm_inverted_backward(*args)
     eps = torch.finfo(dtype).eps
