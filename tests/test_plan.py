@@ -303,8 +303,8 @@ def test_unreadable_budget_says_what_is_accepted(transformer: Workload, budget) 
     assert "'6GiB'" in message and "'50%'" in message, message
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "bogus"}, {"mode": "exact"}, {"algorithm": "bogus"}],
-                         ids=["mode-bogus", "mode-exact-unavailable", "algorithm-bogus"])
+@pytest.mark.parametrize("kwargs", [{"mode": "bogus"}, {"algorithm": "bogus"}],
+                         ids=["mode-bogus", "algorithm-bogus"])
 def test_unknown_mode_or_algorithm(transformer: Workload, kwargs: dict) -> None:
     with pytest.raises(ValueError) as caught:
         planner.plan(transformer.graph, "80%", **kwargs)
