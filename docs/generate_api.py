@@ -19,7 +19,7 @@ SECTIONS = [
     ("Measuring", ["MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step"]),
     ("Units", ["parse_budget", "format_bytes"]),
     ("Errors", ["PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-                "PlanMismatchError", "InfeasibleBudgetError"]),
+                "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError"]),
 ]
 
 

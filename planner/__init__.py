@@ -7,8 +7,8 @@ tells the truth about real memory.
 from planner.capture import capture
 from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
 from planner.errors import (
-    CaptureError, InfeasibleBudgetError, InvalidScheduleError, PlanMismatchError, PlannerError,
-    UnsupportedOperatorError,
+    CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError, PlanMismatchError,
+    PlannerError, UnsupportedOperatorError,
 )
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
 from planner.plan import Plan, plan
@@ -26,5 +26,5 @@ __all__ = [
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
     "parse_budget", "format_bytes",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-    "PlanMismatchError", "InfeasibleBudgetError",
+    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError",
 ]

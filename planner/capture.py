@@ -47,6 +47,9 @@ _BOUNDARY = torch.ops.remat_planner.boundary.default
 
 def _default_loss(output: Any) -> torch.Tensor:
     leaves = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+    if not leaves:
+        raise CaptureError("the model returns no floating-point tensor for the default loss (the sum of "
+                           "the outputs) to add up: pass loss_fn")
     return sum(leaf.sum() for leaf in leaves)
 
 
@@ -245,6 +248,9 @@ class _GraphBuilder:
         return self.storage_ids[key]
 
     def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None) -> int:
+        if value.layout is not torch.strided:
+            raise CaptureError(f"{name} is a {value.layout} tensor, whose memory the planner cannot count: "
+                               "keep the model's tensors dense (torch.strided)")
         tensor_id = len(self.tensor_rows)
         self.tensor_rows.append(dict(
             id=tensor_id, name=name, shape=tuple(int(s) for s in value.shape), dtype=str(value.dtype),
@@ -379,6 +385,10 @@ class _GraphBuilder:
                 self._call_function(node)
             elif node.op == "output":
                 loss, gradients, buffer_updates = self._output(node)
+            elif node.op == "get_attr":  # the subgraph of a higher-order operator
+                raise UnsupportedOperatorError(f"{node.target} (a higher-order operator's subgraph)",
+                                               "control flow operators (torch.cond, while_loop, map) cannot be "
+                                               "planned: compute both branches and select with torch.where")
             else:
                 raise UnsupportedOperatorError(node.op, f"unexpected fx node {node.name} in the joint graph")
         if not gradients:

@@ -6,6 +6,13 @@ class PlannerError(Exception):
     """Base class of every error this library raises on purpose."""
 
 
+class InvalidBudgetError(PlannerError, ValueError):
+    """A budget that is not a size: unreadable, zero, negative, not finite, or an unknown unit.
+
+    Also a ``ValueError``, which is what budgets raised before this type existed.
+    """
+
+
 class CaptureError(PlannerError):
     """The model, its inputs or its loss cannot be traced into a training graph."""
 

@@ -115,7 +115,11 @@ class StepRunner:
     """Runs the sections of a lowered schedule for one model, over a slot table ``env``."""
 
     def __init__(self, graph: TrainingGraph, schedule: Schedule, model: torch.nn.Module):
-        simulate(graph, schedule)  # refuse an invalid schedule before anything runs
+        try:  # refuse an invalid schedule before anything runs
+            simulate(graph, schedule)
+        except InvalidScheduleError as error:
+            raise InvalidScheduleError(f"{error}: this schedule is not a valid step of the graph (a damaged "
+                                       "or edited plan?): plan again") from error
         self.graph = graph
         self.lowered = lower(graph, schedule)
         parameters = dict(model.named_parameters(remove_duplicate=False))
