@@ -301,7 +301,7 @@ def _judge(result: ModelResult, graph: TrainingGraph, cost, make: Callable[[], p
 def _fast_mode(result: ModelResult, graph: TrainingGraph, cost, percent: int) -> Outcome:
     start = time.perf_counter()
     try:
-        chosen = planner.plan(graph, f"{percent}%", cost_model=cost)
+        chosen = planner.plan(graph, f"{percent}%", cost_model=cost, op_variants=False)
     except planner.InfeasibleBudgetError as error:
         return Outcome(False, error.min_feasible_bytes, None, time.perf_counter() - start)
     except Exception as error:
@@ -325,14 +325,14 @@ def _min_feasible(result: ModelResult, graph: TrainingGraph, cost) -> None:
     start = time.perf_counter()
     result.lower_bound = memory_lower_bound(graph, cost)
     try:
-        planner.plan(graph, 1, cost_model=cost)
+        planner.plan(graph, 1, cost_model=cost, op_variants=False)
     except planner.InfeasibleBudgetError as error:
         result.tiny_budget_min_feasible = error.min_feasible_bytes
 
     def attempt(budget: int):
         result.bisection_steps += 1
         try:
-            return planner.plan(graph, budget, cost_model=cost)
+            return planner.plan(graph, budget, cost_model=cost, op_variants=False)
         except planner.InfeasibleBudgetError:
             return None
 

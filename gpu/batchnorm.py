@@ -27,6 +27,7 @@ import torch
 
 from planner.gpu import _cuda
 from planner.gpu._checks import check_float, check_same_device
+from planner.gpu._registry import variant_op
 
 MAX_SHIFT = 8.0
 TOLERANCE = 1 + 2 * MAX_SHIFT
@@ -118,7 +119,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, op: str) -> None:
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
 
 
-@torch.library.custom_op("remat_planner::batch_norm_inverted", mutates_args=())
+@variant_op("batch_norm_inverted")
 def batch_norm_inverted(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -141,7 +142,7 @@ def _(x, weight, bias, running_mean, running_var, momentum, eps):
             x.new_empty((k,), dtype=torch.int64))
 
 
-@torch.library.custom_op("remat_planner::batch_norm_inverted_backward", mutates_args=())
+@variant_op("batch_norm_inverted_backward")
 def batch_norm_inverted_backward(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
                                  bias: Optional[torch.Tensor], save_mean: torch.Tensor,
                                  save_rstd: torch.Tensor, fallback: torch.Tensor, channels: torch.Tensor,

@@ -14,11 +14,12 @@ import torch
 
 from planner.gpu import _bits
 from planner.gpu._checks import check_float, check_same_device
+from planner.gpu._registry import variant_op
 
 _aten = torch.ops.aten
 
 
-@torch.library.custom_op("remat_planner::dropout_packed", mutates_args=())
+@variant_op("dropout_packed")
 def dropout_packed(x: torch.Tensor, p: float, train: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor]:
     """``aten.native_dropout(x, p, train)`` with the mask packed to bits."""
     check_float(x, "dropout_packed")
@@ -33,7 +34,7 @@ def _(x: torch.Tensor, p: float, train: Optional[bool]) -> tuple[torch.Tensor, t
     return torch.empty_like(x), x.new_empty(_bits.packed_bytes(x.numel()), dtype=torch.uint8)
 
 
-@torch.library.custom_op("remat_planner::dropout_packed_backward", mutates_args=())
+@variant_op("dropout_packed_backward")
 def dropout_packed_backward(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``aten.native_dropout_backward(grad, unpacked mask, scale)``."""
     check_float(grad, "dropout_packed_backward", "grad")

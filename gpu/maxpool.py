@@ -18,6 +18,7 @@ import torch
 
 from planner.gpu import _cuda
 from planner.gpu._checks import check_float, check_packed, check_same_device
+from planner.gpu._registry import variant_op
 
 MAX_WINDOW = 256
 NIBBLE_WINDOW = 16
@@ -146,7 +147,7 @@ def _check_spatial(shape: Sequence[int], what: str) -> None:
         raise ValueError(f"max_pool2d_packed: {what} must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(shape)}")
 
 
-@torch.library.custom_op("remat_planner::max_pool2d_packed", mutates_args=())
+@variant_op("max_pool2d_packed")
 def max_pool2d_packed(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                       dilation: list[int], ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``aten.max_pool2d_with_indices`` whose indices come back packed window-relative."""
@@ -199,7 +200,7 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
     return y, x.new_empty(packed_bytes(y.numel(), window), dtype=torch.uint8)
 
 
-@torch.library.custom_op("remat_planner::max_pool2d_packed_backward", mutates_args=())
+@variant_op("max_pool2d_packed_backward")
 def max_pool2d_packed_backward(grad: torch.Tensor, packed: torch.Tensor, input_size: list[int],
                                kernel_size: list[int], stride: list[int], padding: list[int],
                                dilation: list[int], ceil_mode: bool) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from planner.gpu import _bits, _cuda
 from planner.gpu._checks import check_float, check_packed, check_same_device
+from planner.gpu._registry import variant_op
 
 # Stock's condition on the raw bits of y: the gradient passes where y is not <= 0, i.e. where
 # |y| != 0 and (y has no sign bit, or y is NaN: |y| above the infinity pattern).
@@ -59,7 +60,7 @@ extern "C" __global__ void relu_select_16(const u16* grad, const u8* mask, u16* 
 _INT_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@torch.library.custom_op("remat_planner::relu_packed", mutates_args=())
+@variant_op("relu_packed")
 def relu_packed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(torch.relu(x), mask)`` with a 1-bit mask of where the gradient passes."""
     check_float(x, "relu_packed")
@@ -81,7 +82,7 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), x.new_empty(_bits.packed_bytes(x.numel()), dtype=torch.uint8)
 
 
-@torch.library.custom_op("remat_planner::relu_packed_backward", mutates_args=())
+@variant_op("relu_packed_backward")
 def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The gradient of ``relu_packed``'s input: ``grad`` where the mask bit is set, else +0.0."""
     check_float(grad, "relu_packed_backward", "grad")

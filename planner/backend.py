@@ -11,7 +11,7 @@ percentage budget is of each graph's own store-all peak.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -39,8 +39,8 @@ class _GraphWithParameters(torch.nn.Module):
 
 
 def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | None = None,
-            cost_model: CostModel | str | None = None) -> Callable:
-    """A ``torch.compile`` backend planning each graph under ``budget`` (see ``planner.plan``)."""
+            cost_model: CostModel | str | None = None, op_variants: bool | str | Collection[str] = True) -> Callable:
+    """A ``torch.compile`` backend planning each graph under ``budget`` (arguments as ``planner.plan``)."""
     from planner.capture import capture
     from planner.execute import PlannedModule
     from planner.plan import plan
@@ -50,8 +50,8 @@ def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | N
         module = _GraphWithParameters(graph_module, example_inputs, parameter_positions)
         others = tuple(example_inputs[i] for i in module.other_positions)
         graph = capture(module, others, input_grads=True)
-        chosen = plan(graph, budget, mode=mode, algorithm=algorithm, cost_model=cost_model)
-        planned = PlannedModule(module, graph, chosen.schedule)
+        chosen = plan(graph, budget, mode=mode, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)
+        planned = PlannedModule(module, chosen.graph, chosen.schedule)
 
         def run(*args):
             return planned(*(args[i] for i in module.other_positions))

@@ -61,12 +61,14 @@ def _capture(spec: dict, quiet: bool = False):
     return work, graph
 
 
-def _plan(graph, budget, algorithm: str, cost_model, time_limit: float | None = None, quiet: bool = True):
+def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
+          quiet: bool = True):
     from planner.plan import DEFAULT_TIME_LIMIT, plan
     from planner.simulate import simulate
 
+    op_variants = _OP_VARIANTS[variants_choice]
     if algorithm == "fast":
-        return plan(graph, budget, mode="fast", cost_model=cost_model)
+        return plan(graph, budget, mode="fast", cost_model=cost_model, op_variants=op_variants)
     if algorithm == "exact":
         limit = DEFAULT_TIME_LIMIT if time_limit is None else time_limit
         with _progress(None, total=round(limit), desc="exact (incumbent/bound overhead)", quiet=quiet) as bar:
@@ -75,8 +77,9 @@ def _plan(graph, budget, algorithm: str, cost_model, time_limit: float | None = 
                 bar.set_postfix_str(f"{incumbent / store_all - 1:+.2%} / {bound / store_all - 1:+.2%}")
 
             store_all = simulate(graph, graph.store_all(), cost_model).time
-            return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress)
-    return plan(graph, budget, algorithm=algorithm, cost_model=cost_model)
+            return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress,
+                        op_variants=op_variants)
+    return plan(graph, budget, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -117,6 +120,7 @@ def _plan_payload(result, graph, capture_seconds: float, plan_seconds: float) ->
         "predicted_peak_bytes": result.predicted_peak_bytes, "overhead": result.overhead,
         "recomputations": result.recomputations, "recomputed_ops": len(result.schedule.recomputed_ops()),
         "kept_tensors": len(lowered.carried), "kept_bytes": kept_bytes,
+        "variants": list(result.variants), "variants_summary": result.variants_summary,
         "breakdown": _breakdown(graph, result), "cost_model": result.cost_model,
         "capture_seconds": capture_seconds, "plan_seconds": plan_seconds,
     }
@@ -134,6 +138,7 @@ def _plan_text(payload: dict) -> str:
         ("algorithm", payload["algorithm"]),
         ("kept for backward", f"{payload['kept_tensors']} tensors, {format_bytes(payload['kept_bytes'])}"),
         ("recomputed", f"{payload['recomputed_ops']} ops, {payload['recomputations']} extra computations"),
+        ("operator variants", payload["variants_summary"]),
         ("time", f"capture {payload['capture_seconds']:.2f} s, planning {payload['plan_seconds']:.2f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -146,10 +151,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     work, graph = _capture(spec)
     capture_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args), args.time_limit, quiet=args.json)
+    result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args), args.op_variants, args.time_limit,
+                   quiet=args.json)
     plan_seconds = time.perf_counter() - start
     result.workload = spec
-    payload = _plan_payload(result, graph, capture_seconds, plan_seconds)
+    payload = _plan_payload(result, result.graph, capture_seconds, plan_seconds)
     if args.out:
         result.save(args.out)
         payload["saved"] = str(args.out)
@@ -232,9 +238,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from planner.cost import default_cost_model
     from planner.plots import timeline_png
+    from planner.variants import apply_variant_names
 
     result = _load_plan_with_workload(Path(args.plan))
     _, graph = _capture(result.workload)
+    graph = apply_variant_names(graph, result.variants)
     result.schedule.check_graph(graph)
     spec = result.workload
     title = (f"{spec['model']}, batch {spec['batch_size']}: {result.algorithm}, "
@@ -264,7 +272,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for algorithm, budget in _progress(cells, desc="sweep", quiet=args.json):
         fraction = parse_budget(budget, 100) / 100
         try:
-            result = _plan(graph, budget, algorithm, cost_model)
+            result = _plan(graph, budget, algorithm, cost_model, args.op_variants)
             rows.append({"algorithm": algorithm, "budget": budget, "budget_fraction": fraction,
                          "overhead": result.overhead, "peak_bytes": result.predicted_peak_bytes})
         except InfeasibleBudgetError:
@@ -296,7 +304,7 @@ def cmd_max_batch(args: argparse.Namespace) -> int:
         if batch not in graphs:
             graphs[batch] = _capture(_workload_spec(args, batch))[1]
         try:
-            _plan(graphs[batch], memory, algorithm, cost_model)
+            _plan(graphs[batch], memory, algorithm, cost_model, args.op_variants)
             return True
         except InfeasibleBudgetError:
             return False
@@ -325,6 +333,12 @@ def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None 
     parser.add_argument("--image-size", type=_positive, default=None, help="image side for vision models")
     parser.add_argument("--device-preset", choices=["cpu", "v100", "a100", "h100"], default=None,
                         help="roofline cost model (default: the graph's device)")
+    parser.add_argument("--op-variants", choices=sorted(_OP_VARIANTS), default="on",
+                        help="low-memory operator implementations: on (bitwise-stock gradients, default), "
+                             "all (adds batch_norm_inverted), off (stock PyTorch ops only)")
+
+
+_OP_VARIANTS = {"on": True, "all": "all", "off": False}  # --op-variants -> plan(op_variants=...)
 
 
 class UsageError(ValueError):

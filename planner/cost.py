@@ -65,6 +65,8 @@ PRESETS: dict[str, DeviceSpec] = {
 class RooflineCostModel:
     """time = max(FLOPs / compute rate, bytes / bandwidth) + launch overhead; views are free.
 
+    Bytes are those read and written, plus a declared workspace (variant ops) written and read once.
+
     Complexity: O(ops) once per graph, then cached.
     """
 
@@ -86,7 +88,8 @@ class RooflineCostModel:
                     continue
                 half = any(graph.tensors[t].dtype in _HALF_DTYPES for t in op.inputs)
                 rate = spec.half_flops if half else spec.fp32_flops
-                times[op.id] = max(op.flops / rate, (op.bytes_read + op.bytes_written) / spec.bandwidth) + spec.launch_overhead
+                traffic = op.bytes_read + op.bytes_written + 2 * op.workspace_bytes  # scratch: written, read back
+                times[op.id] = max(op.flops / rate, traffic / spec.bandwidth) + spec.launch_overhead
             self._times[graph.fingerprint] = times
         return self._times[graph.fingerprint]
 

@@ -2,8 +2,9 @@
 
 ``MemoryMeter`` is a ``TorchDispatchMode``: every op output's storage is counted once, when first
 seen, and uncounted by a finalizer when the storage dies. That is exact for everything allocated
-as a tensor, on any device; scratch memory a kernel allocates internally (CPU convolution
-workspace) is invisible to it, as documented in docs/architecture.md.
+as a tensor, on any device, including the temporaries of ``planner.gpu``'s variant ops (their
+Python bodies run inside the meter); scratch memory an ATen kernel allocates internally (CPU
+convolution workspace) is invisible to it, as documented in docs/architecture.md.
 
 The accounting of a training step is defined once here and used everywhere (tests, benchmarks,
 the CLI): parameters, buffers, inputs, targets and ``.grad`` accumulators are allocated before the
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from planner._aot import storage_key
+from planner.gpu._registry import BODIES
 
 
 class MemoryMeter(TorchDispatchMode):
@@ -54,6 +56,10 @@ class MemoryMeter(TorchDispatchMode):
         self.current_bytes -= self._counted.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = BODIES.get(func._schema.name)
+        if body is not None:  # a variant op: run its body in view, so its temporaries count too
+            with self:
+                return body(*args, **(kwargs or {}))
         result = func(*args, **(kwargs or {}))
         for value in tree_flatten(result)[0]:
             if isinstance(value, torch.Tensor) and value.device.type != "meta":

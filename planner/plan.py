@@ -11,7 +11,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +23,15 @@ from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import SimResult, simulate
 from planner.units import format_bytes, parse_budget
+from planner.variants import apply_variant_names, variant_kinds, with_variants
 
 logger = logging.getLogger("planner")
 PLAN_FORMAT = 1
 MODES = ("fast", "exact")
 LAST_RESORT = "dp_memory"  # tried when nothing in fast mode fits: lowest peak, whatever the time
 DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
+#: also run on the stock graph when variants apply (the baselines there rarely win and cost time)
+STOCK_CANDIDATES = ("dp_reorder", "recompute_cheap")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Plan:
     message: str = ""
     input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
     n_inputs: int = 0  # how many of input_specs are model inputs
+    variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
     _source: Any = field(default=None, repr=False, compare=False)  # weakref to the planned model
     _source_training: bool = field(default=True, repr=False, compare=False)
@@ -65,6 +69,13 @@ class Plan:
     def overhead(self) -> float:
         """Predicted extra compute time as a fraction of the store-all step."""
         return self.predicted_time / self.store_all_time - 1.0 if self.store_all_time else 0.0
+
+    @property
+    def variants_summary(self) -> str:
+        """'30 (dropout_packed x24, relu_packed x6)', or 'none (stock PyTorch ops)'."""
+        kinds = sorted({name.split("@", 1)[0] for name in self.variants})
+        counts = ", ".join(f"{kind} x{sum(n.startswith(kind + '@') for n in self.variants)}" for kind in kinds)
+        return f"{len(self.variants)} ({counts})" if self.variants else "none (stock PyTorch ops)"
 
     # ---- running ----------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module, loss_fn: LossFn | None = None):
@@ -90,6 +101,8 @@ class Plan:
         examples = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype.split(".")[1]), device=s.device)
                     for s in self.input_specs]
         graph = capture(model, examples[: self.n_inputs], loss_fn, targets=examples[self.n_inputs:])
+        if self.variants:
+            graph = apply_variant_names(graph, self.variants)
         self.schedule.check_graph(graph)
         return graph
 
@@ -100,6 +113,7 @@ class Plan:
             "budget_bytes", "predicted_peak_bytes", "predicted_time", "store_all_peak_bytes",
             "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
             "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
+        meta["variants"] = list(self.variants)
         meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
         Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
 
@@ -118,6 +132,7 @@ class Plan:
             meta = dict(data["plan"])
             specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
             meta.setdefault("workload", None)
+            meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
             return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error
@@ -134,6 +149,7 @@ class Plan:
             ("  resident", f"{format_bytes(self.resident_bytes)} (parameters, buffers, .grad, inputs)"),
             ("  activations", format_bytes(self.predicted_peak_bytes - self.resident_bytes)),
             ("predicted overhead", f"{self.overhead:+.1%} compute time ({self.recomputations} ops recomputed)"),
+            ("operator variants", self.variants_summary),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
@@ -154,6 +170,7 @@ def plan(
     time_limit: float | None = None,
     cost_model: CostModel | str | None = None,
     progress: Callable[[float, float, float], bool | None] | None = None,
+    op_variants: bool | str | Collection[str] = True,
 ) -> Plan:
     """Find a schedule for one training step of ``model`` that fits ``budget``.
 
@@ -176,10 +193,18 @@ def plan(
     progress: exact mode calls ``progress(incumbent_seconds, bound_seconds, elapsed)`` whenever
         the solver improves its plan (predicted step times); returning True stops the solver,
         which keeps the best plan found so far.
+    op_variants: low-memory operator implementations (``planner.gpu``) the plan may use.
+        ``True`` (default): those whose gradients are bitwise equal to the stock op's (packed ReLU
+        and dropout masks, packed max-pool positions), applied where they lower what the backward
+        holds (``planner.variants.select_variants``), before any algorithm runs; store-all and
+        the DP on plain PyTorch's graph stay candidates, since where memory is not short the
+        variants' extra passes (the CPU twins' byte buffers) can cost more time than they save. ``"all"`` adds ``batch_norm_inverted`` (gradients
+        within a tolerance); a collection of variant names; ``False``: stock PyTorch ops only.
+        Budgets in percent and the overhead always refer to plain PyTorch's store-all step.
 
     Raises
     ------
-    ValueError: an unreadable budget, unknown mode or algorithm.
+    ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
     from planner.algorithms import ALGORITHMS, FAST
@@ -188,6 +213,7 @@ def plan(
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
     if algorithm is None and mode not in MODES:
         raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    kinds = variant_kinds(op_variants)
     if isinstance(model, TrainingGraph):
         graph, source = model, None
     else:
@@ -199,14 +225,19 @@ def plan(
     cost_model = cost_model or default_cost_model(graph)
 
     began = time.perf_counter()
-    reference = simulate(graph, graph.store_all(), cost_model)
+    stock = graph
+    reference = simulate(stock, stock.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
+    graph = with_variants(stock, kinds)
     names = [algorithm] if algorithm else list(FAST)
     tried = [_candidate(graph, cost_model, budget_bytes, name, polish=algorithm is None) for name in names]
-    fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
+    if graph is not stock and algorithm is None:  # the variants' extra passes can cost more than they save
+        tried.append(_Candidate("store_all", stock, stock.store_all(), reference))
+        tried += [_candidate(stock, cost_model, budget_bytes, name, polish=True) for name in STOCK_CANDIDATES]
+    fitting = [t for t in tried if t.result.peak_bytes <= budget_bytes]
     if not fitting and algorithm is None:  # last resort: the least-memory segmentation, at any cost
         tried.append(_candidate(graph, cost_model, budget_bytes, LAST_RESORT, polish=True))
-        fitting = [t for t in tried if t[2].peak_bytes <= budget_bytes]
+        fitting = [t for t in tried if t.result.peak_bytes <= budget_bytes]
     exact = None
     if algorithm is None and mode == "exact":
         from planner.algorithms.milp import exact_search
@@ -214,24 +245,31 @@ def plan(
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
         exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
         if exact.schedule is not None:
-            fitting.append(("milp", exact.schedule, simulate(graph, exact.schedule, cost_model)))
+            fitting.append(_Candidate("milp", graph, exact.schedule, simulate(graph, exact.schedule, cost_model)))
     if not fitting:
+        lowest = min(t.result.peak_bytes for t in tried)
         if algorithm:  # say how low fast mode gets, not just the algorithm asked for
-            tried += [_candidate(graph, cost_model, budget_bytes, name, polish=True) for name in FAST + (LAST_RESORT,)]
-        lowest = min(t[2].peak_bytes for t in tried)
-        raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t[0] for t in tried))}")
-    name, schedule, result = min(fitting, key=lambda t: (t[2].time, t[2].peak_bytes))
+            fast = min(_candidate(graph, cost_model, budget_bytes, name, polish=True).result.peak_bytes
+                       for name in FAST + (LAST_RESORT,))
+            if fast <= budget_bytes:
+                raise InfeasibleBudgetError(budget_bytes, lowest, f"{algorithm} peaks at {format_bytes(lowest)}, "
+                                            f"but fast mode fits this budget: plan without algorithm=")
+            lowest = min(lowest, fast)
+        raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t.name for t in tried))}"
+                                    + (" and fast mode" if algorithm else ""))
+    best = min(fitting, key=lambda t: (t.result.time, t.result.peak_bytes))
+    result = best.result
     status, gap, lower_bound, message = "feasible", None, None, (
-        "" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(names)}")
+        "" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(tried)}")
     if exact is not None:
-        status, gap, lower_bound, message = _exact_verdict(exact, name, result.time)
+        status, gap, lower_bound, message = _exact_verdict(exact, best.name, result.time)
     chosen = Plan(
-        schedule=schedule, graph=graph, budget_bytes=budget_bytes,
+        schedule=best.schedule, graph=best.graph, budget_bytes=budget_bytes,
         predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
         store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
-        algorithm=name, status=status, cost_model=cost_model.name, gap=gap, lower_bound=lower_bound,
-        message=message, input_specs=graph.input_specs, n_inputs=len(graph.inputs),
+        algorithm=best.name, status=status, cost_model=cost_model.name, gap=gap, lower_bound=lower_bound,
+        message=message, input_specs=stock.input_specs, n_inputs=len(stock.inputs), variants=best.graph.variants,
     )
     if source is not None:
         chosen._source = weakref.ref(source)
@@ -252,8 +290,18 @@ def _exact_verdict(exact, chosen: str, chosen_time: float) -> tuple[str, float |
     return "fallback", None, bound, f"exact mode: fell back to fast mode's plan; MILP: {exact.message}"
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One schedule fast or exact mode considered, with the graph (stock or with variants) it runs."""
+
+    name: str
+    graph: TrainingGraph
+    schedule: Schedule
+    result: SimResult
+
+
 def _candidate(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, name: str,
-               polish: bool) -> tuple[str, Schedule, SimResult]:
+               polish: bool) -> _Candidate:
     """Run one algorithm; with ``polish``, also reorder its schedule (kept when the peak drops)."""
     from planner.algorithms import ALGORITHMS, reorder_schedule
 
@@ -262,4 +310,4 @@ def _candidate(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, n
         reordered = reorder_schedule(graph, schedule, cost_model)
         if reordered is not schedule:
             schedule, name = reordered, f"{name}+reorder"
-    return name, schedule, simulate(graph, schedule, cost_model)
+    return _Candidate(name, graph, schedule, simulate(graph, schedule, cost_model))

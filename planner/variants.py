@@ -43,8 +43,11 @@ from planner.gpu import maxpool as _maxpool
 from planner.gpu import relu as _relu
 from planner.gpu._checks import FLOAT_DTYPES
 
-#: the variants whose gradients are bitwise stock (``batch_norm_inverted`` is within a tolerance)
+#: the variants whose gradients are bitwise stock (``batch_norm_inverted`` is within a tolerance);
+#: ``plan(op_variants=True)`` chooses among these
 BITWISE_VARIANTS = frozenset({"relu_packed", "dropout_packed", "max_pool2d_packed"})
+#: every variant this version has
+ALL_VARIANTS = BITWISE_VARIANTS | {"batch_norm_inverted"}
 
 _ops = torch.ops.remat_planner
 _VIEW_TARGETS = frozenset({"aten.detach.default", "aten.alias.default"})
@@ -523,3 +526,33 @@ def select_variants(graph: TrainingGraph, sites: Iterable[VariantSite] | None = 
             if held - current < site.released_bytes // 4:
                 chosen, current, changed = without, held, True
     return tuple(chosen)
+
+
+def variant_kinds(option: bool | str | Iterable[str]) -> frozenset[str]:
+    """The variant kinds a ``plan(op_variants=...)`` option allows: ``True`` the bitwise ones
+    (``BITWISE_VARIANTS``), ``False`` none, ``"all"`` every one, or a collection of names.
+
+    Raises ``ValueError`` naming the known variants for an unknown name.
+    """
+    if option is True:
+        return BITWISE_VARIANTS
+    if option is False or option is None:
+        return frozenset()
+    kinds = ALL_VARIANTS if option == "all" else frozenset([option] if isinstance(option, str) else option)
+    unknown = sorted(kinds - ALL_VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown operator variant(s) {unknown}: op_variants takes True, False, 'all' or "
+                         f"names from {sorted(ALL_VARIANTS)}")
+    return kinds
+
+
+def with_variants(graph: TrainingGraph, kinds: Iterable[str]) -> TrainingGraph:
+    """``graph`` with the sites of ``kinds`` that ``select_variants`` keeps applied (``graph``
+    itself when none is worth it): the planner's greedy choice, made once before any algorithm
+    runs. A site's forward and backward together move fewer bytes than the stock pair (the
+    forward writes a mask 1/8 to 1/32 of its output's size; the backward reads it instead of a full
+    tensor), so the cost models price a variant at or below the stock ops, and a site is worth
+    applying when it lowers what the backward holds.
+    """
+    kinds = frozenset(kinds)
+    return apply_variants(graph, select_variants(graph, [s for s in variant_sites(graph) if s.variant in kinds]))

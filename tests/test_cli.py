@@ -38,7 +38,7 @@ RESNET = ["torchvision:resnet18", "--batch-size", "2", "--image-size", "32"]
 MLP = [f"{FACTORY_MODULE}:mlp", "--batch-size", "64"]
 MLP_WORKLOAD = [f"{FACTORY_MODULE}:mlp_workload", "--batch-size", "64"]
 PLAN_TEXT_LINES = ("store-all peak", "predicted peak", "parameters", "gradients (.grad)", "activations",
-                   "overhead", "status", "kept for backward", "recomputed")
+                   "overhead", "status", "kept for backward", "recomputed", "operator variants")
 
 FACTORY_SOURCE = textwrap.dedent('''
     """Model factories for the CLI tests: narrow and deep, so activations outweigh parameters."""
@@ -278,6 +278,21 @@ def test_plan_algorithm_is_honoured(capsys):
     assert payload["algorithm"] == "chen_sqrt"
     assert payload["predicted_peak_bytes"] <= payload["budget_bytes"]
     assert sum(payload["breakdown"].values()) == payload["predicted_peak_bytes"]
+
+
+def test_plan_op_variants_choice(capsys):
+    """Default: the planner may use variants (the tiny transformer's dropout masks); off: none."""
+    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "70%")
+    assert code == 0, err
+    default = json.loads(out)
+    assert default["variants"] and all(v.split("@")[0] in ("relu_packed", "dropout_packed") for v in default["variants"])
+    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "70%", "--op-variants", "off")
+    assert code == 0, err
+    stock = json.loads(out)
+    assert stock["variants"] == [] and stock["variants_summary"].startswith("none")
+    assert default["overhead"] <= stock["overhead"] + 1e-12
+    code, _, err = cli(capsys, "plan", *TINY, "--op-variants", "some")
+    assert code == 2 and "--op-variants" in err
 
 
 def test_plan_device_preset_is_honoured(capsys, factory_module):

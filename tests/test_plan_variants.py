@@ -1,0 +1,129 @@
+"""``plan(..., op_variants=...)``: the planner chooses low-memory operator variants, plans run and
+re-apply with them, and ``op_variants=False`` keeps plans to stock PyTorch ops.
+
+What can fail here: a plan using variants that does not fit or runs with gradients other than
+eager PyTorch's; a saved plan that loses its variants; a meter that misses a variant's
+temporaries (measured peak below the simulator's); variants that make fast mode worse.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import planner
+from planner import InfeasibleBudgetError, Plan, PlanMismatchError
+from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS, variant_kinds
+from tests._workloads import Workload, assert_same_step, build_workload, planned_step
+
+
+@pytest.fixture(scope="module")
+def transformer() -> Workload:
+    return build_workload("transformer")
+
+
+@pytest.fixture(scope="module")
+def resnet() -> Workload:
+    """Batch 16: at the suite's usual batch of 2, parameters are 97% of the lowest peak."""
+    return build_workload("resnet18", batch=16)
+
+
+def _lowest_peak(graph, **options) -> int:
+    with pytest.raises(InfeasibleBudgetError) as caught:
+        planner.plan(graph, 1, **options)
+    return caught.value.min_feasible_bytes
+
+
+def test_default_plans_use_bitwise_variants_and_stock_is_untouched(transformer: Workload) -> None:
+    chosen = planner.plan(transformer.graph, "70%")
+    assert chosen.variants and chosen.graph.variants == chosen.variants
+    assert {name.split("@")[0] for name in chosen.variants} <= BITWISE_VARIANTS
+    assert chosen.store_all_peak_bytes == transformer.store_all_peak  # percentages of plain PyTorch
+    stock = planner.plan(transformer.graph, "70%", op_variants=False)
+    assert stock.variants == () and stock.graph is transformer.graph
+    assert "operator variants" in str(chosen) and "none (stock PyTorch ops)" in str(stock)
+
+
+@pytest.mark.parametrize("name", ["transformer", "resnet"])
+def test_variants_lower_the_reachable_peak_and_never_cost_more(name: str, request) -> None:
+    graph = request.getfixturevalue(name).graph
+    with_variants, stock = _lowest_peak(graph), _lowest_peak(graph, op_variants=False)
+    assert with_variants < stock
+    for budget in ("100%", "95%", "90%", "85%"):  # where both fit, the variants' plan is no slower
+        assert (planner.plan(graph, budget).predicted_time
+                <= planner.plan(graph, budget, op_variants=False).predicted_time * (1 + 1e-9)), budget
+
+
+def test_planned_step_with_variants_is_bitwise_eager_and_peak_is_predicted(transformer: Workload) -> None:
+    model = transformer.fresh_copy()
+    chosen = planner.plan(model, "64%", transformer.x)  # below the stock minimum, 65.4%
+    assert chosen.variants
+    planned = chosen.apply(model)
+    assert_same_step(planned_step(model, planned, transformer.x, transformer.loss, seed=3),
+                     transformer.reference(seed=3))
+    measured = planner.measure_step(model, lambda: transformer.loss(planned(transformer.x)).backward(),
+                                    transformer.held)
+    assert abs(measured.peak_bytes - chosen.predicted_peak_bytes) <= 0.01 * chosen.predicted_peak_bytes
+
+
+def test_saved_plan_reapplies_its_variants(resnet: Workload, tmp_path: Path) -> None:
+    model = resnet.fresh_copy()
+    chosen = planner.plan(model, "85%", resnet.x, loss_fn=F.cross_entropy, targets=resnet.y)
+    assert chosen.variants
+    path = tmp_path / "plan.json"
+    chosen.save(path)
+    loaded = Plan.load(path)
+    assert loaded.variants == chosen.variants and loaded.graph is None
+    fresh = resnet.fresh_copy()
+    planned = loaded.apply(fresh, loss_fn=F.cross_entropy)  # re-captured, variants re-applied by name
+    assert planned.runner.graph.fingerprint == chosen.graph.fingerprint
+    assert_same_step(planned_step(fresh, planned, resnet.x, resnet.loss, seed=1), resnet.reference(seed=1))
+
+
+def test_plan_file_naming_a_variant_the_model_lacks_is_refused(resnet: Workload, tmp_path: Path) -> None:
+    model = resnet.fresh_copy()
+    path = tmp_path / "plan.json"
+    planner.plan(model, "85%", resnet.x, loss_fn=F.cross_entropy, targets=resnet.y).save(path)
+    data = json.loads(path.read_text())
+    data["plan"]["variants"] = ["relu_packed@no_such_op"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanMismatchError, match="no_such_op"):
+        Plan.load(path).apply(resnet.fresh_copy(), loss_fn=F.cross_entropy)
+
+
+def test_plan_file_without_variants_loads_as_stock(transformer: Workload, tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    planner.plan(transformer.graph, "70%", op_variants=False).save(path)
+    data = json.loads(path.read_text())
+    del data["plan"]["variants"]  # files written before variants existed
+    path.write_text(json.dumps(data))
+    assert Plan.load(path).variants == ()
+
+
+def test_op_variants_option_is_checked() -> None:
+    assert variant_kinds(True) == BITWISE_VARIANTS
+    assert variant_kinds(False) == frozenset()
+    assert variant_kinds("all") == ALL_VARIANTS
+    assert variant_kinds(["relu_packed"]) == {"relu_packed"}
+    with pytest.raises(ValueError, match="relu_packed"):
+        variant_kinds(["relu_compressed"])
+
+
+def test_chosen_kinds_only(transformer: Workload) -> None:
+    chosen = planner.plan(transformer.graph, "70%", op_variants=["dropout_packed"])
+    assert chosen.variants and all(name.startswith("dropout_packed@") for name in chosen.variants)
+
+
+def test_meter_counts_the_temporaries_of_variant_ops() -> None:
+    """The CPU twin of relu_packed's backward unpacks the mask into one byte per element: the
+    meter sees it, as the simulator's workspace does."""
+    grad, x = torch.randn(1000, 100), torch.randn(1000, 100)
+    _, mask = torch.ops.remat_planner.relu_packed(x)
+    with planner.MemoryMeter(include=[grad, mask]) as meter:
+        out = torch.ops.remat_planner.relu_packed_backward(grad, mask)
+    held = grad.nbytes + mask.nbytes
+    assert meter.peak_bytes - held >= out.nbytes + x.numel()  # output plus the unpacked byte per element
+    assert meter.current_bytes - held == out.nbytes
