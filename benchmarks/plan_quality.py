@@ -58,10 +58,9 @@ from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.keepset import schedule_keeping
 from planner.cost import default_cost_model
 from planner.graph import Phase, TrainingGraph
-from report import _section_bounds, command_line, environment_line, write_section
+from report import ANALYSIS_HEADING, command_line, environment_line, kept_analysis, write_section
 
 SECTION_HEADING = "## Plan quality (issue 4)"
-ANALYSIS_HEADING = "### Analysis"  # hand-written, last in the section; kept when the section is rewritten
 BUDGETS = (70, 50, 33)  # percent of the store-all peak
 COMPILE_SETTINGS = (0.7, 0.5, 0.33)  # torch._functorch.config.activation_memory_budget
 FAST = "fast mode"
@@ -602,19 +601,6 @@ def section_body(results: Sequence[ModelResult], argv: Sequence[str], args: argp
     return "\n\n".join(parts) + "\n"
 
 
-def kept_analysis(path: Path) -> str | None:
-    """The hand-written analysis at the end of this section of ``path``, to carry over on a rewrite."""
-    if not path.exists():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    bounds = _section_bounds(lines, SECTION_HEADING)
-    if bounds is None:
-        return None
-    section = lines[bounds[0]:bounds[1]]
-    start = next((i for i, line in enumerate(section) if line.rstrip() == ANALYSIS_HEADING), None)
-    return None if start is None else "".join(section[start:]).rstrip()
-
-
 # ---- command line -------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -642,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = section_body(results, argv, args, time.perf_counter() - start)
     print(f"{SECTION_HEADING}\n\n{body}")
     if args.markdown is not None:
-        analysis = kept_analysis(args.markdown)
+        analysis = kept_analysis(args.markdown, SECTION_HEADING)
         write_section(args.markdown, SECTION_HEADING, body + ("\n" + analysis + "\n" if analysis else ""))
         kept = f"; kept its '{ANALYSIS_HEADING}' (hand-written): check it against the new numbers"
         _log(f"wrote section '{SECTION_HEADING}' of {args.markdown}" + (kept if analysis else ""))

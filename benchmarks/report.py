@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+ANALYSIS_HEADING = "### Analysis"  # hand-written, last in a section; kept when the section is rewritten
 DEFAULT_FILE_PREAMBLE = "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n\n"
 
 
@@ -73,8 +74,23 @@ def write_section(path: Path, heading: str, body: str, preamble: str = DEFAULT_F
     path.write_text(new_text, encoding="utf-8")
 
 
+def kept_analysis(path: Path, heading: str) -> str | None:
+    """The hand-written analysis at the end of section ``heading`` of ``path``, to carry over on a rewrite."""
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    bounds = _section_bounds(lines, heading)
+    if bounds is None:
+        return None
+    section = lines[bounds[0]:bounds[1]]
+    start = next((i for i, line in enumerate(section) if line.rstrip() == ANALYSIS_HEADING), None)
+    return None if start is None else "".join(section[start:]).rstrip()
+
+
 def publish(heading: str, body: str, markdown: Path | None) -> None:
-    """Print a section, and write it into ``markdown`` (docs/benchmarks.md) when given."""
+    """Print a section, and write it into ``markdown`` (docs/benchmarks.md) when given, keeping
+    the section's hand-written analysis (``ANALYSIS_HEADING``), which the reader should then check."""
     print(f"{heading}\n\n{body}")
     if markdown is not None:
-        write_section(markdown, heading, body)
+        analysis = kept_analysis(markdown, heading)
+        write_section(markdown, heading, body.rstrip() + ("\n\n" + analysis if analysis else ""))
