@@ -94,17 +94,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 # ---- plan -----------------------------------------------------------------------------------------
 def _breakdown(graph, result) -> dict[str, int]:
-    """What the predicted peak is made of."""
+    """What the predicted peak is made of (the workspace: of the op running at the peak)."""
     from planner.simulate import simulate
 
     summary = graph.summary()
-    peak = simulate(graph, result.schedule).peak_bytes
+    simulated = simulate(graph, result.schedule)
+    workspace = int(simulated.peak_bytes - simulated.timeline[simulated.peak_step])
     return {
         "parameters": summary.get("parameter", 0),
         "gradients (.grad)": summary.get("gradient accumulators", 0),
         "buffers + batch": summary.get("buffer", 0) + summary.get("input", 0) + summary.get("tangent", 0),
-        "activations": peak - graph.resident_bytes,
-        "workspace": 0,
+        "activations": simulated.peak_bytes - graph.resident_bytes - workspace,
+        "workspace": workspace,
     }
 
 
