@@ -16,8 +16,12 @@ import torch.nn.functional as F
 
 import planner
 from planner import InfeasibleBudgetError, Plan, PlanMismatchError
+from planner.algorithms import ALGORITHMS, BASELINES
 from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS, variant_kinds
 from tests._workloads import Workload, assert_same_step, build_workload, planned_step
+
+
+CPU = planner.RooflineCostModel("cpu")  # what plan() uses for a CPU graph
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +56,20 @@ def test_variants_lower_the_reachable_peak_and_never_cost_more(name: str, reques
     graph = request.getfixturevalue(name).graph
     with_variants, stock = _lowest_peak(graph), _lowest_peak(graph, op_variants=False)
     assert with_variants < stock
-    for budget in ("100%", "95%", "90%", "85%"):  # where both fit, the variants' plan is no slower
-        assert (planner.plan(graph, budget).predicted_time
-                <= planner.plan(graph, budget, op_variants=False).predicted_time * (1 + 1e-9)), budget
+    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    for fraction in (1.0, 0.95, 0.9, 0.85, 0.75):  # the variants' plan is no slower than any stock plan that fits
+        budget = int(fraction * store_all)
+        try:
+            stock_times = [planner.plan(graph, budget, op_variants=False).predicted_time]
+        except InfeasibleBudgetError:
+            stock_times = []
+        for baseline in BASELINES:
+            result = planner.simulate(graph, ALGORITHMS[baseline](graph, CPU, budget), CPU)
+            stock_times += [result.time] if result.peak_bytes <= budget else []
+        if stock_times:
+            chosen = planner.plan(graph, budget)
+            fastest = min(stock_times)
+            assert chosen.predicted_time <= fastest * (1 + 1e-9), fraction
 
 
 def test_planned_step_with_variants_is_bitwise_eager_and_peak_is_predicted(transformer: Workload) -> None:
@@ -67,6 +82,17 @@ def test_planned_step_with_variants_is_bitwise_eager_and_peak_is_predicted(trans
     measured = planner.measure_step(model, lambda: transformer.loss(planned(transformer.x)).backward(),
                                     transformer.held)
     assert abs(measured.peak_bytes - chosen.predicted_peak_bytes) <= 0.01 * chosen.predicted_peak_bytes
+
+
+def test_exact_mode_plans_on_the_variants_and_runs_bitwise(transformer: Workload) -> None:
+    fast = planner.plan(transformer.graph, "64%")
+    exact = planner.plan(transformer.graph, "64%", mode="exact", time_limit=5)
+    assert exact.variants and exact.predicted_time <= fast.predicted_time * (1 + 1e-9)
+    assert exact.predicted_peak_bytes <= exact.budget_bytes
+    model = transformer.fresh_copy()
+    planned = exact.apply(model)
+    assert_same_step(planned_step(model, planned, transformer.x, transformer.loss, seed=2),
+                     transformer.reference(seed=2))
 
 
 def test_saved_plan_reapplies_its_variants(resnet: Workload, tmp_path: Path) -> None:
