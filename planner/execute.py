@@ -149,7 +149,7 @@ class StepRunner:
             call = graph.calls[step.op]
             if step.replay_rng:
                 with torch.random.fork_rng(devices=self._rng_devices()):
-                    self._set_rng(rng_states.pop(step.op))
+                    self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
                     result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
             else:
                 if step.save_rng:

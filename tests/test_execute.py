@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import planner
-from planner import Compute, InvalidScheduleError, PlanMismatchError, Schedule
+from planner import Compute, InvalidScheduleError, Phase, PlanMismatchError, Schedule
 from planner.algorithms import ALGORITHMS
 
 from _workloads import (
@@ -67,6 +67,23 @@ def test_recomputed_dropout_replays_its_masks(transformer: Workload, algorithm: 
     got = planned_step(model, pm, transformer.x, transformer.loss, seed=1)
     # loss, every .grad, and the RNG state the next step starts from
     assert_same_step(got, transformer.reference(seed=1))
+
+
+def test_dropout_recomputed_twice_replays_the_same_mask_each_time(transformer: Workload) -> None:
+    """Exact mode's plans can recompute a dropout before two stages; each replay draws the mask
+    the forward drew (the saved RNG state is kept for every replay, not used up by the first)."""
+    graph = transformer.graph
+    dropout = next(op.id for op in graph.ops if op.is_random)
+    outputs = set(graph.ops[dropout].outputs)
+    reader = next(c for t in outputs for c in graph.tensors[t].consumers if graph.ops[c].phase is Phase.BACKWARD)
+    order = []
+    for op in (c.op for c in graph.store_all().computes):
+        order += [dropout, dropout, op] if op == reader else [op]  # the first recomputation is dropped unused
+    schedule = Schedule.from_order(graph, order)
+    assert Counter(c.op for c in schedule.computes)[dropout] == 3
+    model = transformer.fresh_copy()
+    planned = planner.PlannedModule(model, graph, schedule)
+    assert_same_step(planned_step(model, planned, transformer.x, transformer.loss, seed=4), transformer.reference(seed=4))
 
 
 @pytest.mark.parametrize("seed", [2, 3])
