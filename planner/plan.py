@@ -98,8 +98,7 @@ class Plan:
         if loss_fn is None and len(self.input_specs) > self.n_inputs:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
-        examples = [torch.zeros(s.shape, dtype=getattr(torch, s.dtype.split(".")[1]), device=s.device)
-                    for s in self.input_specs]
+        examples = [torch.zeros(s.shape, dtype=_torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
         graph = capture(model, examples[: self.n_inputs], loss_fn, targets=examples[self.n_inputs:])
         if self.variants:
             graph = apply_variant_names(graph, self.variants)
@@ -131,6 +130,8 @@ class Plan:
         try:
             meta = dict(data["plan"])
             specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
+            for spec in specs:
+                _torch_dtype(spec.dtype)
             meta.setdefault("workload", None)
             meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
             return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
@@ -156,6 +157,14 @@ class Plan:
         if self.message:
             lines.append(self.message)
         return "\n".join(lines)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """``"torch.float32"`` -> ``torch.float32``; ``ValueError`` for anything that is not a dtype."""
+    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return value
 
 
 def plan(

@@ -253,12 +253,14 @@ def _edits(data: dict, graph) -> dict[str, dict]:
         "op-id-not-a-number": edited(lambda d, s: s.__setitem__(0, ["c", "x", "default"])),
         "newer-plan-format": edited(lambda d, s: d.__setitem__("format", 2)),
         "newer-schedule-format": edited(lambda d, s: d["schedule"].__setitem__("format", 2)),
+        "input-dtype-unknown": edited(lambda d, s: d["plan"]["input_specs"][0].__setitem__(1, "torch.float99")),
+        "input-dtype-not-a-dtype": edited(lambda d, s: d["plan"]["input_specs"][0].__setitem__(1, "torch.nn")),
     }
 
 
 EDITS = ["negative-op-id", "op-id-past-the-end", "free-of-unknown-tensor", "first-step-removed", "a-free-removed",
          "a-backward-op-removed", "a-backward-op-twice", "consumer-before-producer", "op-id-not-a-number",
-         "newer-plan-format", "newer-schedule-format"]
+         "newer-plan-format", "newer-schedule-format", "input-dtype-unknown", "input-dtype-not-a-dtype"]
 
 
 @pytest.mark.parametrize("edit", EDITS)
