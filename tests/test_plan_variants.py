@@ -18,7 +18,7 @@ import planner
 from planner import InfeasibleBudgetError, Plan, PlanMismatchError
 from planner.algorithms import ALGORITHMS, BASELINES
 from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS, variant_kinds
-from tests._workloads import Workload, assert_same_step, build_workload, planned_step
+from _workloads import Workload, assert_same_step, build_workload, planned_step
 
 
 CPU = planner.RooflineCostModel("cpu")  # what plan() uses for a CPU graph
