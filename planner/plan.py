@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from planner.capture import LossFn, capture
-from planner.cost import CostModel, RooflineCostModel, default_cost_model
+from planner.cost import PRESETS, CostModel, RooflineCostModel, default_cost_model
 from planner.errors import InfeasibleBudgetError, InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
@@ -103,7 +104,26 @@ class Plan:
         if self.variants:
             graph = apply_variant_names(graph, self.variants)
         self.schedule.check_graph(graph)
+        self._check_predictions(graph)
         return graph
+
+    def _check_predictions(self, graph: TrainingGraph) -> None:
+        """A re-applied plan's recorded peak and time must be its schedule's under its roofline
+        preset, so that an edited or damaged file never prints numbers the step will not meet
+        (plans made with other cost models: only the schedule is checked, by the executor)."""
+        preset = self.cost_model.removeprefix("roofline:")
+        if not self.cost_model.startswith("roofline:") or preset not in PRESETS:
+            return
+        try:
+            result = simulate(graph, self.schedule, RooflineCostModel(preset))
+        except InvalidScheduleError:
+            return  # the executor refuses an invalid schedule, saying why, before anything runs
+        if result.peak_bytes != self.predicted_peak_bytes or not math.isclose(result.time, self.predicted_time,
+                                                                               rel_tol=1e-9):
+            raise InvalidScheduleError(
+                f"the plan's recorded predictions (peak {self.predicted_peak_bytes} bytes, {self.predicted_time:.6g} s) "
+                f"are not its schedule's ({result.peak_bytes} bytes, {result.time:.6g} s): the file was edited or "
+                "damaged; plan again")
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -44,6 +44,13 @@ def _free(tensor: int) -> Free:
     return _FREE_STEPS[tensor]
 
 
+def _step_id(value) -> int:
+    """An op or tensor id read from JSON: an integer (``1.0`` is accepted, ``1.5`` and ``"1"`` are not)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError(f"id {value!r} is not an integer")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Schedule:
     steps: tuple[Step, ...]
@@ -135,9 +142,9 @@ class Schedule:
         try:
             for row in data["steps"]:
                 if row[0] == "c" and (len(row) == 2 or (len(row) == 3 and row[2] == _LEGACY_IMPL)):
-                    steps.append(Compute(int(row[1])))
+                    steps.append(Compute(_step_id(row[1])))
                 elif row[0] == "f" and len(row) == 2:
-                    steps.append(Free(int(row[1])))
+                    steps.append(Free(_step_id(row[1])))
                 else:
                     raise ValueError(row)
         except (TypeError, ValueError, IndexError) as error:

@@ -251,16 +251,22 @@ def _edits(data: dict, graph) -> dict[str, dict]:
         "a-backward-op-twice": edited(lambda d, s: s.insert(first_backward, s[first_backward])),
         "consumer-before-producer": edited(lambda d, s: s.insert(0, s.pop(consumer))),
         "op-id-not-a-number": edited(lambda d, s: s.__setitem__(0, ["c", "x", "default"])),
+        "op-id-fractional": edited(lambda d, s: s.__setitem__(0, ["c", s[0][1] + 0.5])),
+        "op-id-infinite": edited(lambda d, s: s.__setitem__(0, ["f", float("inf")])),
         "newer-plan-format": edited(lambda d, s: d.__setitem__("format", 2)),
         "newer-schedule-format": edited(lambda d, s: d["schedule"].__setitem__("format", 2)),
         "input-dtype-unknown": edited(lambda d, s: d["plan"]["input_specs"][0].__setitem__(1, "torch.float99")),
         "input-dtype-not-a-dtype": edited(lambda d, s: d["plan"]["input_specs"][0].__setitem__(1, "torch.nn")),
+        "predicted-peak-edited": edited(lambda d, s: d["plan"].__setitem__("predicted_peak_bytes", 1000)),
+        "predicted-time-edited": edited(lambda d, s: d["plan"].__setitem__("predicted_time", 1e-6)),
     }
 
 
 EDITS = ["negative-op-id", "op-id-past-the-end", "free-of-unknown-tensor", "first-step-removed", "a-free-removed",
          "a-backward-op-removed", "a-backward-op-twice", "consumer-before-producer", "op-id-not-a-number",
-         "newer-plan-format", "newer-schedule-format", "input-dtype-unknown", "input-dtype-not-a-dtype"]
+         "op-id-fractional", "op-id-infinite",
+         "newer-plan-format", "newer-schedule-format", "input-dtype-unknown", "input-dtype-not-a-dtype",
+         "predicted-peak-edited", "predicted-time-edited"]
 
 
 @pytest.mark.parametrize("edit", EDITS)
