@@ -44,6 +44,14 @@ def _free(tensor: int) -> Free:
     return _FREE_STEPS[tensor]
 
 
+def _expand(pointer: np.ndarray, values: np.ndarray, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(step position, value) for every value of every step's op, in step then CSR order."""
+    counts = pointer[ops + 1] - pointer[ops]
+    total = int(counts.sum())
+    offsets = np.repeat(pointer[ops] - (np.cumsum(counts) - counts), counts) + np.arange(total)
+    return np.repeat(np.arange(len(ops)), counts), values[offsets]
+
+
 def _step_id(value) -> int:
     """An op or tensor id read from JSON: an integer (``1.0`` is accepted, ``1.5`` and ``"1"`` are not)."""
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
@@ -67,33 +75,36 @@ class Schedule:
         Complexity: O(total inputs + outputs of the computed ops).
         """
         computes = [c if isinstance(c, Compute) else Compute(int(c)) for c in order]
-        instance_of: dict[int, int] = {}  # tensor -> index of its current instance
-        instance_tensor: list[int] = []
-        instance_last_use: list[int] = []
-        for position, compute in enumerate(computes):
-            op = graph.ops[compute.op]
-            for tensor in op.inputs:
-                if graph.is_resident(tensor):
-                    continue
-                if tensor not in instance_of:
-                    raise InvalidScheduleError(
-                        f"step {position}: op {op.name} reads {graph.tensors[tensor].name}, "
-                        "which no earlier step produced")
-                instance_last_use[instance_of[tensor]] = position
-            for tensor in op.outputs:
-                instance_of[tensor] = len(instance_tensor)
-                instance_tensor.append(tensor)
-                instance_last_use.append(position)
-        for index, tensor in enumerate(instance_tensor):  # returned to autograd when the step ends
-            if tensor in graph.input_gradients:
-                instance_last_use[index] = len(computes) - 1
-        frees_after: list[list[int]] = [[] for _ in computes]
-        for tensor, last in zip(instance_tensor, instance_last_use):
-            frees_after[last].append(tensor)
+        ops = np.fromiter((c.op for c in computes), dtype=np.int64, count=len(computes))
+        arrays, n = graph.op_arrays, len(computes)
+        # every output of every step is an instance of its tensor, alive until its last read
+        instance_position, instance_tensor = _expand(arrays["out_ptr"], arrays["out_idx"], ops)
+        read_position, read_tensor = _expand(arrays["in_ptr"], arrays["in_idx"], ops)
+        produced = ~arrays["resident"][read_tensor]
+        read_position, read_tensor = read_position[produced], read_tensor[produced]
+        # a read is of the latest instance of its tensor produced at an earlier step
+        keys = instance_tensor * (n + 1) + instance_position
+        by_key = np.argsort(keys, kind="stable")
+        found = np.searchsorted(keys[by_key], read_tensor * (n + 1) + read_position) - 1
+        instance = by_key[np.maximum(found, 0)]
+        orphans = np.flatnonzero((found < 0) | (instance_tensor[instance] != read_tensor))
+        if len(orphans):
+            position, tensor = int(read_position[orphans[0]]), int(read_tensor[orphans[0]])
+            raise InvalidScheduleError(f"step {position}: op {graph.ops[int(ops[position])].name} reads "
+                                       f"{graph.tensors[tensor].name}, which no earlier step produced")
+        last_use = instance_position.copy()
+        np.maximum.at(last_use, instance, read_position)
+        if graph.input_gradients:  # returned to autograd when the step ends
+            last_use[np.isin(instance_tensor, list(graph.input_gradients))] = n - 1
+        freed = np.lexsort((instance_tensor, last_use))  # after each step, its frees by tensor id
+        ends = np.searchsorted(last_use[freed], np.arange(n), side="right").tolist()
+        freed_tensors = instance_tensor[freed].tolist()
         steps: list[Step] = []
-        for compute, frees in zip(computes, frees_after):
+        start = 0
+        for compute, end in zip(computes, ends):
             steps.append(compute)
-            steps.extend(_free(t) for t in sorted(frees))
+            steps.extend(_free(t) for t in freed_tensors[start:end])
+            start = end
         return cls(tuple(steps), graph.fingerprint)
 
     @cached_property
