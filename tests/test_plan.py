@@ -123,7 +123,8 @@ def test_cost_model_preset_by_name(transformer: Workload) -> None:
 
 
 def test_plan_from_model_equals_plan_from_graph(transformer: Workload) -> None:
-    from_model = planner.plan(transformer.model, "80%", transformer.x)
+    from_model = planner.plan(transformer.model, "80%", transformer.x, loss_fn=transformer.loss_fn,
+                              targets=transformer.y)
     from_graph = planner.plan(transformer.graph, "80%")
     assert from_model.graph.fingerprint == from_graph.graph.fingerprint
     assert from_model.schedule == from_graph.schedule
@@ -149,7 +150,7 @@ def test_apply_to_the_planned_model(resnet: Workload) -> None:
 def test_graph_plan_applies_to_a_model(transformer: Workload) -> None:
     chosen = planner.plan(transformer.graph, "80%")
     model = transformer.fresh_copy()
-    pm = chosen.apply(model)
+    pm = chosen.apply(model, transformer.loss_fn)
     assert_same_step(planned_step(model, pm, transformer.x, transformer.loss, seed=1), transformer.reference(seed=1))
 
 
