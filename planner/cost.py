@@ -134,13 +134,13 @@ class ProfiledCostModel:
     def profile(cls, graph: TrainingGraph, model: torch.nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor,
                 targets: Sequence[torch.Tensor] | torch.Tensor = (), *, repeats: int = 3,
                 cache_path: str | Path | None = None) -> "ProfiledCostModel":
-        from planner.runtime import initial_env
-        from planner.runtime import run_call, signature
+        from planner.guards import model_state
+        from planner.runtime import initial_env, run_call, signature
 
         device = graph.device
         path = Path(cache_path) if cache_path else _default_cache(device)
         cache: dict[str, list[float]] = json.loads(path.read_text()) if path.exists() else {}
-        env = initial_env(graph, model, inputs, targets)
+        env = initial_env(graph, model_state(model)[3], inputs, targets)
         frees_after = _store_all_frees(graph)
         times = np.zeros(len(graph.ops))
         workspace = np.zeros(len(graph.ops), dtype=np.int64)

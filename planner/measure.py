@@ -29,7 +29,16 @@ class MemoryMeter(TorchDispatchMode):
     """Context manager measuring live tensor bytes: ``current_bytes`` and ``peak_bytes``.
 
     Storages that exist before entering are not counted unless passed to ``include``.
+
+    ``torch.compile`` runs compiled code under the meter (``ignore_compile_internals``: dynamo
+    compiles with the meter off and runs the compiled code with it on), so a model compiled with
+    ``planner.backend`` is measured as it runs; code another backend compiles into fused kernels
+    allocates outside ATen's dispatcher, where the meter cannot see it.
     """
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self, include: Iterable[torch.Tensor] = ()):
         super().__init__()

@@ -12,11 +12,12 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from planner.calls import Call, PytreeForm
 from planner.capture import LossFn, capture
 from planner.cost import PRESETS, CostModel, RooflineCostModel, default_cost_model
 from planner.errors import InfeasibleBudgetError, InvalidScheduleError
@@ -33,6 +34,44 @@ LAST_RESORT = "dp_memory"  # tried when nothing in fast mode fits: lowest peak, 
 DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
 #: also run on the stock graph when variants apply (the baselines there rarely win and cost time)
 STOCK_CANDIDATES = ("dp_reorder", "recompute_cheap")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """How a plan was asked for: what ``planner.guards`` plans a new state of the model with (the
+    last smaller batch, autocast, another head), so that a byte budget stays bytes and a
+    percentage is of the new store-all peak."""
+
+    budget: int | float | str  # as given
+    mode: str = "fast"
+    algorithm: str | None = None
+    time_limit: float | None = None
+    cost_model: CostModel | str | None = None
+    op_variants: bool | str | Collection[str] = True
+    loss_fn: LossFn | None = None  # in memory only: a loaded plan gets it from apply()
+
+    def plan(self, graph: TrainingGraph) -> "Plan":
+        options = dict(mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit, op_variants=self.op_variants)
+        try:
+            return plan(graph, self.budget, cost_model=self.cost_model, **options)
+        except KeyError as error:  # a cost model profiled on the planned graph only
+            logger.warning("planner: %s; planning the new state with the %s roofline cost model", error,
+                           torch.device(graph.device).type)
+            return plan(graph, self.budget, **options)
+
+    def to_json(self) -> dict:
+        """The request as a plan file keeps it: a cost model by preset name (a profiled or custom
+        one is not saved: a loaded plan plans new states with the device's roofline preset)."""
+        variants = self.op_variants if isinstance(self.op_variants, (bool, str)) else sorted(self.op_variants)
+        budget = self.budget if isinstance(self.budget, (str, int, float)) else str(self.budget)
+        return dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
+                    cost_model=_preset_of(self.cost_model), op_variants=variants)
+
+
+def _preset_of(cost_model: CostModel | str | None) -> str | None:
+    name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
+    preset = name.removeprefix("roofline:")
+    return preset if preset in PRESETS else None
 
 
 @dataclass
@@ -63,8 +102,9 @@ class Plan:
     n_inputs: int = 0  # how many of input_specs are model inputs
     variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
+    call: PytreeForm | None = field(default=None, repr=False)  # how the model is called (None: positionally)
+    request: PlanRequest | None = field(default=None, repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # weakref to the planned model
-    _source_training: bool = field(default=True, repr=False, compare=False)
 
     @property
     def overhead(self) -> float:
@@ -82,25 +122,33 @@ class Plan:
     def apply(self, model: torch.nn.Module, loss_fn: LossFn | None = None):
         """``model`` whose forward/backward follow this plan (a ``PlannedModule``).
 
-        Use it as the model: ``loss_fn(planned(x), y).backward()``, then any optimizer. For a
-        loaded plan, or a model other than the one planned, the step is captured again (with
-        ``loss_fn``, which must be the one planned with) and its fingerprint compared: a plan for
-        another model, input shape or mode raises ``PlanMismatchError``.
+        Use it as the model: ``loss_fn(planned(x), y).backward()``, then any optimizer; call it as
+        the model was called when planned (``planned(**batch)`` for a dict). For a loaded plan, or
+        a model other than the one planned, the step is captured again (with ``loss_fn``, which
+        must be the one planned with) and its fingerprint compared: a plan for another model, input
+        shape or mode raises ``PlanMismatchError``. Afterwards every call is checked against the
+        state planned for: eval mode and ``no_grad`` run the model eagerly, other training states
+        (a smaller batch, autocast, another head) are planned again with this plan's request.
         """
         from planner.execute import PlannedModule
+        from planner.guards import Replanner
 
+        loss_fn = loss_fn or (self.request.loss_fn if self.request else None)
         graph = self._graph_for(model, loss_fn)
-        return PlannedModule(model, graph, self.schedule)
+        request = self.request or PlanRequest(self.budget_bytes)
+        return PlannedModule(model, graph, self.schedule, plan=self, replanner=Replanner(request.plan, loss_fn))
 
     def _graph_for(self, model: torch.nn.Module, loss_fn: LossFn | None) -> TrainingGraph:
         source = self._source() if self._source is not None else None
-        if self.graph is not None and source is model and model.training == self._source_training:
+        if self.graph is not None and source is model:
             return self.graph
         if loss_fn is None and len(self.input_specs) > self.n_inputs:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
         examples = [torch.zeros(s.shape, dtype=_torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
-        graph = capture(model, examples[: self.n_inputs], loss_fn, targets=examples[self.n_inputs:])
+        inputs = examples[: self.n_inputs]
+        call = Call(*self.call.fill(inputs)) if self.call is not None else inputs
+        graph = capture(model, call, loss_fn, targets=examples[self.n_inputs:])
         if self.variants:
             graph = apply_variant_names(graph, self.variants)
         self.schedule.check_graph(graph)
@@ -134,6 +182,8 @@ class Plan:
             "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
         meta["variants"] = list(self.variants)
         meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
+        meta["call"] = self.call.to_json() if self.call is not None else None
+        meta["request"] = (self.request or PlanRequest(self.budget_bytes)).to_json()
         Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
 
     @classmethod
@@ -154,6 +204,10 @@ class Plan:
                 _torch_dtype(spec.dtype)
             meta.setdefault("workload", None)
             meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
+            call = meta.pop("call", None)  # plan files from before keyword inputs: positional
+            meta["call"] = PytreeForm.from_json(call) if call is not None else None
+            request = meta.pop("request", None) or {"budget": meta["budget_bytes"], "cost_model": _preset_of(meta["cost_model"])}
+            meta["request"] = PlanRequest(**request)
             return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error
@@ -190,7 +244,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def plan(
     model: torch.nn.Module | TrainingGraph,
     budget: int | float | str,
-    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    inputs: torch.Tensor | Sequence | Mapping[str, Any] | None = None,
     *,
     loss_fn: LossFn | None = None,
     targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -207,6 +261,9 @@ def plan(
     ----------
     model: an ``nn.Module`` (with ``inputs``), or a ``TrainingGraph`` from ``planner.capture``
         (capture once, plan many budgets).
+    inputs: an example batch, as the model is called: a tensor (``model(x)``), a tuple
+        (``model(*inputs)``) or a dict (``model(**inputs)``, e.g. a transformers batch); constants
+        in it (flags, ``None``) are part of the plan.
     budget: peak memory of the whole step (parameters, ``.grad``, inputs and activations): bytes,
         ``"6GiB"``, ``"512MB"``, or ``"50%"`` of the store-all (plain PyTorch) peak.
     mode: ``"fast"``: the DP checkpoint search, with the baselines as a safety net, in about a
@@ -238,6 +295,7 @@ def plan(
     """
     from planner.algorithms import ALGORITHMS, FAST
 
+    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
     if algorithm is None and mode not in MODES:
@@ -299,10 +357,10 @@ def plan(
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
         algorithm=best.name, status=status, cost_model=cost_model.name, gap=gap, lower_bound=lower_bound,
         message=message, input_specs=stock.input_specs, n_inputs=len(stock.inputs), variants=best.graph.variants,
+        call=stock.call_form, request=request,
     )
     if source is not None:
         chosen._source = weakref.ref(source)
-        chosen._source_training = source.training
     return chosen
 
 

@@ -216,7 +216,7 @@ def test_autocast_is_part_of_the_plan(mlp_case) -> None:
     gets its own plan, and eager's results."""
     model, x, y = mlp_case
     reference = copy.deepcopy(model)
-    pm = planner.plan(model, "70%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
+    pm = planner.plan(model, "85%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
     assert torch.equal(_mixed_precision_step(pm, x, y, 1), _mixed_precision_step(reference, x, y, 1))
     assert_same_state(model, reference)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -225,23 +225,25 @@ def test_autocast_is_part_of_the_plan(mlp_case) -> None:
     assert len(pm.plans) == 2
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        planned_in_bf16 = planner.plan(model, "70%", x, loss_fn=F.cross_entropy, targets=y)
+        planned_in_bf16 = planner.plan(model, "85%", x, loss_fn=F.cross_entropy, targets=y)
     pm = planned_in_bf16.apply(model, F.cross_entropy)
     assert pm(x).dtype == torch.float32
     train_both(model, reference, pm, x, y, seed=2)
 
 
 # ---- 4. the last, smaller batch ----------------------------------------------------------------------
+# 85%: a budget every batch size below fits (at batch 50 the lowest peak is 85% of store-all)
 def test_smaller_last_batch_re_plans_and_the_full_batch_reuses_its_plan(mlp_case) -> None:
     model, x, y = mlp_case
     reference = copy.deepcopy(model)
-    pm = planner.plan(model, "70%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
+    pm = planner.plan(model, "85%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
     train_both(model, reference, pm, x, y)
     train_both(model, reference, pm, x[:100], y[:100], seed=2)  # drop_last=False: 100 left over
     train_both(model, reference, pm, x, y, seed=3)
     assert len(pm.plans) == 2
-    full, last = pm.plans
-    assert last.budget_bytes == int(0.7 * last.store_all_peak_bytes), "a percentage is of the new store-all peak"
+    last, full = pm.plans  # least recently used first
+    assert full.input_specs[0].shape == (256, 16)
+    assert last.budget_bytes == int(0.85 * last.store_all_peak_bytes), "a percentage is of the new store-all peak"
     assert last.input_specs[0].shape == (100, 16) and last.input_specs[1].shape == (100,)
 
 
@@ -257,8 +259,8 @@ def test_plan_cache_keeps_the_most_recent_states(mlp_case, monkeypatch: pytest.M
     monkeypatch.setattr(planner.config, "cache_size_limit", 2)
     model, x, y = mlp_case
     reference = copy.deepcopy(model)
-    pm = planner.plan(model, "70%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
-    for seed, rows in enumerate((100, 50, 256, 100), start=1):
+    pm = planner.plan(model, "85%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
+    for seed, rows in enumerate((100, 128, 256, 100), start=1):
         train_both(model, reference, pm, x[:rows], y[:rows], seed=seed)
         assert len(pm.plans) <= 2
     assert [p.input_specs[0].shape[0] for p in pm.plans] == [256, 100]
@@ -267,7 +269,7 @@ def test_plan_cache_keeps_the_most_recent_states(mlp_case, monkeypatch: pytest.M
 def test_training_step_re_plans_with_its_targets(mlp_case) -> None:
     model, x, y = mlp_case
     reference = copy.deepcopy(model)
-    pm = planner.plan(model, "70%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
+    pm = planner.plan(model, "85%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
     torch.manual_seed(1)
     loss = pm.training_step(x[:100], y[:100])
     assert torch.equal(loss, step(reference, x[:100], y[:100]))
@@ -311,7 +313,7 @@ def test_keyword_inputs_and_constants_are_part_of_the_call() -> None:
         assert torch.equal(got, want)
         assert_same_state(model, reference)
     assert len(pm.plans) == 3, "another constant, another keyword set: another plan each"
-    with pytest.raises(TypeError, match="planner"):
+    with pytest.raises(TypeError, match="pass tensors, or constants"):
         planner.plan(model, "70%", {"x": x, "mask": object()})
 
 
@@ -361,12 +363,14 @@ def test_transformers_default_config_captures_and_trains_like_eager(name: str, c
     chosen = planner.plan(model, "60%", batch, loss_fn=lambda out: out.loss)
     assert chosen.recomputations > 0
     pm = chosen.apply(model)
+    torch.manual_seed(1)  # the default configs have dropout 0.1 (GPT-2) and 0 (Llama)
     with caplog.at_level(logging.WARNING, logger="planner"):
         out = pm(**batch)
     assert out.past_key_values is None and "use_cache=False" in caplog.text
     out.loss.backward()
     from planner._aot import _tracing_state
 
+    torch.manual_seed(1)
     with _tracing_state():  # eager on the traced code path (explicit causal mask), as test_transformers
         want = reference(**batch)
     want.loss.backward()
@@ -375,16 +379,23 @@ def test_transformers_default_config_captures_and_trains_like_eager(name: str, c
 
 
 def test_transformers_model_on_the_meta_device_plans_like_on_cpu() -> None:
+    """Planning without allocating the model (``torch.device("meta")``), default config, the
+    model's own loss from ``labels``: the plan made on the CPU (before the fix: the constants
+    failed capture, and on meta the loss's backward vanished from the graph)."""
     cls, config = _default_config_models()["gpt2"]
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (4, 64))
-    on_cpu = planner.plan(cls(config).train(), "60%", {"input_ids": ids, "labels": ids}, loss_fn=lambda out: out.loss)
+    loss_fn = lambda out: out.loss  # noqa: E731
+    on_cpu = planner.plan(cls(config).train(), "60%", {"input_ids": ids, "labels": ids}, loss_fn=loss_fn,
+                          cost_model="cpu")
     with torch.device("meta"):
         model = cls(config).train()
         meta_ids = torch.zeros(4, 64, dtype=torch.long)
-    on_meta = planner.plan(model, "60%", {"input_ids": meta_ids, "labels": meta_ids}, loss_fn=lambda out: out.loss)
+    on_meta = planner.plan(model, "60%", {"input_ids": meta_ids, "labels": meta_ids}, loss_fn=loss_fn,
+                           cost_model="cpu")
     assert on_meta.store_all_peak_bytes == on_cpu.store_all_peak_bytes
     assert on_meta.predicted_peak_bytes == on_cpu.predicted_peak_bytes
+    assert on_meta.schedule.steps == on_cpu.schedule.steps
 
 
 # ---- 7. side-effect-only operators -------------------------------------------------------------------
@@ -447,9 +458,11 @@ def test_two_losses_with_separate_backward_calls(cnn_case) -> None:
 
 
 def test_a_second_backward_without_retain_graph_is_a_typed_error(cnn_case) -> None:
+    """As in eager, whose error is a RuntimeError too (a loss holding saved tensors of its own,
+    such as cross-entropy, raises eager's error before the planned step is reached)."""
     model, x, y = cnn_case
     pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
-    loss = F.cross_entropy(pm(x), y)
+    loss = pm(x).sum()
     loss.backward()
     with pytest.raises(planner.BackwardError, match="retain_graph=True"):
         loss.backward()

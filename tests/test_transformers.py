@@ -172,10 +172,11 @@ def test_measured_peak_is_the_simulated_peak(planned) -> None:
     assert measured.peak_bytes < 0.51 * chosen.store_all_peak_bytes
 
 
-def test_model_output_the_loss_ignores_needs_training_step() -> None:
+def test_model_output_the_loss_ignores() -> None:
     """transformers' output object with ``.loss`` and ``.logits``, planned with ``loss_fn=lambda
-    out: out.loss``: the logits get no gradient, so the planned module cannot hand the output to
-    autograd (a typed error says so) but ``training_step`` runs the whole step, as eager does."""
+    out: out.loss``: the planned module returns both (the logits get no gradient, as the plan's
+    loss ignores them) and trains like eager; a loss that uses the logits after all is refused
+    at its backward, naming the fix; ``training_step`` runs the whole step too."""
 
     class FullOutput(nn.Module):
         def __init__(self, model: nn.Module):
@@ -189,13 +190,18 @@ def test_model_output_the_loss_ignores_needs_training_step() -> None:
     model = FullOutput(gpt2()).train()
     ids, labels = _token_batch()
     chosen = planner.plan(model, "60%", (ids, labels), loss_fn=lambda out: out.loss)
-    reference = copy.deepcopy(model)
+    reference, fused = copy.deepcopy(model), copy.deepcopy(model)
     pm = chosen.apply(model, lambda out: out.loss)
-    with pytest.raises(PlanMismatchError, match="training_step"):
-        pm(ids, labels)
-    loss = pm.training_step((ids, labels))
-    want = reference(ids, labels).loss
-    want.backward()
-    assert torch.equal(loss, want.detach())
+    out = pm(ids, labels)
+    out.loss.backward()
+    want = reference(ids, labels)
+    want.loss.backward()
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
     for got, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got.grad, ref.grad)
+    with pytest.raises(PlanMismatchError, match="loss_fn"):
+        pm(ids, labels).logits.sum().backward()
+    loss = chosen.apply(fused, lambda out: out.loss).training_step((ids, labels))
+    assert torch.equal(loss, want.loss.detach())
+    for got, ref in zip(fused.parameters(), reference.parameters(), strict=True):
         assert torch.equal(got.grad, ref.grad)
