@@ -155,7 +155,7 @@ def _entry_change(kind: str, labels: tuple[str, ...], old: tuple, new: tuple) ->
         if a == b:
             continue
         if a[0] != b[0] or len(a) != len(b):
-            return f"the {kind}s differ from {b[0]!r} on (planned {a[0]!r})"
+            return f"{kind} {b[0]!r} where {a[0]!r} was planned"
         label, x, y = next((label, x, y) for label, x, y in zip(labels, a[1:], b[1:]) if x != y)
         shown = (lambda v: v.__name__) if label == "type" else repr
         return f"{kind} {b[0]!r}: {label} {shown(y)} (planned {shown(x)})"
@@ -193,9 +193,10 @@ class PlanCache:
             return None
         change = describe_change(self.first_key, key)
         if self.replanner is None:
-            raise PlanMismatchError(f"this planned module was made for another state ({change}) and, built from a "
-                                    "bare graph and schedule, cannot plan again: use planner.plan(model, budget, "
-                                    "inputs).apply(model), which plans each new state automatically")
+            raise PlanMismatchError(f"this planned module was made for another state ({change}) and does not plan "
+                                    "again (built from a bare graph and schedule, or with apply(replan=False)): use "
+                                    "planner.plan(model, budget, inputs).apply(model), which plans each new state "
+                                    "automatically, or plan again for this state")
         like = (cached or next(reversed(self.entries.values()))).runner.graph
         plan = self.replanner(self.model, args, kwargs, targets, like)
         from planner.execute import StepRunner

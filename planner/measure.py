@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -70,8 +71,8 @@ class MemoryMeter(TorchDispatchMode):
             with self:
                 return body(*args, **(kwargs or {}))
         result = func(*args, **(kwargs or {}))
-        for value in tree_flatten(result)[0]:
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        for value in tree_flatten(result)[0]:  # a step planned again inside the meter traces fake tensors
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and not isinstance(value, FakeTensor):
                 self._count(value)
         return result
 

@@ -51,13 +51,20 @@ class PlanRequest:
     loss_fn: LossFn | None = None  # in memory only: a loaded plan gets it from apply()
 
     def plan(self, graph: TrainingGraph) -> "Plan":
-        options = dict(mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit, op_variants=self.op_variants)
+        return plan(graph, self.budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
+                    cost_model=self._cost_model_for(graph), op_variants=self.op_variants)
+
+    def _cost_model_for(self, graph: TrainingGraph) -> CostModel | str | None:
+        """The requested cost model, or the device's roofline preset when it cannot cost this
+        graph (a ``ProfiledCostModel`` covers the graphs it profiled only)."""
+        if self.cost_model is None or isinstance(self.cost_model, str):
+            return self.cost_model
         try:
-            return plan(graph, self.budget, cost_model=self.cost_model, **options)
-        except KeyError as error:  # a cost model profiled on the planned graph only
-            logger.warning("planner: %s; planning the new state with the %s roofline cost model", error,
-                           torch.device(graph.device).type)
-            return plan(graph, self.budget, **options)
+            self.cost_model.op_times(graph)
+        except KeyError as error:
+            logger.warning("planner: %s; planning this state with the device's roofline cost model", error)
+            return None
+        return self.cost_model
 
     def to_json(self) -> dict:
         """The request as a plan file keeps it: a cost model by preset name (a profiled or custom
@@ -119,7 +126,7 @@ class Plan:
         return f"{len(self.variants)} ({counts})" if self.variants else "none (stock PyTorch ops)"
 
     # ---- running ----------------------------------------------------------------------------
-    def apply(self, model: torch.nn.Module, loss_fn: LossFn | None = None):
+    def apply(self, model: torch.nn.Module, loss_fn: LossFn | None = None, *, replan: bool = True):
         """``model`` whose forward/backward follow this plan (a ``PlannedModule``).
 
         Use it as the model: ``loss_fn(planned(x), y).backward()``, then any optimizer; call it as
@@ -128,7 +135,8 @@ class Plan:
         must be the one planned with) and its fingerprint compared: a plan for another model, input
         shape or mode raises ``PlanMismatchError``. Afterwards every call is checked against the
         state planned for: eval mode and ``no_grad`` run the model eagerly, other training states
-        (a smaller batch, autocast, another head) are planned again with this plan's request.
+        (a smaller batch, autocast, another head) are planned again with this plan's request, or,
+        with ``replan=False`` (to run exactly this plan), raise ``PlanMismatchError``.
         """
         from planner.execute import PlannedModule
         from planner.guards import Replanner
@@ -136,7 +144,8 @@ class Plan:
         loss_fn = loss_fn or (self.request.loss_fn if self.request else None)
         graph = self._graph_for(model, loss_fn)
         request = self.request or PlanRequest(self.budget_bytes)
-        return PlannedModule(model, graph, self.schedule, plan=self, replanner=Replanner(request.plan, loss_fn))
+        replanner = Replanner(request.plan, loss_fn) if replan else None
+        return PlannedModule(model, graph, self.schedule, plan=self, replanner=replanner)
 
     def _graph_for(self, model: torch.nn.Module, loss_fn: LossFn | None) -> TrainingGraph:
         source = self._source() if self._source is not None else None
