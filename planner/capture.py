@@ -178,6 +178,7 @@ def capture(
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause
         raise CaptureError(_explain_trace_failure(error)) from error
+    _one_node_per_output(joint)
     specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in inputs + targets)
     builder = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device))
     graph = builder.build()
@@ -201,6 +202,28 @@ def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, 
         distinct.append(value.clone() if key in seen else value)
         seen.add(key)
     return tuple(distinct)
+
+
+def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
+    """Give every output slot a node of its own: a backward that returns one tensor as the gradient
+    of two parameters (a custom ``autograd.Function``'s ``return g, s, s``; oneDNN's LSTM backward,
+    whose bias gradient serves both biases) lists one node twice, and the IR maps each gradient
+    tensor to one parameter. A repeated slot gets an ``aten.alias`` of the node, placed right after
+    it: a view, so it costs no memory, and the gradient is freed where eager frees it."""
+    output = next(node for node in joint.graph.nodes if node.op == "output")
+    seen: set[torch.fx.Node] = set()
+    slots = list(output.args[0])
+    for i, value in enumerate(slots):
+        if not isinstance(value, torch.fx.Node):
+            continue
+        if value in seen:
+            with joint.graph.inserting_after(value):
+                alias = joint.graph.call_function(torch.ops.aten.alias.default, (value,))
+            alias.meta.update(val=torch.ops.aten.alias.default(value.meta["val"]),
+                              partitioner_tag=value.meta.get("partitioner_tag"))
+            slots[i] = alias
+        seen.add(value)
+    output.args = (type(output.args[0])(slots),) + tuple(output.args[1:])
 
 
 def _explain_trace_failure(error: Exception) -> str:

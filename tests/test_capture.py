@@ -208,6 +208,48 @@ def test_capture_with_loss_and_targets() -> None:
     assert len(g.input_specs) == 2
 
 
+class _SharedBiasGradient(torch.autograd.Function):
+    """``x + a + b`` whose backward returns one tensor as the gradient of both ``a`` and ``b``."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        return x + a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        shared = grad.sum(0)
+        return grad, shared, shared
+
+
+def test_one_tensor_returned_as_two_parameters_gradients() -> None:
+    """AOT lists the same node as both gradients; each parameter must still get its own (``a``
+    got none, silently)."""
+    import copy
+
+    class TwoBiases(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.a, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return _SharedBiasGradient.apply(self.fc(x), self.a, self.b)
+
+    torch.manual_seed(0)
+    model, x, y = TwoBiases().train(), torch.randn(3, 4), torch.randint(0, 4, (3,))
+    g = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
+    name_of = {tid: name for name, tid in g.parameters.items()}
+    assert sorted(name_of[p] for p in g.gradients.values()) == ["a", "b", "fc.bias", "fc.weight"]
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, g, g.store_all())
+    for _ in range(2):  # the first step creates .grad, the second adds into it
+        nn.functional.cross_entropy(planned(x), y).backward()
+        nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(got.grad, want.grad), name
+    assert planned_model.a.grad.data_ptr() != planned_model.b.grad.data_ptr()
+
+
 class _RealTensorMeter(planner.MemoryMeter):
     """The storage meter, counting plain tensors only: tracing's fake and functional tensor
     subclasses hold no real memory."""
