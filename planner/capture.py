@@ -205,25 +205,55 @@ def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, 
 
 
 def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
-    """Give every output slot a node of its own: a backward that returns one tensor as the gradient
-    of two parameters (a custom ``autograd.Function``'s ``return g, s, s``; oneDNN's LSTM backward,
-    whose bias gradient serves both biases) lists one node twice, and the IR maps each gradient
-    tensor to one parameter. A repeated slot gets an ``aten.alias`` of the node, placed right after
-    it: a view, so it costs no memory, and the gradient is freed where eager frees it."""
+    """Give every output slot of the joint graph a node of its own, the same in every trace.
+
+    The IR maps each gradient tensor to one parameter, but AOT can list one node for two:
+    - a backward that returns one tensor twice (a custom ``autograd.Function``'s ``return g, s, s``):
+      the repeated slot gets an ``aten.alias`` of the node, placed right after it (a view: no
+      memory, freed where eager frees it);
+    - an op whose meta kernel returns one tensor for outputs its schema says are fresh (oneDNN's
+      LSTM backward: the bias gradient, for both biases; the real kernel returns two). A trace
+      cannot tell those outputs apart, and whether AOT names one of them twice depends on fake
+      tensor caching (the first trace in a process does): the slots naming them get them in
+      schema order, so every capture gives the same graph and fingerprint.
+    """
     output = next(node for node in joint.graph.nodes if node.op == "output")
-    seen: set[torch.fx.Node] = set()
     slots = list(output.args[0])
-    for i, value in enumerate(slots):
-        if not isinstance(value, torch.fx.Node):
+    groups: dict[tuple[torch.fx.Node, Any], list[int]] = {}
+    for position, value in enumerate(slots):
+        if isinstance(value, torch.fx.Node) and value.target is operator.getitem:
+            groups.setdefault((value.args[0], _aot.storage_key(value.meta["val"])), []).append(position)
+    for (op, key), positions in groups.items():
+        if not isinstance(op.target, torch._ops.OpOverload):
             continue
+        returns = op.target._schema.returns
+        twins = [i for i, item in enumerate(op.meta["val"]) if isinstance(item, torch.Tensor)
+                 and _aot.storage_key(item) == key and returns[min(i, len(returns) - 1)].alias_info is None]
+        if len(twins) > 1:
+            for position, index in zip(positions, twins):
+                slots[position] = _getitem(joint, op, index)
+    seen: set[torch.fx.Node] = set()
+    for position, value in enumerate(slots):
         if value in seen:
             with joint.graph.inserting_after(value):
                 alias = joint.graph.call_function(torch.ops.aten.alias.default, (value,))
             alias.meta.update(val=torch.ops.aten.alias.default(value.meta["val"]),
                               partitioner_tag=value.meta.get("partitioner_tag"))
-            slots[i] = alias
-        seen.add(value)
+            slots[position] = alias
+        if isinstance(value, torch.fx.Node):
+            seen.add(value)
     output.args = (type(output.args[0])(slots),) + tuple(output.args[1:])
+
+
+def _getitem(joint: torch.fx.GraphModule, op: torch.fx.Node, index: int) -> torch.fx.Node:
+    """The node reading output ``index`` of multi-output ``op``, added right after it if missing."""
+    for user in op.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    with joint.graph.inserting_after(op):
+        node = joint.graph.call_function(operator.getitem, (op, index))
+    node.meta.update(val=op.meta["val"][index], partitioner_tag=op.meta.get("partitioner_tag"))
+    return node
 
 
 def _explain_trace_failure(error: Exception) -> str:
@@ -247,7 +277,8 @@ class _GraphBuilder:
         self.device = device
         self.tensor_of: dict[torch.fx.Node, int] = {}  # fx node (single-tensor value) -> tensor id
         self.slots_of: dict[torch.fx.Node, tuple[int | None, ...]] = {}  # multi-output op node -> tensor ids
-        self.storage_ids: dict[Any, int] = {}
+        self.storage_ids: dict[Any, int] = {}  # fake storage -> storage id
+        self.storage_keys: list[Any] = []  # tensor id -> its fake storage
         self.storage_sizes: list[int] = []
         self.tensor_rows: list[dict] = []
         self.op_rows: list[dict] = []
@@ -263,24 +294,45 @@ class _GraphBuilder:
         self.input_gradients: dict[int, int] = {}
 
     # -- tensors and storages -----------------------------------------------------------------
-    def _storage(self, value: torch.Tensor) -> int:
+    def _storage(self, value: torch.Tensor, sources: Sequence[int]) -> int:
+        """The storage of ``value``: a view of one of the op's inputs (``sources``) lives in that
+        input's storage as the IR has it (not always the fake storage's first owner: see
+        ``_separate_from_siblings``); any other tensor in the storage its fake storage names."""
         key = _aot.storage_key(value)
+        for source in sources:
+            if self.storage_keys[source] == key:
+                return self.tensor_rows[source]["storage"]
         if key not in self.storage_ids:
             self.storage_ids[key] = len(self.storage_sizes)
             self.storage_sizes.append(int(value.untyped_storage().nbytes()))
         return self.storage_ids[key]
 
-    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None) -> int:
+    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None,
+                    sources: Sequence[int] = ()) -> int:
         if value.layout is not torch.strided:
             raise CaptureError(f"{name} is a {value.layout} tensor, whose memory the planner cannot count: "
                                "keep the model's tensors dense (torch.strided)")
         tensor_id = len(self.tensor_rows)
         self.tensor_rows.append(dict(
             id=tensor_id, name=name, shape=tuple(int(s) for s in value.shape), dtype=str(value.dtype),
-            nbytes=int(value.numel() * value.element_size()), storage=self._storage(value), kind=kind,
+            nbytes=int(value.numel() * value.element_size()), storage=self._storage(value, sources), kind=kind,
             producer=producer, consumers=[],
         ))
+        self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
+
+    def _separate_from_siblings(self, target: torch._ops.OpOverload, index: int, slots: list) -> None:
+        """Output ``index`` (the last of ``slots``) in a storage of its own when it shares one with
+        an earlier output of the op but the schema says it is a fresh tensor (no alias annotation).
+        ATen requires that of its kernels; a meta kernel may not keep to it: oneDNN's LSTM backward
+        returns one fake bias gradient for both biases, while the real kernel returns two tensors.
+        Views of either find their storage through the op they are read by (``_storage``)."""
+        returns = target._schema.returns
+        row = self.tensor_rows[slots[-1]]
+        siblings = {self.tensor_rows[t]["storage"] for t in slots[:-1] if t is not None}
+        if row["storage"] in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
+            self.storage_sizes.append(self.storage_sizes[row["storage"]])
+            row["storage"] = len(self.storage_sizes) - 1
 
     # -- nodes ----------------------------------------------------------------------------------
     def _placeholder(self, node: torch.fx.Node) -> None:
@@ -340,14 +392,15 @@ class _GraphBuilder:
         op_id = len(self.op_rows)
         value = node.meta["val"]
         if isinstance(value, torch.Tensor):
-            outputs = [self._new_tensor(node.name, value, TensorKind.ACTIVATION, op_id)]
+            outputs = [self._new_tensor(node.name, value, TensorKind.ACTIVATION, op_id, input_ids)]
             output_slots = (outputs[0],)
             self.tensor_of[node] = outputs[0]
         elif isinstance(value, (tuple, list)):
             slots = []
             for i, item in enumerate(value):
                 if isinstance(item, torch.Tensor):
-                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, op_id))
+                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, op_id, input_ids))
+                    self._separate_from_siblings(target, i, slots)
                 elif item is None:
                     slots.append(None)
                 else:

@@ -250,6 +250,26 @@ def test_one_tensor_returned_as_two_parameters_gradients() -> None:
     assert planned_model.a.grad.data_ptr() != planned_model.b.grad.data_ptr()
 
 
+def test_lstm_bias_gradients_are_two_tensors_in_every_capture() -> None:
+    """oneDNN's LSTM backward (the CPU LSTM): its meta kernel returns one tensor as both bias
+    gradients, where the real kernel returns two. Each bias gets a gradient in a storage of its
+    own, and the first capture in a process (where AOT names one node for both, and one bias got
+    no gradient) gives the graph later captures give."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    model, x = nn.LSTM(5, 7, num_layers=2).train(), torch.randn(3, 2, 5)  # shapes no other test traces
+    first, second = (planner.capture(model, x) for _ in range(2))
+    assert first.fingerprint == second.fingerprint and first.gradients == second.gradients
+    assert any(op.target == "aten.mkldnn_rnn_layer_backward.default" for op in first.ops)
+    grad_of = {name: grad for grad, tid in first.gradients.items() for name, pid in first.parameters.items() if pid == tid}
+    assert set(grad_of) == {name for name, _ in model.named_parameters()}
+    for layer in (0, 1):
+        ih, hh = (first.tensors[grad_of[f"bias_{kind}_l{layer}"]] for kind in ("ih", "hh"))
+        assert ih.id != hh.id and ih.storage != hh.storage
+    planner.simulate(first, first.store_all())  # was refused: "recomputed while a view of its output is live"
+
+
 class _RealTensorMeter(planner.MemoryMeter):
     """The storage meter, counting plain tensors only: tracing's fake and functional tensor
     subclasses hold no real memory."""
