@@ -15,10 +15,26 @@ def bind(value: Any, env: Sequence[torch.Tensor | None]) -> Any:
                     is_leaf=lambda v: isinstance(v, TensorRef))
 
 
+#: ops whose kernels read the grad mode instead of an argument. oneDNN's LSTM layer (the CPU
+#: LSTM) computes the training workspace its backward reads only while grad mode is on, whatever
+#: its ``train`` argument says; under ``no_grad`` (where plans run) it returns none.
+GRAD_MODE_OPS = frozenset({torch.ops.aten.mkldnn_rnn_layer.default})
+
+
+def invoke(call: OpCall, env: Sequence[torch.Tensor | None]) -> Any:
+    """Run ``call`` on the tensors of ``env`` as eager's training forward runs it: ops in
+    ``GRAD_MODE_OPS`` with grad mode on, over detached inputs (so no autograd graph is recorded)."""
+    args, kwargs = bind(call.args, env), bind(call.kwargs, env)
+    if call.target in GRAD_MODE_OPS:
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        with torch.enable_grad():
+            return call.target(*tree_map(detach, args), **tree_map(detach, kwargs))
+    return call.target(*args, **kwargs)
+
+
 def run_call(call: OpCall, env: list[torch.Tensor | None]) -> None:
     """Run ``call`` reading its inputs from ``env`` and storing its outputs into ``env``."""
-    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
-    store_outputs(call, result, env)
+    store_outputs(call, invoke(call, env), env)
 
 
 def store_outputs(call: OpCall, result: Any, env: list[torch.Tensor | None]) -> None:

@@ -263,6 +263,34 @@ def test_model_whose_output_is_saved_for_backward(activation, algorithm: str) ->
     assert_same_step(planned_step(planned_model, pm, x, loss, seed=1), eager_step(reference, x, loss, seed=1))
 
 
+class _LastStep(nn.Module):
+    """A 2-layer LSTM classifying a sequence from its last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 16, num_layers=2, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("algorithm", ["store_all", "checkpoint_all"])
+def test_cpu_lstm_runs_with_its_training_workspace(algorithm: str) -> None:
+    """oneDNN's LSTM layer computes the workspace its backward reads only under grad mode, which
+    the plan's forward (an autograd.Function) turns off: the backward failed on a missing tensor."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    model, x, y = _LastStep().train(), torch.randn(2, 5, 8), torch.randint(0, 4, (2,))
+    graph = planner.capture(model, x, F.cross_entropy, targets=y)
+    assert any(op.target == "aten.mkldnn_rnn_layer.default" for op in graph.ops)
+    schedule = ALGORITHMS[algorithm](graph, planner.RooflineCostModel("cpu"), 10**9)
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    pm = planner.PlannedModule(planned_model, graph, schedule)
+    loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    assert_same_step(planned_step(planned_model, pm, x, loss, seed=1), eager_step(reference, x, loss, seed=1))
+
+
 def test_dict_output_and_frozen_parameter() -> None:
     class Heads(nn.Module):
         def __init__(self):
