@@ -20,6 +20,7 @@ from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
 from planner.graph import (
     InputSpec, OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorKind, TensorRef, TrainingGraph,
 )
+from planner.runtime import GRAD_MODE_OPS, real_outputs
 
 LossFn = Callable[..., torch.Tensor]
 _MODEL_PREFIX = "model."
@@ -411,11 +412,13 @@ class _GraphBuilder:
             outputs = [s for s in slots if s is not None]
         else:
             raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
+        if target in GRAD_MODE_OPS and self.device != "meta":  # its meta kernel states the inference outputs
+            self._resize(output_slots, real_outputs(target, *vals))
         input_storages = {self.tensor_rows[i]["storage"] for i in input_ids}
         is_view = all(self.tensor_rows[o]["storage"] in input_storages for o in outputs)
         for i in input_ids:
             self.tensor_rows[i]["consumers"].append(op_id)
-        vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
         self.op_rows.append(dict(
             id=op_id, name=node.name, target=str(target),
             phase=Phase.FORWARD if is_forward else Phase.BACKWARD, in_loss=node in self.loss_nodes,
@@ -426,6 +429,15 @@ class _GraphBuilder:
             is_view=is_view, is_random=torch.Tag.nondeterministic_seeded in target.tags,
         ))
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
+
+    def _resize(self, slots: tuple[int | None, ...], real: list) -> None:
+        """Give the tensors in ``slots`` the shapes, dtypes and bytes the real kernel produces."""
+        for tensor_id, found in zip(slots, real):
+            if tensor_id is not None and found is not None:
+                shape, dtype, nbytes = found
+                row = self.tensor_rows[tensor_id]
+                row.update(shape=shape, dtype=dtype, nbytes=nbytes)
+                self.storage_sizes[row["storage"]] = nbytes
 
     def _resident_named(self, name: str) -> int:
         if name in self.buffers:

@@ -32,6 +32,20 @@ def invoke(call: OpCall, env: Sequence[torch.Tensor | None]) -> Any:
     return call.target(*args, **kwargs)
 
 
+def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[tuple[tuple[int, ...], str, int] | None]:
+    """(shape, dtype, storage bytes) of each output of ``target`` run as ``invoke`` runs it, on
+    zeros shaped like the tensors of ``args``/``kwargs`` (fake tensors from a trace): for ops in
+    ``GRAD_MODE_OPS``, whose meta kernels describe the inference path (oneDNN's LSTM layer
+    reports an empty workspace). Allocates what the op does once: one layer, not the model."""
+    def zeros(v: Any) -> Any:
+        return torch.zeros(tuple(v.shape), dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+
+    with torch.enable_grad():
+        result = target(*tree_map(zeros, args), **tree_map(zeros, kwargs))
+    return [(tuple(v.shape), str(v.dtype), v.untyped_storage().nbytes()) if isinstance(v, torch.Tensor) else None
+            for v in (result if isinstance(result, (tuple, list)) else (result,))]
+
+
 def run_call(call: OpCall, env: list[torch.Tensor | None]) -> None:
     """Run ``call`` reading its inputs from ``env`` and storing its outputs into ``env``."""
     store_outputs(call, invoke(call, env), env)
