@@ -270,6 +270,37 @@ def test_lstm_bias_gradients_are_two_tensors_in_every_capture() -> None:
     planner.simulate(first, first.store_all())  # was refused: "recomputed while a view of its output is live"
 
 
+class _Upsampling(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.conv1, self.conv2 = mode, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        corners = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+        return self.conv2(nn.functional.interpolate(self.conv1(x), size=(13, 11), mode=self.mode, **corners)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_interpolation_is_traced_as_eager_runs_it(mode: str) -> None:
+    """Tracing swapped Python decompositions (index gathers, an index-put backward) in for the
+    upsampling kernels: bilinear and bicubic gradients differed from eager's in the last bits."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x, y = _Upsampling(mode).train(), torch.randn(2, 3, 9, 7), torch.randint(0, 4, (2,))
+    g = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
+    targets = {op.target for op in g.ops}
+    assert f"aten.upsample_{mode}2d_backward.default" in targets and "aten._unsafe_index_put.default" not in targets
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, g, g.store_all())
+    nn.functional.cross_entropy(planned(x), y).backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(got.grad, want.grad), name
+    # the decompositions are back after the capture: other tracers (torch.compile) still get them
+    assert torch.ops.aten.upsample_bilinear2d.vec.py_kernels
+
+
 class _RealTensorMeter(planner.MemoryMeter):
     """The storage meter, counting plain tensors only: tracing's fake and functional tensor
     subclasses hold no real memory."""
