@@ -317,7 +317,7 @@ class _GraphBuilder:
         self.tensor_rows.append(dict(
             id=tensor_id, name=name, shape=tuple(int(s) for s in value.shape), dtype=str(value.dtype),
             nbytes=int(value.numel() * value.element_size()), storage=self._storage(value, sources), kind=kind,
-            producer=producer, consumers=[],
+            producer=producer, consumers=[], strides=tuple(int(s) for s in value.stride()),
         ))
         self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
@@ -431,12 +431,12 @@ class _GraphBuilder:
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
 
     def _resize(self, slots: tuple[int | None, ...], real: list) -> None:
-        """Give the tensors in ``slots`` the shapes, dtypes and bytes the real kernel produces."""
+        """Give the tensors in ``slots`` the shapes, layouts, dtypes and bytes the real kernel produces."""
         for tensor_id, found in zip(slots, real):
             if tensor_id is not None and found is not None:
-                shape, dtype, nbytes = found
+                shape, strides, dtype, nbytes = found
                 row = self.tensor_rows[tensor_id]
-                row.update(shape=shape, dtype=dtype, nbytes=nbytes)
+                row.update(shape=shape, strides=strides, dtype=dtype, nbytes=nbytes)
                 self.storage_sizes[row["storage"]] = nbytes
 
     def _resident_named(self, name: str) -> int:

@@ -32,17 +32,22 @@ def invoke(call: OpCall, env: Sequence[torch.Tensor | None]) -> Any:
     return call.target(*args, **kwargs)
 
 
-def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[tuple[tuple[int, ...], str, int] | None]:
-    """(shape, dtype, storage bytes) of each output of ``target`` run as ``invoke`` runs it, on
-    zeros shaped like the tensors of ``args``/``kwargs`` (fake tensors from a trace): for ops in
-    ``GRAD_MODE_OPS``, whose meta kernels describe the inference path (oneDNN's LSTM layer
-    reports an empty workspace). Allocates what the op does once: one layer, not the model."""
+#: an output as ``real_outputs`` describes it: (shape, strides, dtype, storage bytes)
+RealOutput = tuple[tuple[int, ...], tuple[int, ...], str, int]
+
+
+def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[RealOutput | None]:
+    """What each output of ``target`` is when run as ``invoke`` runs it, on zeros shaped like the
+    tensors of ``args``/``kwargs`` (fake tensors from a trace): for ops in ``GRAD_MODE_OPS``, whose
+    meta kernels describe the inference path (oneDNN's LSTM layer reports an empty workspace).
+    Allocates what the op does once: one layer, not the model."""
     def zeros(v: Any) -> Any:
         return torch.zeros(tuple(v.shape), dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
 
     with torch.enable_grad():
         result = target(*tree_map(zeros, args), **tree_map(zeros, kwargs))
-    return [(tuple(v.shape), str(v.dtype), v.untyped_storage().nbytes()) if isinstance(v, torch.Tensor) else None
+    return [(tuple(v.shape), tuple(v.stride()), str(v.dtype), v.untyped_storage().nbytes())
+            if isinstance(v, torch.Tensor) else None
             for v in (result if isinstance(result, (tuple, list)) else (result,))]
 
 
