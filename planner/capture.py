@@ -264,7 +264,10 @@ def _explain_trace_failure(error: Exception) -> str:
         return ("the model has data-dependent control flow or output shapes (it reads tensor values "
                 f"in Python, e.g. `if x.sum() > 0` or `.item()`), which cannot be planned ahead: {first_line}")
     if "dynamic" in text.lower() and "shape" in text.lower():
-        return f"the model has dynamic shapes, which cannot be planned ahead: {first_line}"
+        return ("the model has dynamic shapes (an op whose output size depends on tensor values: nonzero, "
+                "boolean-mask indexing, unique), which cannot be planned ahead: keep every shape a function of "
+                "the input shapes (select with masks or torch.where; route tokens to experts with a fixed "
+                f"capacity): {first_line}")
     return f"could not trace the training step: {first_line}"
 
 

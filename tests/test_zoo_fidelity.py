@@ -339,3 +339,30 @@ def test_planned_step_is_eagers_and_its_peak_the_predicted(zoo, name: str, op_va
         f"{name} ({chosen.algorithm}, variants {chosen.variants_summary}): measured peak {peak} B vs "
         f"predicted {chosen.predicted_peak_bytes} B ({error:+.3%})")
 
+
+# ---- what cannot be planned -------------------------------------------------------------------------
+class TokenRoutingMoE(nn.Module):
+    """A mixture of experts that sends each token to its top-1 expert by gathering the token rows
+    (``nonzero``): how many rows each expert gets depends on the router's values."""
+
+    def __init__(self, width: int = 16, experts: int = 4):
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero(as_tuple=True)[0]
+            out = out.index_add(0, rows, expert(x[rows]))
+        return self.head(out)
+
+
+def test_token_routing_mixture_of_experts_is_refused_naming_the_fix() -> None:
+    """Data-dependent shapes cannot be planned ahead: a typed error that says what to write instead."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randint(0, CLASSES, (32,))
+    with pytest.raises(planner.CaptureError, match="dynamic shapes.*fixed capacity"):
+        planner.capture(TokenRoutingMoE().train(), x, F.cross_entropy, targets=y)
