@@ -179,6 +179,7 @@ def capture(
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause
         raise CaptureError(_explain_trace_failure(error)) from error
+    _sum_tied_gradients(joint)
     _one_node_per_output(joint)
     specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in inputs + targets)
     builder = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device))
@@ -203,6 +204,44 @@ def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, 
         distinct.append(value.clone() if key in seen else value)
         seen.add(key)
     return tuple(distinct)
+
+
+def _sum_tied_gradients(joint: torch.fx.GraphModule) -> None:
+    """One gradient per parameter, summed as eager sums it, for a parameter used under several
+    names (an embedding tied to the output layer).
+
+    AOT lifts each name as an input of its own and returns a gradient for each; added into
+    ``.grad`` one by one they give ``(g + a) + b``, where eager's autograd sums the contributions
+    first (its input buffer holds the first until the last arrives) and adds ``g + (a + b)``: the
+    bits differ as soon as ``.grad`` is not zero (gradient accumulation). The contributions are
+    summed by ``aten.add`` ops right after the last one is produced (in the order the backward
+    produces them) and the sum is the gradient of the parameter's first name; the others get none.
+    Complexity: O(nodes).
+    """
+    output = next(node for node in joint.graph.nodes if node.op == "output")
+    storage_of = {_aot.input_role(node, _MODEL_PREFIX).name: _aot.storage_key(node.meta["val"])
+                  for node in joint.graph.nodes if node.op == "placeholder"
+                  and _aot.input_role(node, _MODEL_PREFIX).kind == "parameter"}
+    slots = list(output.args[0])
+    tied: dict[Any, list[int]] = {}
+    for position, (value, role) in enumerate(zip(slots, _aot.output_roles(output, _MODEL_PREFIX))):
+        if isinstance(value, torch.fx.Node) and role is not None and role.kind == "gradient" \
+                and role.target in storage_of:
+            tied.setdefault(storage_of[role.target], []).append(position)
+    order = {node: i for i, node in enumerate(joint.graph.nodes)}
+    for positions in (p for p in tied.values() if len(p) > 1):
+        contributions = sorted((slots[p] for p in positions), key=order.__getitem__)
+        total = contributions[0]
+        for contribution in contributions[1:]:  # the running total is computed before this one
+            with joint.graph.inserting_after(contribution):
+                added = joint.graph.call_function(torch.ops.aten.add.Tensor, (total, contribution))
+            added.meta.update(val=torch.ops.aten.add.Tensor(total.meta["val"], contribution.meta["val"]),
+                              partitioner_tag=contribution.meta.get("partitioner_tag"))
+            total = added
+        slots[positions[0]] = total
+        for position in positions[1:]:
+            slots[position] = None
+    output.args = (type(output.args[0])(slots),) + tuple(output.args[1:])
 
 
 def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
