@@ -294,7 +294,7 @@ def _step(model: nn.Module, runner: nn.Module, workload: Workload, seed: int = 1
     its gradients into them as eager does."""
     generator = torch.Generator().manual_seed(seed)
     for parameter in model.parameters():
-        parameter.grad = 1e-3 * torch.randn(parameter.shape, generator=generator).to(parameter)
+        parameter.grad = torch.empty_like(parameter).copy_(1e-3 * torch.randn(parameter.shape, generator=generator))
     losses = []
 
     def step() -> None:
