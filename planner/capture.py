@@ -165,7 +165,9 @@ def capture(
 
     Notes
     -----
-    No activation memory is allocated: the step is traced with fake tensors. Time is roughly
+    No activation memory is allocated: the step is traced with fake tensors. The one exception is
+    oneDNN's CPU LSTM layer, whose meta kernel misstates its workspace: it runs once on zeros (one
+    layer's worth; ``planner.runtime.GRAD_MODE_OPS``). Time is roughly
     linear in the number of operators (ResNet-50: about 2 s on 2 CPU cores).
     """
     inputs = _as_tuple(inputs, "inputs")
