@@ -16,7 +16,7 @@ import planner
 from planner import Phase, TensorKind
 from planner.graph import RESIDENT_KINDS
 
-from conftest import Case, make_transformer
+from conftest import Case, SharedShift, make_transformer
 
 tv = torchvision.models
 
@@ -208,19 +208,6 @@ def test_capture_with_loss_and_targets() -> None:
     assert len(g.input_specs) == 2
 
 
-class _SharedBiasGradient(torch.autograd.Function):
-    """``x + a + b`` whose backward returns one tensor as the gradient of both ``a`` and ``b``."""
-
-    @staticmethod
-    def forward(ctx, x, a, b):
-        return x + a + b
-
-    @staticmethod
-    def backward(ctx, grad):
-        shared = grad.sum(0)
-        return grad, shared, shared
-
-
 def test_one_tensor_returned_as_two_parameters_gradients() -> None:
     """AOT lists the same node as both gradients; each parameter must still get its own (``a``
     got none, silently)."""
@@ -233,7 +220,7 @@ def test_one_tensor_returned_as_two_parameters_gradients() -> None:
             self.a, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
 
         def forward(self, x):
-            return _SharedBiasGradient.apply(self.fc(x), self.a, self.b)
+            return SharedShift.apply(self.fc(x), self.a, self.b)
 
     torch.manual_seed(0)
     model, x, y = TwoBiases().train(), torch.randn(3, 4), torch.randint(0, 4, (3,))
