@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_unflatten
 
 from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
-from planner.runtime import bind, initial_env, store_outputs
+from planner.runtime import initial_env, invoke, store_outputs
 from planner.schedule import Compute, Schedule
 from planner.simulate import simulate
 
@@ -150,11 +150,11 @@ class StepRunner:
             if step.replay_rng:
                 with torch.random.fork_rng(devices=self._rng_devices()):
                     self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
-                    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                    result = invoke(call, env)
             else:
                 if step.save_rng:
                     rng_states[step.op] = self._get_rng()
-                result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                result = invoke(call, env)
             store_outputs(call, result, env)
             del result
             for tensor in op.outputs:

@@ -47,6 +47,9 @@ class TensorInfo:
     kind: TensorKind
     producer: int | None  # op id; None for resident tensors
     consumers: tuple[int, ...]  # op ids, in graph order, without repeats
+    # element strides as traced (the memory layout: channels-last, transposed); () for the tensors a
+    # graph rewrite adds. Variant ops give their outputs the layout the stock op's output has here.
+    strides: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

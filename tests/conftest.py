@@ -59,6 +59,20 @@ class ViewModel(nn.Module):
         return flat.sum() * transposed.mean()
 
 
+class SharedShift(torch.autograd.Function):
+    """``x + a + b`` whose backward returns one tensor as the gradient of both ``a`` and ``b``
+    (AOT then lists one node for two parameters' gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        return x + a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        shared = grad.sum(0)
+        return grad, shared, shared
+
+
 def make_transformer(d_model: int = 64, nhead: int = 4, ff: int = 128, layers: int = 2,
                      dropout: float = 0.1) -> nn.TransformerEncoder:
     """A batch-first ``nn.TransformerEncoder`` in train mode (nested tensors off)."""

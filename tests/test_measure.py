@@ -123,6 +123,18 @@ def test_store_all_peak_matches_eager_wide_linear() -> None:
     assert simulated == pytest.approx(measured.peak_bytes, rel=0.01)
 
 
+def test_store_all_peak_matches_eager_cpu_lstm() -> None:
+    """oneDNN's LSTM layer keeps a training workspace for its backward (here larger than the
+    layer's output) that its meta kernel reports as empty: capture measures it on the real kernel."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    simulated, measured, graph = _compare(nn.LSTM(8, 16, num_layers=2), torch.randn(12, 4, 8))
+    workspaces = [graph.tensors[op.outputs[3]] for op in graph.ops if op.target == "aten.mkldnn_rnn_layer.default"]
+    assert len(workspaces) == 2 and all(w.dtype == "torch.uint8" and w.nbytes > 0 for w in workspaces)
+    assert simulated == pytest.approx(measured.peak_bytes, rel=1e-3)
+
+
 def test_dropout_graph_is_leaner_than_cpu_eager() -> None:
     """With dropout, the graph keeps a bool mask (native_dropout) where CPU eager keeps a float
     noise tensor: the simulated store-all peak is at most the measured eager peak."""
