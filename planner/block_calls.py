@@ -37,6 +37,10 @@ class TensorSpec:
     def of(cls, tensor: torch.Tensor) -> "TensorSpec":
         return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device, tensor.requires_grad)
 
+    @property
+    def layout(self) -> tuple:
+        return self.shape, self.stride, self.dtype, self.device
+
     def example(self) -> torch.Tensor:
         """A tensor of this layout for capture (which reads only metadata: values are zeros)."""
         value = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).zero_()
@@ -74,16 +78,19 @@ class BlockCall:
                                    "plain constants only (transformers: use_cache=False)")
         return cls(spec, tuple(positions), tuple(paths), tuple(tensors), tuple(constants))
 
-    def split(self, args: tuple, kwargs: dict) -> tuple[list, tuple[torch.Tensor, ...]] | None:
-        """The call's leaves and tensors if it matches this one's structure and constants, else None."""
+    def split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+        """The call's tensors if it matches this one (structure, constants, tensor layouts; not
+        whether they require grad), else None."""
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.spec:
             return None
         tensors = tuple(leaves[i] for i in self.tensor_positions)
         others = [leaf for i, leaf in enumerate(leaves) if i not in set(self.tensor_positions)]
-        if not all(isinstance(t, torch.Tensor) for t in tensors) or others != list(self.constants):
+        if others != list(self.constants) or not all(
+                isinstance(t, torch.Tensor) and TensorSpec.of(t).layout == recorded.layout
+                for t, recorded in zip(tensors, self.tensors)):
             return None
-        return leaves, tensors
+        return tensors
 
     def tensors_at_paths(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
         """The tensors of another call of the same block at this call's tensor paths, or None where

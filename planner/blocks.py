@@ -10,6 +10,8 @@ peak is predicted by the simulator with every block as an opaque op sized by its
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
@@ -153,8 +155,7 @@ def plan_blocks(
 
 
 def _steps_key(chosen: Plan) -> str:
-    import hashlib
-
+    """A hash of the schedule's steps (its ``fingerprint`` is the graph's)."""
     return hashlib.sha256(repr(chosen.schedule.steps).encode()).hexdigest()[:32]
 
 
@@ -211,7 +212,7 @@ class _Planner:
         by_key = {}
         for key, reference in self._store_all.items():
             activations = reference.store_all_peak_bytes - reference.resident_bytes
-            by_key[key] = self._plan(key, reference.resident_bytes + int(share * activations))
+            by_key[key] = self._plan(key, reference.resident_bytes + math.ceil(share * activations))
         return [by_key[key] for key in self.key_of]
 
     def lowest_share(self) -> float:
@@ -286,11 +287,10 @@ class _PlannedBlock:
     def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
         if not torch.is_grad_enabled():  # no backward will run: the block's own forward is eager's
             return original_forward(block)(*args, **kwargs)
-        split = self.call.split(args, kwargs)
-        if split is None:
-            raise PlanMismatchError(f"block {self.name} was planned for calls ({self.call.describe()}) with the "
-                                    "same constants; it got another call: plan_blocks again for it")
-        tensors = split[1]
+        tensors = self.call.split(args, kwargs)
+        if tensors is None:
+            raise PlanMismatchError(f"block {self.name} was planned for calls with tensors {self.call.describe()} "
+                                    "(layouts and constants as recorded); it got another call: plan_blocks again for it")
         if block.training != self.training:
             raise PlanMismatchError(f"block {self.name} was planned in {'train' if self.training else 'eval'} mode: "
                                     "switch it back, or plan_blocks again in this mode")
