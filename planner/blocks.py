@@ -29,6 +29,8 @@ from planner.units import format_bytes, parse_budget
 
 _STATE = "_remat_planned_block"  # the attribute of a planned block holding its plan
 BISECTION_STEPS = 8  # share of the budget, to 1/256 of each block's activations
+#: baselines that keep little of a block for its backward (a few tensors at its articulation points)
+CHECKPOINTING = ("checkpoint_all", "chen_sqrt", "chen_sqrt_linear")
 
 
 @dataclass
@@ -37,7 +39,8 @@ class BlockPlan:
 
     ``rank_peak_bytes``: the predicted peak of each rank (one entry without FSDP);
     ``predicted_peak_bytes`` is their maximum. Budgets in percent are of ``store_all_peak_bytes``,
-    the whole step with every block unplanned (plain PyTorch).
+    the whole step with every block run unplanned by the executor (eager autograd can hold a few
+    percent more or less, docs/distributed.md).
     """
 
     blocks: tuple[str, ...]
@@ -100,8 +103,10 @@ def plan_blocks(
     ----------
     model, inputs, loss_fn, targets: as ``planner.plan`` (one example batch: per rank under FSDP).
     budget: the whole step's peak (per rank under FSDP): bytes, ``"6GiB"``, or ``"50%"`` of the
-        step with every block unplanned. Each block gets the same share of its own activations,
-        the largest whose whole step fits (bisection over the share, ``BISECTION_STEPS`` probes).
+        step with every block unplanned. The fastest fitting of: every block at the same share of
+        its own activations (bisection over the share, ``BISECTION_STEPS`` probes), or every block
+        checkpointed by one of ``CHECKPOINTING`` (they keep little for the backward, which matters
+        when many blocks each hold what they keep).
     blocks: which submodules to plan (``planner.block_calls.find_blocks``): None for the repeated
         blocks (every ``LlamaDecoderLayer``, ``GPT2Block``, ...), a class, or submodule names.
     block_budget: plan every block at this budget of its own step instead (bytes, or a percentage
@@ -117,7 +122,7 @@ def plan_blocks(
     Raises
     ------
     CaptureError: no blocks, a block called with state (a KV cache), blocks already sharded.
-    InfeasibleBudgetError: no share fits; ``min_feasible_bytes`` is the whole step's lowest peak.
+    InfeasibleBudgetError: no candidate fits; ``min_feasible_bytes`` is the whole step's lowest peak.
     RankMismatchError: ranks planned differently (different shapes, model or library versions).
     """
     from planner.fsdp import FSDPLayout, check_ranks_agree
@@ -133,16 +138,14 @@ def plan_blocks(
         cost_model = RooflineCostModel(cost_model)
     cost_model = cost_model or default_cost_model(graphs[0])
     layout = FSDPLayout.of(model, found, world_size) if fsdp else None
-    planner = _Planner(found, graphs, outer, cost_model, layout, dict(mode=mode, op_variants=op_variants))
-    reference = planner.predict(planner.store_all())
+    search = _Planner(graphs, outer, cost_model, layout, dict(mode=mode, op_variants=op_variants))
+    reference = search.predict(search.store_all())
     budget_bytes = parse_budget(budget, max(reference.rank_peaks))
-    if block_budget is not None:
-        chosen = planner.at_block_budget(block_budget)
-    else:
-        chosen = planner.within(budget_bytes)
-    prediction = planner.predict(chosen)
-    if layout is not None or torch.distributed.is_available() and torch.distributed.is_initialized():
-        check_ranks_agree([(b.name, p.graph.fingerprint, p.schedule.fingerprint, _steps_key(p)) for b, p in zip(found, chosen)])
+    chosen = search.within(budget_bytes) if block_budget is None else search.at_block_budget(block_budget)
+    prediction = search.predict(chosen)
+    if max(prediction.rank_peaks) > budget_bytes:
+        raise InfeasibleBudgetError(budget_bytes, max(prediction.rank_peaks), f"every block at block_budget={block_budget!r}")
+    check_ranks_agree([(b.name, p.graph.fingerprint, _steps_key(p)) for b, p in zip(found, chosen)])
     for block, chosen_plan in zip(found, chosen):
         _install(block, chosen_plan)
     return BlockPlan(
@@ -181,9 +184,8 @@ class _Prediction:
 class _Planner:
     """Plans the distinct block graphs and predicts whole steps; caches both by budget."""
 
-    def __init__(self, blocks: list[Block], graphs: list[TrainingGraph], outer: OuterStep, cost_model: CostModel,
-                 layout, options: dict):
-        self.blocks, self.outer, self.cost_model, self.layout, self.options = blocks, outer, cost_model, layout, options
+    def __init__(self, graphs: list[TrainingGraph], outer: OuterStep, cost_model: CostModel, layout, options: dict):
+        self.outer, self.cost_model, self.layout, self.options = outer, cost_model, layout, options
         self.distinct: dict[str, TrainingGraph] = {}
         for graph in graphs:
             self.distinct.setdefault(graph.fingerprint, graph)
@@ -228,30 +230,38 @@ class _Planner:
             share = max(share, (lowest - reference.resident_bytes) / activations)
         return share
 
-    def within(self, budget_bytes: int) -> list[Plan]:
-        """The fastest plans found whose whole step fits: bisection over the share."""
-        reference = self.store_all()
-        if max(self.predict(reference).rank_peaks) <= budget_bytes:
-            return reference
-        low = self.lowest_share()
-        chosen = self._fitting(self.at_share(low), budget_bytes)
-        if chosen is None:
-            lowest = max(self.predict(self.at_share(low)).rank_peaks)
-            raise InfeasibleBudgetError(budget_bytes, lowest, "every block planned at its lowest peak")
-        high = 1.0
-        for _ in range(BISECTION_STEPS):
-            middle = (low + high) / 2
-            fitting = self._fitting(self.at_share(middle), budget_bytes)
-            if fitting is None:
-                high = middle
-            else:
-                low = middle
-                if self.predict(fitting).time <= self.predict(chosen).time:
-                    chosen = fitting
-        return chosen
+    def checkpointing(self, name: str) -> list[Plan]:
+        """Every block planned by the checkpointing baseline ``name``, whatever its own peak."""
+        by_key = {key: plan(graph, "100%", algorithm=name, cost_model=self.cost_model, op_variants=False)
+                  for key, graph in self.distinct.items()}
+        return [by_key[key] for key in self.key_of]
 
-    def _fitting(self, plans: list[Plan], budget_bytes: int) -> list[Plan] | None:
-        return plans if max(self.predict(plans).rank_peaks) <= budget_bytes else None
+    def within(self, budget_bytes: int) -> list[Plan]:
+        """The fastest plans found whose whole step fits.
+
+        Two families: each block at the same share of its activations (the fastest plan under
+        that budget of its own step; bisection over the share), and each block checkpointed by a
+        baseline that keeps little from its forward to its backward (``CHECKPOINTING``). A block's
+        own budget bounds its own peak, but the whole step also holds what every other block keeps
+        for its backward, so where many blocks are planned the second family reaches lower."""
+        tried = [self.store_all()] + [self.checkpointing(name) for name in CHECKPOINTING]
+        low = self.lowest_share()
+        tried.append(self.at_share(low))
+        high = 1.0
+        if self._fits(tried[-1], budget_bytes):
+            for _ in range(BISECTION_STEPS):
+                middle = (low + high) / 2
+                tried.append(self.at_share(middle))
+                low, high = (middle, high) if self._fits(tried[-1], budget_bytes) else (low, middle)
+        fitting = [plans for plans in tried if self._fits(plans, budget_bytes)]
+        if not fitting:
+            lowest = min(max(self.predict(plans).rank_peaks) for plans in tried)
+            raise InfeasibleBudgetError(budget_bytes, lowest, "every block at its lowest peak, and checkpointed by "
+                                        + ", ".join(CHECKPOINTING))
+        return min(fitting, key=lambda plans: self.predict(plans).time)
+
+    def _fits(self, plans: list[Plan], budget_bytes: int) -> bool:
+        return max(self.predict(plans).rank_peaks) <= budget_bytes
 
     def _profile(self, chosen: Plan) -> BlockProfile:
         if id(chosen) not in self._profiles:

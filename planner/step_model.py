@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ _BACKWARD_OP = "remat_planner.block_backward.default"
 @dataclass(frozen=True)
 class _OpaqueCall:
     outputs: tuple[TensorSpec, ...]
-    grad_inputs: tuple[int, ...]  # positions of the inputs that get gradients
+    grad_inputs: tuple[int, ...]  # positions of the inputs that get gradients (the anchor last)
 
 
 _CALLS: list[_OpaqueCall] = []  # per planned block, while the whole step is traced (one trace at a time)
@@ -102,13 +102,17 @@ def _opaque(blocks: Sequence[Block]):
             if tensors is None:
                 raise CaptureError(f"block {block.name} is called differently while tracing than when it was "
                                    "recorded: the whole step cannot be predicted")
-            outputs = _block_forward(list(tensors), index)
+            # one trainable parameter of the block (as traced) is the ops' anchor: the forward's outputs
+            # require grad and the backward op is needed (for the anchor's gradient) even when nothing
+            # before the block trains (frozen embeddings); ``capture_outer`` then empties that gradient
+            anchor = [p for p in block.module.parameters() if p.requires_grad][:1]
+            outputs = _block_forward([*tensors, *anchor], index)
             return tree_unflatten(list(outputs[:-1]), block.output_spec)
         return forward
 
     previous = [block.module.__dict__.get("forward") for block in blocks]
-    _CALLS[:] = [_OpaqueCall(block.outputs, tuple(i for i, t in enumerate(block.call.tensors) if t.requires_grad))
-                 for block in blocks]
+    _CALLS[:] = [_OpaqueCall(block.outputs, tuple(i for i, t in enumerate(block.call.tensors) if t.requires_grad)
+                             + ((len(block.call.tensors),) if _trains(block) else ())) for block in blocks]
     for index, block in enumerate(blocks):
         block.module.forward = forward_of(index, block)
     try:
@@ -118,6 +122,10 @@ def _opaque(blocks: Sequence[Block]):
             del block.module.forward
             if forward is not None:
                 block.module.forward = forward
+
+
+def _trains(block: Block) -> bool:
+    return any(p.requires_grad for p in block.module.parameters())
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,11 @@ def capture_outer(model: torch.nn.Module, blocks: Sequence[Block], inputs: tuple
             (forward_ops if op.target == _FORWARD_OP else backward_ops)[call.args[1]] = op.id
     if -1 in forward_ops or -1 in backward_ops:
         raise CaptureError("a planned block's output does not reach the loss: plan only blocks the loss depends on")
+    editor = GraphEditor(graph)  # the anchors' gradients are the blocks' (their plans account for them)
+    for gradient in [g for g in graph.gradients if graph.tensors[g].producer in backward_ops]:
+        editor.resize(gradient, 0)
+        del editor.gradients[gradient]
+    graph = editor.build()
     parameters = tuple(tuple(graph.parameters[f"{block.name}.{name}"]
                              for name, _ in block.module.named_parameters(remove_duplicate=False))
                        for block in blocks)
@@ -185,25 +198,22 @@ def profile_block(graph: TrainingGraph, schedule: Schedule, cost_model: CostMode
     resident = graph.resident_bytes
     after_forward = int(result.timeline[forward_end - 1]) - resident
     output_bytes = _distinct_bytes(graph, graph.model_outputs)
-    gradient_bytes = sum(graph.tensors[g].nbytes for g in graph.gradients)
     if gradients_held:
-        held_graph, held_schedule = _with_gradient_copies(graph, schedule)
-        held_result = simulate(held_graph, held_schedule, cost_model)
-        backward_peak = int(_step_peaks(held_graph, held_schedule, held_result, cost_model)[backward_start:].max())
-        backward_base = int(held_result.timeline[backward_start - 1])
+        backward_graph, backward_schedule = _with_gradient_copies(graph, schedule)
+        backward_result = simulate(backward_graph, backward_schedule, cost_model)
+        backward_peaks = _step_peaks(backward_graph, backward_schedule, backward_result, cost_model)
     else:
-        backward_peak = int(peaks[backward_start:].max())
-        backward_base = int(result.timeline[backward_start - 1])
+        backward_result, backward_peaks = result, peaks
     times = np.asarray(cost_model.op_times(graph))
     model_ops = np.array([not op.in_loss for op in graph.ops])
     saved = set(lowered.saved_outputs)
     return BlockProfile(
         held_bytes=after_forward - output_bytes,
         forward_extra=int(peaks[:forward_end].max()) - resident - after_forward,
-        backward_extra=backward_peak - backward_base,
+        backward_extra=int(backward_peaks[backward_start:].max() - backward_result.timeline[backward_start - 1]),
         saved_outputs=tuple(i for i, t in enumerate(graph.model_outputs) if t in saved),
         time=float((result.compute_counts * times)[model_ops].sum()),
-        gradient_bytes=gradient_bytes,
+        gradient_bytes=sum(graph.tensors[g].nbytes for g in graph.gradients),
     )
 
 
@@ -214,7 +224,7 @@ def _step_peaks(graph: TrainingGraph, schedule: Schedule, result: SimResult, cos
     return result.timeline + np.where(is_compute, workspace[np.where(is_compute, index, 0)], 0)
 
 
-def _distinct_bytes(graph: TrainingGraph, tensors) -> int:
+def _distinct_bytes(graph: TrainingGraph, tensors: Iterable[int]) -> int:
     storages = {graph.tensors[t].storage for t in tensors} - graph.resident_storages
     return sum(graph.storages[s].nbytes for s in storages)
 

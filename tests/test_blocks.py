@@ -20,6 +20,7 @@ from torch import nn
 import planner
 from planner import CaptureError, InfeasibleBudgetError, PlanMismatchError
 from planner.block_calls import find_blocks
+from planner.blocks import CHECKPOINTING
 
 from _llama import LAYERS, causal_lm_loss, tiny_llama, token_batch
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
@@ -109,6 +110,22 @@ def test_block_budget_plans_each_block_at_its_own_share_and_remove_unplans(plann
     assert torch.equal(_step(model, ids, labels), _step(copy.deepcopy(eager), ids, labels))
 
 
+def test_low_budget_checkpoints_every_layer_and_still_equals_eager(planned) -> None:
+    """At half the step, what each layer keeps for its backward adds up over the layers: a
+    checkpointing baseline that keeps little wins over the fastest plan under a layer's own share."""
+    model, eager, _, ids, labels = planned
+    model, eager = copy.deepcopy(model), copy.deepcopy(eager)
+    chosen = planner.plan_blocks(model, "50%", ids, loss_fn=causal_lm_loss, targets=labels)
+    assert {p.algorithm for p in chosen.plans} <= set(CHECKPOINTING)
+    measured = planner.measure_step(model, lambda: _step(model, ids, labels), [ids, labels])
+    assert measured.peak_bytes == pytest.approx(chosen.predicted_peak_bytes, rel=PEAK_TOLERANCE)
+    assert chosen.predicted_peak_bytes <= chosen.budget_bytes
+    model.zero_grad(set_to_none=True)
+    assert torch.equal(_step(model, ids, labels), _step(eager, ids, labels))
+    for (name, got), (_, want) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
+        assert torch.equal(got.grad, want.grad), name
+
+
 def test_budget_below_every_share_names_the_lowest_whole_step_peak(planned) -> None:
     model, _, _, ids, labels = planned
     model = copy.deepcopy(model)
@@ -182,3 +199,22 @@ def test_a_block_called_with_state_is_refused() -> None:
 
     with pytest.raises(CaptureError, match="use_cache=False"):
         planner.plan_blocks(Stateful(), "100%", torch.randn(2, 4))
+
+
+def test_inputs_or_parameters_other_than_planned_are_refused_when_the_block_runs() -> None:
+    torch.manual_seed(0)
+    model = Residual()
+    x = torch.randn(16, 8)
+    model.inp.requires_grad_(False)  # the first block's input needs no gradient when planned
+    eager = copy.deepcopy(model)
+    planner.plan_blocks(model, "100%", x, block_budget="100%")
+    for m in (model, eager):
+        m(x).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.blocks.parameters(), eager.blocks.parameters()))
+    model.inp.requires_grad_(True)
+    with pytest.raises(PlanMismatchError, match="requires grad but was planned without"):
+        model(x)
+    model.inp.requires_grad_(False)
+    model.blocks[1][1].weight = nn.Parameter(model.blocks[1][1].weight.detach().double())
+    with pytest.raises(PlanMismatchError, match="parameter 1.weight is a Parameter of shape .*float64"):
+        model(x)
