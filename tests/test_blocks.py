@@ -23,6 +23,7 @@ from planner.block_calls import find_blocks
 from planner.blocks import CHECKPOINTING
 
 from _llama import LAYERS, causal_lm_loss, tiny_llama, token_batch
+from conftest import ResidualNet
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 pytest.importorskip("transformers")
@@ -137,25 +138,8 @@ def test_budget_below_every_share_names_the_lowest_whole_step_peak(planned) -> N
 
 
 # ---- which modules are blocks ------------------------------------------------------------------
-class Residual(nn.Module):
-    def __init__(self, width: int = 16, blocks: int = 3):
-        super().__init__()
-        self.inp = nn.Linear(8, width)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, 4 * width),
-                          nn.GELU(), nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-            for _ in range(blocks))
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
-
-
 def test_repeated_blocks_are_found_by_structure_or_named() -> None:
-    model = Residual()
+    model = ResidualNet(d=16, classes=3, blocks=3, deep=True, d_in=8)
     assert [name for name, _ in find_blocks(model)] == ["blocks.0", "blocks.1", "blocks.2"]
     assert [name for name, _ in find_blocks(model, nn.LayerNorm)] == ["blocks.0.0", "blocks.1.0", "blocks.2.0"]
     assert [name for name, _ in find_blocks(model, ["blocks.1", "head"])] == ["blocks.1", "head"]
@@ -167,7 +151,7 @@ def test_repeated_blocks_are_found_by_structure_or_named() -> None:
 
 def test_small_residual_model_planned_per_block_equals_eager() -> None:
     torch.manual_seed(0)
-    model = Residual()
+    model = ResidualNet(d=16, classes=3, blocks=3, deep=True, d_in=8)
     eager = copy.deepcopy(model)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     chosen = planner.plan_blocks(model, "100%", x, loss_fn=F.cross_entropy, targets=y, block_budget="80%")
@@ -203,7 +187,7 @@ def test_a_block_called_with_state_is_refused() -> None:
 
 def test_inputs_or_parameters_other_than_planned_are_refused_when_the_block_runs() -> None:
     torch.manual_seed(0)
-    model = Residual()
+    model = ResidualNet(d=16, classes=3, blocks=3, deep=True, d_in=8)
     x = torch.randn(16, 8)
     model.inp.requires_grad_(False)  # the first block's input needs no gradient when planned
     eager = copy.deepcopy(model)

@@ -30,6 +30,7 @@ import planner
 from planner.blocks import planned_block_state
 
 from _llama import causal_lm_loss, tiny_llama, token_batch
+from conftest import ResidualNet
 
 WORLD = 2
 STEPS = 2
@@ -37,28 +38,6 @@ FSDP_BUDGET = "75%"  # of the step with every layer unplanned, per rank
 #: measured vs predicted per-rank peak: the code outside the layers runs eagerly, its prediction is
 #: its traced graph's (eager autograd frees some temporaries later); measured here: 12 bytes of 11 MB
 PEAK_TOLERANCE = 0.02
-
-
-class Net(nn.Module):
-    """Residual MLP blocks with LayerNorm: enough activations to recompute (``deep``: three hidden
-    layers per block, enough to recompute inside one block)."""
-
-    def __init__(self, d: int = 32, classes: int = 5, blocks: int = 4, deep: bool = False):
-        super().__init__()
-        self.inp = nn.Linear(16, d)
-        def hidden() -> list[nn.Module]:
-            return [module for _ in range(2 if deep else 0) for module in (nn.Linear(4 * d, 4 * d), nn.GELU())]
-
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), *hidden(), nn.Linear(4 * d, d))
-            for _ in range(blocks))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 def _free_port() -> int:
@@ -73,7 +52,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # the same initial model on every rank
-        model = Net().train()
+        model = ResidualNet().train()
         torch.manual_seed(100 + rank)  # each rank its own shard
         x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
         chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y)
@@ -186,7 +165,7 @@ def _fsdp_results(rank: int, ids: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def _ddp_blocks_results(rank: int) -> dict:
     torch.manual_seed(0)
-    model = Net(deep=True).train()
+    model = ResidualNet(deep=True).train()
     torch.manual_seed(100 + rank)
     x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
     planned_model, eager_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -271,7 +250,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_planning_a_ddp_wrapped_model_says_to_plan_the_inner_module(single_process_group) -> None:
     x, y = _batch()
-    ddp = nn.parallel.DistributedDataParallel(Net().train())
+    ddp = nn.parallel.DistributedDataParallel(ResidualNet().train())
     with pytest.raises(planner.CaptureError, match=r"ddp\.module.*DistributedDataParallel\(plan\.apply"):
         planner.plan(ddp, "60%", x, loss_fn=F.cross_entropy, targets=y)
 
@@ -282,7 +261,7 @@ def test_a_sharded_model_is_refused_naming_plan_blocks(single_process_group) -> 
     from torch.distributed.fsdp import fully_shard
 
     x, y = _batch()
-    model = Net().train()
+    model = ResidualNet().train()
     fully_shard(model)
     F.cross_entropy(model(x), y).backward()  # eager FSDP2 itself runs here (CPU, gloo)
     with pytest.raises(planner.CaptureError, match=r"sharded.*plan_blocks\(model, budget, inputs, fsdp=True\)"):
