@@ -290,6 +290,7 @@ class _PlannedBlock:
     def __init__(self, name: str, call: BlockCall, graph: TrainingGraph, chosen: Plan, training: bool):
         self.name, self.call, self.graph, self.plan, self.training = name, call, graph, chosen, training
         self._planned = None  # PlannedModule over this block, made at the first call
+        self._planned_for: type | None = None  # the block's class then
 
     def __deepcopy__(self, memo) -> "_PlannedBlock":
         return _PlannedBlock(self.name, self.call, self.graph, self.plan, self.training)
@@ -310,10 +311,12 @@ class _PlannedBlock:
             raise PlanMismatchError(f"input {needs[0]} of block {self.name} requires grad but was planned without "
                                     "a gradient: plan_blocks again with the model as it trains")
         self._check_parameters(block)
-        if self._planned is None:
+        if self._planned is None or self._planned_for is not type(block):
             from planner.execute import PlannedModule
 
+            # made again when the block's class changes: fully_shard swaps in a subclass of its own
             self._planned = PlannedModule(BlockStep(block, self.call), self.graph, self.plan.schedule)
+            self._planned_for = type(block)
         return self._planned(*tensors)
 
     def _check_parameters(self, block: torch.nn.Module) -> None:
