@@ -155,7 +155,12 @@ def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | N
 
 def storage_key(tensor: torch.Tensor) -> StorageWeakRef:
     """Identity of a tensor's storage: views and in-place results share one key."""
-    return StorageWeakRef(tensor.untyped_storage())
+    return storage_ref(tensor.untyped_storage())
+
+
+def storage_ref(storage: torch.UntypedStorage) -> StorageWeakRef:
+    """Identity of a storage (what ``storage_key`` gives for any tensor in it)."""
+    return StorageWeakRef(storage)
 
 
 @contextlib.contextmanager

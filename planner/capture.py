@@ -133,9 +133,10 @@ def _refuse_distributed_wrappers(model: torch.nn.Module) -> None:
                if isinstance(module, (FSDPModule, FullyShardedDataParallel))]
     sharded += [name for name, parameter in model.named_parameters() if isinstance(parameter, DTensor)]
     if sharded:
-        raise CaptureError(f"{sharded[0]} is sharded (FSDP or DTensor parameters), which the planner does "
-                           "not support: plan the unsharded model and train it with DistributedDataParallel, "
-                           "or use FSDP with torch.utils.checkpoint (docs/reliability.md)")
+        raise CaptureError(f"{sharded[0]} is sharded (FSDP or DTensor parameters), which plan() cannot trace: "
+                           "plan the unsharded model's blocks, planner.plan_blocks(model, budget, inputs, fsdp=True), "
+                           "then fully_shard each block and the model (docs/distributed.md), or train the planned "
+                           "model with DistributedDataParallel")
 
 
 def capture(

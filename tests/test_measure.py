@@ -143,3 +143,23 @@ def test_dropout_graph_is_leaner_than_cpu_eager() -> None:
     simulated, measured, graph = _compare(model, torch.randn(4, 32, 64))
     assert any(op.is_random for op in graph.ops)
     assert simulated <= measured.peak_bytes
+
+
+def test_meter_follows_storages_resized_in_place() -> None:
+    """FSDP2 allocates and frees its unsharded parameters with ``untyped_storage().resize_``; no op
+    output shows it. Growth counts as an allocation, shrinking releases what was counted."""
+    outside = torch.empty(1000)  # 4000 bytes from before the meter: not counted
+    original = torch.UntypedStorage.resize_
+    with MemoryMeter() as meter:
+        storage = outside.untyped_storage()
+        storage.resize_(0)
+        assert meter.current_bytes == 0
+        storage.resize_(4000)
+        assert meter.current_bytes == 4000
+        other = torch.empty(10)
+        storage.resize_(0)
+        assert meter.current_bytes == 40 and meter.peak_bytes == 4040
+        del other
+    assert torch.UntypedStorage.resize_ is original and meter.current_bytes == 0
+    storage.resize_(4000)  # outside the meter: not followed
+    assert meter.current_bytes == 0
