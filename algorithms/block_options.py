@@ -90,11 +90,15 @@ class BlockOptions:
     forward_peak: np.ndarray  # int64 bytes
     kept: np.ndarray
     backward_peak: np.ndarray
-    time: np.ndarray  # float64 seconds
+    time: np.ndarray  # float64 seconds: the forward part plus the backward and its recomputation
+    first_forward_peak: np.ndarray  # int64: forward peak in the first forward, where every op runs
+    backward_time: np.ndarray  # float64: the backward and its recomputation alone
     output_time: np.ndarray  # float64: recomputing the block's output from the kept tensors and input
     # (inf where the option keeps the output)
     checkpoint_forward_peak: int  # forward computing only the block's output from its input
     checkpoint_forward_time: float
+    first_forward_time: float  # every forward op of the block, as the first forward runs them
+    first_checkpoint_peak: int  # the first forward's peak keeping only the output
 
 
 def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np.ndarray,
@@ -478,14 +482,20 @@ def checkpoint_forward(local: LocalBlock) -> np.ndarray:
                           local.tensor_producer, local.tensor_valid)
 
 
-def evaluate(local: LocalBlock, mask: int) -> tuple[int, int, int, float]:
-    """(forward peak, kept, backward peak, time) of one option."""
+def _replay_parts(local: LocalBlock, forward: np.ndarray, backward: np.ndarray) -> tuple:
+    return _replay(np.concatenate((forward, backward)), len(forward), local.in_ptr, local.in_idx, local.out_ptr,
+                   local.out_idx, local.op_time, local.op_workspace, local.tensor_storage, local.tensor_output,
+                   local.storage_bytes, local.storage_role)
+
+
+def evaluate(local: LocalBlock, mask: int) -> tuple[int, int, int, float, int, float]:
+    """(forward peak, kept, backward peak, time, first-forward peak, backward time) of one option:
+    its forward in a recomputation pass computes what the kept set and the output need; in the
+    first forward every op of the block runs."""
     forward, backward = orders(local, mask)
-    peak_f, kept, peak_b, time_f, time_b = _replay(
-        np.concatenate((forward, backward)), len(forward), local.in_ptr, local.in_idx, local.out_ptr,
-        local.out_idx, local.op_time, local.op_workspace, local.tensor_storage, local.tensor_output,
-        local.storage_bytes, local.storage_role)
-    return int(peak_f), int(kept), int(peak_b), float(time_f + time_b)
+    peak_f, kept, peak_b, time_f, time_b = _replay_parts(local, forward, backward)
+    first_peak = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), backward)[0]
+    return int(peak_f), int(kept), int(peak_b), float(time_f + time_b), int(first_peak), float(time_b)
 
 
 def block_options(local: LocalBlock) -> BlockOptions:
@@ -496,19 +506,19 @@ def block_options(local: LocalBlock) -> BlockOptions:
         masks = [mask | forced for mask in range(1 << c)]
     else:
         masks = _greedy_masks(local, forced)
-    rows = [(mask,) + evaluate(local, mask) for mask in masks]
-    rows = _pareto(rows)
-    forward = checkpoint_forward(local)
-    peak, _, _, time, _ = _replay(forward, len(forward), local.in_ptr, local.in_idx, local.out_ptr, local.out_idx,
-                                  local.op_time, local.op_workspace, local.tensor_storage, local.tensor_output,
-                                  local.storage_bytes, local.storage_role)
-    table = np.array([r[1:4] for r in rows], dtype=np.int64).reshape(-1, 3)
-    masks = np.array([r[0] for r in rows], dtype=np.int64)
+    rows = _pareto([(mask,) + evaluate(local, mask) for mask in masks])
+    nothing = np.zeros(0, dtype=np.int64)
+    checkpoint = _replay_parts(local, checkpoint_forward(local), nothing)
+    first_checkpoint = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), nothing)
+    column = lambda i, dtype: np.array([r[i] for r in rows], dtype=dtype)  # noqa: E731
+    masks = column(0, np.int64)
     return BlockOptions(
-        masks=masks, forward_peak=table[:, 0], kept=table[:, 1], backward_peak=table[:, 2],
-        time=np.array([r[4] for r in rows], dtype=np.float64),
+        masks=masks, forward_peak=column(1, np.int64), kept=column(2, np.int64), backward_peak=column(3, np.int64),
+        time=column(4, np.float64), first_forward_peak=column(5, np.int64), backward_time=column(6, np.float64),
         output_time=np.array([_output_time(local, int(m)) for m in masks], dtype=np.float64),
-        checkpoint_forward_peak=int(peak), checkpoint_forward_time=float(time))
+        checkpoint_forward_peak=int(checkpoint[0]), checkpoint_forward_time=float(checkpoint[3]),
+        first_forward_time=float(local.op_time[: local.n_forward].sum()),
+        first_checkpoint_peak=int(first_checkpoint[0]))
 
 
 def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
@@ -520,33 +530,34 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
     masks = [full, forced]
     for start, removing in ((full, True), (forced, False)):
         mask = start
-        _, kept_now, _, time_now = evaluate(local, mask)
+        _, kept_now, _, time_now, _, _ = evaluate(local, mask)
         while (mask != forced) if removing else (mask != full):
             best, best_score = None, None
             for i in range(c):
                 if bool(mask >> i & 1) != removing:
                     continue
                 trial = mask ^ (1 << i)
-                _, kept, _, time = evaluate(local, trial)
+                _, kept, _, time, _, _ = evaluate(local, trial)
                 saved = (kept_now - kept) if removing else (kept - kept_now)
                 extra = (time - time_now) if removing else (time_now - time)
                 score = extra / max(saved, 1) if removing else -extra / max(saved, 1)
                 if best_score is None or score < best_score:
                     best, best_score = trial, score
             mask = best
-            _, kept_now, _, time_now = evaluate(local, mask)
+            _, kept_now, _, time_now, _, _ = evaluate(local, mask)
             masks.append(mask)
     return list(dict.fromkeys(masks))
 
 
 def _pareto(rows: list[tuple]) -> list[tuple]:
-    """Rows (mask, forward peak, kept, backward peak, time) no other row beats or ties on all of
-    forward peak, kept, backward peak and time; at most ``MAX_OPTIONS``: first those no other beats on
+    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time)
+    no other row beats or ties on all of the peaks, kept memory and time; at most ``MAX_OPTIONS``: first those no other beats on
     kept memory and time together, then others spread over the rest."""
-    rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1]))
+    rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
     front: list[tuple] = []
     for row in rows:
-        if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] for f in front):
+        if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] and f[5] <= row[5]
+                   for f in front):
             front.append(row)
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
         by_time = sorted(front, key=lambda r: (r[4], r[2]))

@@ -18,7 +18,9 @@ recomputes the output from option o's kept tensors (``output_time[s, o]``, a Bat
 add and ReLU, or a LayerNorm) right before block s+1 needs it again.
 
 ``cost[s, t, m]`` is the least time of the pass over s..t with m memory units, and the first
-forward (``first[s, m]``: blocks s..L with the loss, before any backward) follows the same rules.
+forward (``first[s, m]``: blocks s..L with the loss, before any backward) follows the same rules,
+with every op of a block run (its first-forward peak and time) where a recomputation runs only
+what the kept tensors and the output need.
 Memory held outside every block (long-lived storages, gradients crossing blocks, the
 ``BlockChain`` arrays) is added where each check happens; memory units are ``limit / Q`` bytes,
 every size rounded up, so a plan the DP accepts needs at most its limit in its model.
@@ -46,9 +48,13 @@ class ChainProblem:
     backward_peak: np.ndarray  # [L, P]
     time: np.ndarray  # [L, P] (inf where a block has fewer options)
     output_time: np.ndarray  # [L, P] recomputing the block's output from the option's kept tensors
+    first_forward_peak: np.ndarray  # [L, P] the forward peak when the first forward runs the block
+    backward_time: np.ndarray  # [L, P] the backward part of ``time``
     checkpoint: np.ndarray  # [L] output checkpoint of each block
     checkpoint_forward_peak: np.ndarray  # [L]
     checkpoint_forward_time: np.ndarray  # [L]
+    first_forward_time: np.ndarray  # [L] every forward op of the block (the first forward runs all)
+    first_checkpoint_peak: np.ndarray  # [L] the first forward's peak keeping only the output
     long_lived_forward: np.ndarray  # [L + 1]
     long_lived_backward: np.ndarray  # [L + 1]
     frontier: np.ndarray  # [L + 1]
@@ -92,7 +98,9 @@ class ChainTables:
 def tabulate(problem: ChainProblem) -> ChainTables:
     return ChainTables(problem, _tables(
         problem.forward_peak, problem.kept, problem.backward_peak, problem.time, problem.output_time,
-        problem.checkpoint, problem.checkpoint_forward_peak, problem.checkpoint_forward_time,
+        problem.first_forward_peak, problem.backward_time, problem.first_forward_time,
+        problem.first_checkpoint_peak, problem.checkpoint, problem.checkpoint_forward_peak,
+        problem.checkpoint_forward_time,
         problem.long_lived_forward, problem.long_lived_backward, problem.frontier, problem.through,
         problem.loss_forward_peak, problem.loss_backward_peak, problem.loss_time, problem.quanta))
 
@@ -103,23 +111,16 @@ def solve(problem: ChainProblem) -> ChainSolution | None:
 
 
 @numba.njit(cache=True)
-def _tables(fpeak, kept, bpeak, time, out_time, ckpt, ck_peak, ck_time, wf, wb, frontier, through,
-            loss_fpeak, loss_bpeak, loss_time, quanta):
+def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, first_ck_peak, ckpt, ck_peak,
+            ck_time, wf, wb, frontier, through, loss_fpeak, loss_bpeak, loss_time, quanta):
     """cost/soft (passes over s..t, input held / droppable), first/first_soft (the first
     forward from s), each with its decision table: an option o (``ALL``), ``P + o`` (``ALL``
     with a soft pass after it), or -s2 (``CK`` up to s2 - 1)."""
     n_blocks, n_options = fpeak.shape
     inf = np.inf
     none = -(1 << 30)
-    ck_need = np.zeros((n_blocks, n_blocks), dtype=np.int64)
-    ck_sum = np.zeros((n_blocks, n_blocks))
-    for s in range(n_blocks):
-        need, total = 0, 0.0
-        for e in range(s, n_blocks):
-            need = max(need, ck_peak[e] + (ckpt[e - 1] if e > s else 0))
-            total += ck_time[e]
-            ck_need[s, e] = need
-            ck_sum[s, e] = total
+    ck_need, ck_sum = _runs(ck_peak, ck_time, ckpt)  # recomputing blocks s..e for e's output
+    first_need, first_sum = _runs(first_ck_peak, first_time, ckpt)  # the first forward of them
     cost = np.full((n_blocks, n_blocks, quanta + 1), inf)
     soft = np.full((n_blocks, n_blocks, quanta + 1), inf)
     decision = np.full((n_blocks, n_blocks, quanta + 1), none, dtype=np.int32)
@@ -188,19 +189,21 @@ def _tables(fpeak, kept, bpeak, time, out_time, ckpt, ck_peak, ck_time, wf, wb, 
         for m in range(quanta + 1):
             best, choice = inf, none
             for o in range(n_options):
-                if time[s, o] == inf or fpeak[s, o] + wf[s] > m or bpeak[s, o] + bwd_extra > m or m - kept[s, o] < 0:
+                if time[s, o] == inf or first_fpeak[s, o] + wf[s] > m or bpeak[s, o] + bwd_extra > m \
+                        or m - kept[s, o] < 0:
                     continue
                 rest = m - kept[s, o]
-                c, pick = time[s, o] + first[s + 1, rest], o
-                c_soft = time[s, o] + first_soft[s + 1, rest] + out_time[s, o]
+                block_time = first_time[s] + btime[s, o]
+                c, pick = block_time + first[s + 1, rest], o
+                c_soft = block_time + first_soft[s + 1, rest] + out_time[s, o]
                 if c_soft < c:
                     c, pick = c_soft, n_options + o
                 if c < best:
                     best, choice = c, pick
             for s2 in range(s + 1, n_blocks + 1):
-                if ck_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0:
+                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0:
                     continue
-                c = ck_sum[s, s2 - 1] + first[s2, m - ckpt[s2 - 1]] + cost[s, s2 - 1, m]
+                c = first_sum[s, s2 - 1] + first[s2, m - ckpt[s2 - 1]] + cost[s, s2 - 1, m]
                 if c < best:
                     best, choice = c, -s2
             first[s, m] = best
@@ -209,22 +212,39 @@ def _tables(fpeak, kept, bpeak, time, out_time, ckpt, ck_peak, ck_time, wf, wb, 
                 continue
             best, choice = inf, none
             for o in range(n_options):
-                if time[s, o] == inf or fpeak[s, o] + wf[s] > m or bpeak[s, o] + bwd_extra > m or m - kept[s, o] < 0 \
-                        or ck_peak[s - 1] + kept[s, o] + frontier[s] + wb[s] > m + x_in:
+                if time[s, o] == inf or first_fpeak[s, o] + wf[s] > m or bpeak[s, o] + bwd_extra > m \
+                        or m - kept[s, o] < 0 or ck_peak[s - 1] + kept[s, o] + frontier[s] + wb[s] > m + x_in:
                     continue
-                c = time[s, o] + first[s + 1, min(m - kept[s, o] + x_in, quanta)]
+                c = first_time[s] + btime[s, o] + first[s + 1, min(m - kept[s, o] + x_in, quanta)]
                 if c < best:
                     best, choice = c, o
             for s2 in range(s + 1, n_blocks + 1):
-                if ck_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0 \
+                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0 \
                         or ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] > m + x_in:
                     continue
-                c = ck_sum[s, s2 - 1] + first[s2, min(m - ckpt[s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
+                c = first_sum[s, s2 - 1] + first[s2, min(m - ckpt[s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
                 if c < best:
                     best, choice = c, -s2
             first_soft[s, m] = best
             first_soft_decision[s, m] = choice
     return cost, decision, soft, soft_decision, first, first_decision, first_soft, first_soft_decision
+
+
+@numba.njit(cache=True)
+def _runs(peak, time, ckpt):
+    """For runs of blocks s..e computed forward keeping only outputs: the peak needed (each
+    block's peak, with the output of the block before it held) and the total time."""
+    n_blocks = len(peak)
+    need = np.zeros((n_blocks, n_blocks), dtype=np.int64)
+    total = np.zeros((n_blocks, n_blocks))
+    for s in range(n_blocks):
+        running, seconds = 0, 0.0
+        for e in range(s, n_blocks):
+            running = max(running, peak[e] + (ckpt[e - 1] if e > s else 0))
+            seconds += time[e]
+            need[s, e] = running
+            total[s, e] = seconds
+    return need, total
 
 
 def _decode(problem: ChainProblem, tables, quanta: int) -> tuple:

@@ -35,6 +35,7 @@ from planner.simulate import SimResult, simulate
 
 LIMIT_SEARCH_STEPS = 12
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
+LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
 
 
 @dataclass
@@ -65,10 +66,13 @@ class Hierarchy:
         shape = (self.n_blocks, width)
         forward_peak, kept, backward_peak = (np.zeros(shape, dtype=np.int64) for _ in range(3))
         time = np.full(shape, np.inf)
-        output_time = np.zeros(shape)
+        output_time, backward_time = np.zeros(shape), np.zeros(shape)
+        first_forward_peak = np.zeros(shape, dtype=np.int64)
         for b, option in enumerate(model):
             k = len(option.masks)
             output_time[b, :k] = option.output_time
+            backward_time[b, :k] = option.backward_time
+            first_forward_peak[b, :k] = units(option.first_forward_peak)
             forward_peak[b, :k] = units(option.forward_peak)
             kept[b, :k] = units(option.kept)
             backward_peak[b, :k] = units(option.backward_peak)
@@ -76,12 +80,17 @@ class Hierarchy:
         loss = self.options[self.n_blocks]
         chain = self.chain
         return ChainProblem(
-            forward_peak, kept, backward_peak, time, output_time, units(chain.checkpoint_bytes[: self.n_blocks]),
-            units([o.checkpoint_forward_peak for o in model]).reshape(-1),
-            np.array([o.checkpoint_forward_time for o in model], dtype=np.float64).reshape(-1),
-            units(chain.long_lived_forward), units(chain.long_lived_backward), units(chain.frontier_bytes),
-            units(chain.through_bytes), int(units(loss.forward_peak[0])), int(units(loss.backward_peak[0])),
-            float(loss.time[0]), quanta)
+            forward_peak=forward_peak, kept=kept, backward_peak=backward_peak, time=time, output_time=output_time,
+            first_forward_peak=first_forward_peak, backward_time=backward_time,
+            checkpoint=units(chain.checkpoint_bytes[: self.n_blocks]),
+            checkpoint_forward_peak=units([o.checkpoint_forward_peak for o in model]).reshape(-1),
+            checkpoint_forward_time=np.array([o.checkpoint_forward_time for o in model], dtype=np.float64).reshape(-1),
+            first_forward_time=np.array([o.first_forward_time for o in model], dtype=np.float64).reshape(-1),
+            first_checkpoint_peak=units([o.first_checkpoint_peak for o in model]).reshape(-1),
+            long_lived_forward=units(chain.long_lived_forward), long_lived_backward=units(chain.long_lived_backward),
+            frontier=units(chain.frontier_bytes), through=units(chain.through_bytes),
+            loss_forward_peak=int(units(loss.forward_peak[0])), loss_backward_peak=int(units(loss.backward_peak[0])),
+            loss_time=float(loss.time[0]), quanta=quanta)
 
     def _option_orders(self, block: int, option: int) -> tuple[np.ndarray, np.ndarray]:
         key = (block, option)
@@ -189,7 +198,7 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
         least = tables.least_quanta()
         if least is None:
             break
-        for column in range(least, min(least + 3, QUANTA) + 1):
+        for column in range(least, min(least + LEAST_MEMORY_COLUMNS, QUANTA) + 1):
             schedule = hierarchy.schedule(tables.solution(column))
             result = simulate(graph, schedule, cost_model)
             key = rank(result, 0)  # fitting nothing: by peak, then time
@@ -201,11 +210,19 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
 
 def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
     """Hierarchical planning (module docstring): the fastest schedule found within the budget,
-    else the one of least peak."""
+    else the one of least peak, reordered where that lowers it further."""
+    from planner.algorithms.reorder import reorder_schedule
+
     hierarchy = prepare(graph, cost_model)
     found = search(hierarchy, cost_model, budget_bytes)
-    if found is None or found[1].peak_bytes > budget_bytes:
-        lowest = least_memory(hierarchy, cost_model)
-        if lowest is not None and (found is None or lowest[1].peak_bytes < found[1].peak_bytes):
-            found = lowest
-    return found[0] if found is not None else graph.store_all()
+    if found is not None and found[1].peak_bytes <= budget_bytes:
+        return found[0]
+    lowest = least_memory(hierarchy, cost_model)
+    if lowest is not None and (found is None or lowest[1].peak_bytes < found[1].peak_bytes):
+        found = lowest
+    while found is not None:  # a search just under the lowest peak may still find a lower one
+        lower = search(hierarchy, cost_model, found[1].peak_bytes - 1)
+        if lower is None or lower[1].peak_bytes >= found[1].peak_bytes:
+            break
+        found = lower
+    return reorder_schedule(graph, found[0], cost_model) if found is not None else graph.store_all()
