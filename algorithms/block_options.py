@@ -440,20 +440,60 @@ def _replay(order, n_first, in_ptr, in_idx, out_ptr, out_idx, op_time, op_worksp
 
 
 # ---- evaluating options --------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _option_orders(mask, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+                   tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr,
+                   storage_tensor_idx, candidate_ptr, candidate_idx):
+    kept = _kept_tensors(mask, candidate_ptr, candidate_idx, len(tensor_storage))
+    if forward_all:
+        forward = np.arange(n_forward)
+    else:
+        forward = _forward_order(kept | tensor_output, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid)
+    backward, ok = _backward_order(tensor_valid | kept, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx,
+                                   op_is_view, tensor_storage, tensor_producer, storage_tensor_ptr,
+                                   storage_tensor_idx)
+    return forward, backward, ok
+
+
+@numba.njit(cache=True)
+def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+                    op_time, op_workspace, tensor_storage, tensor_producer, tensor_valid, tensor_output,
+                    storage_bytes, storage_role, storage_tensor_ptr, storage_tensor_idx, candidate_ptr,
+                    candidate_idx):
+    """Per mask: forward peak, kept, backward peak, first-forward peak (int64 [n, 4]) and time,
+    backward time (float64 [n, 2]); ok is false if some mask's backward cannot be computed."""
+    ints = np.zeros((len(masks), 4), dtype=np.int64)
+    floats = np.zeros((len(masks), 2))
+    everything = np.arange(n_forward)
+    for i in range(len(masks)):
+        forward, backward, ok = _option_orders(
+            masks[i], forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+            tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr, storage_tensor_idx,
+            candidate_ptr, candidate_idx)
+        if not ok:
+            return ints, floats, False
+        peak_f, kept, peak_b, time_f, time_b = _replay(
+            np.concatenate((forward, backward)), len(forward), in_ptr, in_idx, out_ptr, out_idx, op_time,
+            op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+        first = _replay(np.concatenate((everything, backward)), n_forward, in_ptr, in_idx, out_ptr, out_idx,
+                        op_time, op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+        ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3] = peak_f, kept, peak_b, first[0]
+        floats[i, 0], floats[i, 1] = time_f + time_b, time_b
+    return ints, floats, True
+
+
+def _kernel_arrays(local: LocalBlock) -> tuple:
+    return (local.n_forward, len(local.ops), local.in_ptr, local.in_idx, local.out_ptr, local.out_idx,
+            local.op_is_view)
+
+
 def orders(local: LocalBlock, mask: int) -> tuple[np.ndarray, np.ndarray]:
     """(forward part, backward part) of an option, as local op ids: the forward computes the
     kept tensors and the output; the backward recomputes the rest on demand."""
-    n_tensors = len(local.tensor_storage)
-    kept = _kept_tensors(mask, local.candidate_ptr, local.candidate_idx, n_tensors)
-    if local.forward_all:
-        forward = np.arange(local.n_forward, dtype=np.int64)
-    else:
-        forward = _forward_order(kept | local.tensor_output, local.n_forward, local.in_ptr, local.in_idx,
-                                 local.tensor_producer, local.tensor_valid)
-    backward, ok = _backward_order(local.tensor_valid | kept, local.n_forward, len(local.ops), local.in_ptr,
-                                   local.in_idx, local.out_ptr, local.out_idx, local.op_is_view,
-                                   local.tensor_storage, local.tensor_producer, local.storage_tensor_ptr,
-                                   local.storage_tensor_idx)
+    forward, backward, ok = _option_orders(
+        mask, local.forward_all, *_kernel_arrays(local), local.tensor_storage, local.tensor_producer,
+        local.tensor_valid, local.tensor_output, local.storage_tensor_ptr, local.storage_tensor_idx,
+        local.candidate_ptr, local.candidate_idx)
     if not ok:
         raise AssertionError("a block's backward reads a tensor its block cannot compute")
     return forward, backward
@@ -488,14 +528,20 @@ def _replay_parts(local: LocalBlock, forward: np.ndarray, backward: np.ndarray) 
                    local.storage_bytes, local.storage_role)
 
 
-def evaluate(local: LocalBlock, mask: int) -> tuple[int, int, int, float, int, float]:
-    """(forward peak, kept, backward peak, time, first-forward peak, backward time) of one option:
-    its forward in a recomputation pass computes what the kept set and the output need; in the
-    first forward every op of the block runs."""
-    forward, backward = orders(local, mask)
-    peak_f, kept, peak_b, time_f, time_b = _replay_parts(local, forward, backward)
-    first_peak = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), backward)[0]
-    return int(peak_f), int(kept), int(peak_b), float(time_f + time_b), int(first_peak), float(time_b)
+def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
+    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time):
+    an option's forward in a recomputation pass computes what the kept set and the output
+    need; in the first forward every op of the block runs. One compiled loop over the masks."""
+    masks = np.asarray(list(masks), dtype=np.int64)
+    ints, floats, ok = _evaluate_masks(
+        masks, local.forward_all, *_kernel_arrays(local), local.op_time, local.op_workspace,
+        local.tensor_storage, local.tensor_producer, local.tensor_valid, local.tensor_output, local.storage_bytes,
+        local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx, local.candidate_ptr,
+        local.candidate_idx)
+    if not ok:
+        raise AssertionError("a block's backward reads a tensor its block cannot compute")
+    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb))
+            for m, (a, k, b, f), (t, tb) in zip(masks, ints.tolist(), floats.tolist())]
 
 
 def block_options(local: LocalBlock) -> BlockOptions:
@@ -506,7 +552,7 @@ def block_options(local: LocalBlock) -> BlockOptions:
         masks = [mask | forced for mask in range(1 << c)]
     else:
         masks = _greedy_masks(local, forced)
-    rows = _pareto([(mask,) + evaluate(local, mask) for mask in masks])
+    rows = _pareto(evaluate_all(local, masks))
     nothing = np.zeros(0, dtype=np.int64)
     checkpoint = _replay_parts(local, checkpoint_forward(local), nothing)
     first_checkpoint = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), nothing)
@@ -530,21 +576,17 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
     masks = [full, forced]
     for start, removing in ((full, True), (forced, False)):
         mask = start
-        _, kept_now, _, time_now, _, _ = evaluate(local, mask)
+        _, _, kept_now, _, time_now, _, _ = evaluate_all(local, [mask])[0]
         while (mask != forced) if removing else (mask != full):
+            trials = [mask ^ (1 << i) for i in range(c) if bool(mask >> i & 1) == removing]
             best, best_score = None, None
-            for i in range(c):
-                if bool(mask >> i & 1) != removing:
-                    continue
-                trial = mask ^ (1 << i)
-                _, kept, _, time, _, _ = evaluate(local, trial)
+            for trial, _, kept, _, time, _, _ in evaluate_all(local, trials):
                 saved = (kept_now - kept) if removing else (kept - kept_now)
                 extra = (time - time_now) if removing else (time_now - time)
                 score = extra / max(saved, 1) if removing else -extra / max(saved, 1)
                 if best_score is None or score < best_score:
-                    best, best_score = trial, score
-            mask = best
-            _, kept_now, _, time_now, _, _ = evaluate(local, mask)
+                    best, best_score, kept_best, time_best = trial, score, kept, time
+            mask, kept_now, time_now = best, kept_best, time_best
             masks.append(mask)
     return list(dict.fromkeys(masks))
 

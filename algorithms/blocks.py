@@ -291,10 +291,12 @@ def _merge_small(ends: list[int], counted: np.ndarray, waste: np.ndarray, max_op
 def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int) -> list[list[int]]:
     """Backward ops per block, in graph order.
 
-    An op goes to the block of the forward op it differentiates; an op autograd did not tag
-    (gradient accumulations, some in-place ops) to the earliest block among the backward ops
-    whose outputs it reads (it can run once they have), or if it reads none, to the block of
-    the forward storages it reads. Then, in graph order, no op runs in a later block than its
+    An op reading forward values (made by forward ops: activations, views of weights) goes to
+    the block of the forward op it differentiates, or where autograd did not tag it (some
+    in-place ops), to the latest block whose forward values it reads. An op reading only
+    gradients (a sum of gradient contributions) goes to the earliest block its inputs allow:
+    the latest-running block among those making them, so contributions are summed, and freed,
+    as they come. Then, in graph order, no op runs in a later block than its
     inputs' producers (block backward passes run from the last block to the first).
     """
     storage_block = np.full(len(graph.storages), -1, dtype=np.int64)
@@ -306,24 +308,26 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
     unplaced = []
     for op_id in graph.backward_ops:
         op = graph.ops[op_id]
-        producers = [block_of_op[graph.tensors[t].producer] for t in op.inputs
-                     if graph.tensors[t].producer is not None and graph.ops[graph.tensors[t].producer].phase
-                     is Phase.BACKWARD]
-        cap = min(producers, default=loss_block)
+        producers = [graph.tensors[t].producer for t in op.inputs if graph.tensors[t].producer is not None]
+        made_before = [int(block_of_op[p]) for p in producers
+                       if graph.ops[p].phase is Phase.BACKWARD and block_of_op[p] >= 0]
+        cap = min(made_before) if made_before else None
+        read = [int(block_of_op[p]) for p in producers if graph.ops[p].phase is Phase.FORWARD]
+        read += [int(b) for b in (storage_block[graph.tensors[t].storage] for t in op.inputs) if b >= 0]
         if op.in_loss:
             block = loss_block
-        elif op.differentiates is not None and block_of_op[op.differentiates] >= 0:
-            block = min(int(block_of_op[op.differentiates]), cap)
-        else:
-            read = [storage_block[graph.tensors[t].storage] for t in op.inputs]
-            read = [b for b in read if b >= 0]
-            block = min(max(read), cap) if read else (cap if producers else -1)
+        elif read:
+            differentiated = op.differentiates is not None and block_of_op[op.differentiates] >= 0
+            block = int(block_of_op[op.differentiates]) if differentiated else max(read)
+            block = min(block, cap) if cap is not None else block
+        else:  # gradients only (sums of contributions): as soon as its inputs exist
+            block = cap if cap is not None else -1
         block_of_op[op_id] = block
         if block < 0:
             unplaced.append(op_id)
     for op_id in reversed(unplaced):  # reads nothing of the step: run it in its first reader's block
-        readers = [block_of_op[c] for t in graph.ops[op_id].outputs for c in graph.tensors[t].consumers]
-        block_of_op[op_id] = max(readers, default=0)
+        readers = [int(block_of_op[c]) for t in graph.ops[op_id].outputs for c in graph.tensors[t].consumers]
+        block_of_op[op_id] = max([b for b in readers if b >= 0], default=0)
     for op_id in graph.backward_ops:  # consistency: not after any producer
         for t in graph.ops[op_id].inputs:
             producer = graph.tensors[t].producer
