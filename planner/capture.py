@@ -338,6 +338,7 @@ class _GraphBuilder:
         self.output_grads: dict[int, int] = {}  # output index -> tensor id of its gradient
         self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
         self.input_gradients: dict[int, int] = {}
+        self.forward_op_of_sequence: dict[int, int] = {}  # autograd sequence number -> first forward op
 
     # -- tensors and storages -----------------------------------------------------------------
     def _storage(self, value: torch.Tensor, sources: Sequence[int]) -> int:
@@ -464,6 +465,11 @@ class _GraphBuilder:
         is_view = all(self.tensor_rows[o]["storage"] in input_storages for o in outputs)
         for i in input_ids:
             self.tensor_rows[i]["consumers"].append(op_id)
+        sequence = node.meta.get("seq_nr")
+        if is_forward and sequence is not None:
+            self.forward_op_of_sequence.setdefault(sequence, op_id)
+        differentiates = None if is_forward or node.meta.get("is_gradient_acc") else \
+            self.forward_op_of_sequence.get(sequence)
         self.op_rows.append(dict(
             id=op_id, name=node.name, target=str(target),
             phase=Phase.FORWARD if is_forward else Phase.BACKWARD, in_loss=node in self.loss_nodes,
@@ -472,6 +478,7 @@ class _GraphBuilder:
             bytes_read=0 if is_view else sum(self.tensor_rows[i]["nbytes"] for i in input_ids),
             bytes_written=0 if is_view else sum(self.tensor_rows[o]["nbytes"] for o in outputs),
             is_view=is_view, is_random=torch.Tag.nondeterministic_seeded in target.tags,
+            differentiates=differentiates,
         ))
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
 

@@ -63,7 +63,8 @@ def _capture(spec: dict, quiet: bool = False):
 
 def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
           quiet: bool = True):
-    from planner.plan import DEFAULT_TIME_LIMIT, plan
+    from planner.plan import plan
+    from planner.search import DEFAULT_TIME_LIMIT
     from planner.simulate import simulate
 
     op_variants = _OP_VARIANTS[variants_choice]
