@@ -162,11 +162,12 @@ def max_pool2d_packed(x: torch.Tensor, kernel_size: list[int], stride: list[int]
                      (indices.contiguous(), packed, numel, OH, OW, W, window.kW, window.sH, window.sW,
                       window.pH, window.pW, window.dH, window.dW, window.per_byte), x.device)
         return y, packed
-    return y, _pack(_relative(indices.contiguous(), window, W), window)
+    return y, _pack(_relative(indices, window, W), window)
 
 
 def _relative(indices: torch.Tensor, window: Window, W: int) -> torch.Tensor:
-    """Window-relative positions (uint8, row-major) from absolute int64 indices (overwritten)."""
+    """Window-relative positions (uint8, row-major) from absolute int64 indices (overwritten);
+    only the byte-sized result is made row-major, where the pooling ran channels-last."""
     OH, OW = indices.shape[-2:]
     device = indices.device
     row_start = (torch.arange(OH, device=device) * window.sH - window.pH).view(OH, 1)
@@ -175,7 +176,7 @@ def _relative(indices: torch.Tensor, window: Window, W: int) -> torch.Tensor:
     columns = indices.remainder_(W)
     rows.sub_(row_start).div_(window.dH, rounding_mode="floor")
     columns.sub_(column_start).div_(window.dW, rounding_mode="floor")
-    return rows.mul_(window.kW).add_(columns).to(torch.uint8).view(-1)
+    return rows.mul_(window.kW).add_(columns).to(torch.uint8).contiguous().view(-1)
 
 
 def _pack(relative: torch.Tensor, window: Window) -> torch.Tensor:
@@ -265,11 +266,13 @@ def _pool_autograd(ctx, grad_y, _grad_packed):
 max_pool2d_packed.register_autograd(_pool_autograd, setup_context=_setup_pool)
 
 
-def workspace_bytes(output_numel: int, window: Window, kernels: bool) -> tuple[int, int]:
-    """Transient bytes of (forward, backward): the stock int64 indices in the forward (plus the
-    twin's int64 row numbers and byte-sized positions); in the backward, none for the kernel, and
-    for the twin the rebuilt int64 indices and the byte-sized positions it derives them from."""
+def workspace_bytes(output_numel: int, window: Window, kernels: bool, contiguous: bool = True) -> tuple[int, int]:
+    """Transient bytes of (forward, backward): the stock int64 indices in the forward, with a
+    row-major copy of them for the kernel when the pooling runs channels-last, or for the twin
+    its int64 row numbers and byte-sized positions (made row-major once more when channels-last);
+    in the backward, none for the kernel, and for the twin the rebuilt int64 indices and the
+    byte-sized positions it derives them from."""
     int64 = 8 * output_numel
     if kernels:
-        return int64, 0
-    return int64 + int64 + 2 * output_numel, int64 + 3 * output_numel
+        return int64 + (0 if contiguous else int64), 0
+    return int64 + int64 + 2 * output_numel + (0 if contiguous else output_numel), int64 + 3 * output_numel

@@ -377,6 +377,18 @@ def _rewrite_dropout(rw: _Rewrite, site: VariantSite) -> None:
                 bcall.output_slots, backward_ws)
 
 
+def _contiguous(tensor) -> bool:
+    """Whether a traced tensor is row-major (True where its strides were not recorded)."""
+    if not tensor.strides:
+        return True
+    expected, running = [], 1
+    for size in reversed(tensor.shape):
+        expected.append(running)
+        running *= max(size, 1)
+    return all(size == 1 or stride == want
+               for size, stride, want in zip(tensor.shape, tensor.strides, reversed(expected)))
+
+
 def _rewrite_pool(rw: _Rewrite, site: VariantSite) -> None:
     graph = rw.graph
     call = graph.calls[site.forward_op]
@@ -384,7 +396,8 @@ def _rewrite_pool(rw: _Rewrite, site: VariantSite) -> None:
     window = _maxpool.Window.of(*arguments[:4])
     x = call.args[0]
     _, indices = graph.ops[site.forward_op].outputs
-    forward_ws, backward_ws = _maxpool.workspace_bytes(_numel(graph, indices), window, rw.kernels)
+    forward_ws, backward_ws = _maxpool.workspace_bytes(_numel(graph, indices), window, rw.kernels,
+                                                       _contiguous(graph.tensors[indices]))
     rw.retype(indices, (site.saved_bytes,), _UINT8, site.saved_bytes)
     rw.set_call(site.forward_op, _ops.max_pool2d_packed.default, (x, *arguments), call.output_slots, forward_ws)
     read = rw.repoint_views(site.view_ops, indices)
