@@ -9,25 +9,26 @@ from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, Roof
 from planner.calls import Call
 from planner.errors import (
     BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
-    PlanMismatchError, PlannerError, UnsupportedOperatorError,
+    PlanMismatchError, PlannerError, RankMismatchError, UnsupportedOperatorError,
 )
 from planner.guards import config
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
 from planner.plan import Plan, plan
 from planner.execute import PlannedModule
 from planner.backend import backend
+from planner.blocks import BlockPlan, plan_blocks
 from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
 from planner.schedule import Compute, Free, Schedule
 from planner.simulate import SimResult, simulate
 from planner.units import format_bytes, parse_budget
 
 __all__ = [
-    "plan", "Plan", "PlannedModule", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
+    "plan", "Plan", "PlannedModule", "plan_blocks", "BlockPlan", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
     "Schedule", "Compute", "Free", "simulate", "SimResult",
     "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
     "parse_budget", "format_bytes",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "BackwardError",
+    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError", "BackwardError",
     "Call", "config",
 ]

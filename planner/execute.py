@@ -33,7 +33,7 @@ from planner.calls import call_arguments, split_call
 from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
 from planner.guards import CachedStep, PlanCache, Replanner, model_state, step_key
-from planner.runtime import bind, initial_env, store_outputs
+from planner.runtime import initial_env, invoke, store_outputs
 from planner.schedule import Compute, Schedule
 from planner.simulate import simulate
 
@@ -157,11 +157,11 @@ class StepRunner:
                 if step.replay_rng:
                     with torch.random.fork_rng(devices=self._rng_devices()):
                         self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
-                        result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                        result = invoke(call, env)
                 else:
                     if step.save_rng:
                         rng_states[step.op] = self._get_rng()
-                    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                    result = invoke(call, env)
                 store_outputs(call, result, env)
                 del result
                 for tensor in op.outputs:
