@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from planner.plan import Plan
 
 logger = logging.getLogger("planner")
+_TORCH_LAYERS = "torch.nn.modules."  # the modules whose plain attributes are guarded
 
 
 @dataclass
@@ -77,10 +78,12 @@ def ambient_state(device_type: str) -> tuple:
 
 
 def _module_entry(name: str, module: torch.nn.Module) -> tuple:
-    """What the trace of ``module`` baked in: its type, mode, public plain attributes (dropout's
-    ``p``, BatchNorm's ``momentum``; private ones are bookkeeping, such as a GraphModule's code)
-    and hooks."""
-    attributes = tuple((k, v) for k, v in module.__dict__.items() if type(v) in CONSTANT_TYPES and k[0] != "_")
+    """What the trace of ``module`` baked in: its type, mode, hooks, and for PyTorch's own layers
+    their public plain attributes (dropout's ``p``, BatchNorm's ``momentum`` and ``eps``). Other
+    modules' attributes are often bookkeeping the step does not read (transformers' ``layer_idx``,
+    which differs between layers ``plan_blocks`` plans once), so they are not guarded."""
+    attributes = tuple((k, v) for k, v in module.__dict__.items() if type(v) in CONSTANT_TYPES and k[0] != "_") \
+        if type(module).__module__.startswith(_TORCH_LAYERS) else ()
     hooks = tuple(tuple(getattr(module, d)) for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
                                                       "_backward_hooks"))
     return (name, type(module), module.training, attributes, hooks)

@@ -134,6 +134,17 @@ def test_partly_frozen_batchnorm_re_plans(cnn_case) -> None:
     assert len(pm.plans) == 2
 
 
+def test_changed_dropout_probability_re_plans(cnn_case) -> None:
+    """A PyTorch layer's plain attributes are baked into the trace: changing one is a new state."""
+    model, x, y = cnn_case
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
+    for m in (model, reference):
+        m[6].p = 0.5
+    train_both(model, reference, pm, x, y)
+    assert len(pm.plans) == 2
+
+
 # ---- 2. parameters bound at call time ---------------------------------------------------------------
 def test_replaced_head_and_swapped_parameter_receive_their_gradients(mlp_case) -> None:
     model, x, y = mlp_case
