@@ -18,6 +18,7 @@ schedule has nothing to plan with and raises ``PlanMismatchError`` naming the ch
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,11 +83,27 @@ def _module_entry(name: str, module: torch.nn.Module) -> tuple:
     their public plain attributes (dropout's ``p``, BatchNorm's ``momentum`` and ``eps``). Other
     modules' attributes are often bookkeeping the step does not read (transformers' ``layer_idx``,
     which differs between layers ``plan_blocks`` plans once), so they are not guarded."""
+    cls = _traced_class(type(module))
     attributes = tuple((k, v) for k, v in module.__dict__.items() if type(v) in CONSTANT_TYPES and k[0] != "_") \
-        if type(module).__module__.startswith(_TORCH_LAYERS) else ()
-    hooks = tuple(tuple(getattr(module, d)) for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
-                                                      "_backward_hooks"))
-    return (name, type(module), module.training, attributes, hooks)
+        if cls.__module__.startswith(_TORCH_LAYERS) else ()
+    hooks = tuple(tuple(key for key, hook in getattr(module, d).items() if not _distributed(hook))
+                  for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"))
+    return (name, cls, module.training, attributes, hooks)
+
+
+def _distributed(hook: Callable) -> bool:
+    """A hook of torch.distributed's wrappers (``fully_shard``'s unshard and reshard): they run
+    around a planned block, not inside the traced step."""
+    return getattr(getattr(hook, "func", hook), "__module__", "").startswith("torch.distributed")
+
+
+@functools.cache
+def _traced_class(cls: type) -> type:
+    """The class whose forward runs: ``fully_shard`` swaps a module's class for a subclass of
+    ``FSDPModule`` and it (``FSDPLlamaDecoderLayer``), which computes what it did."""
+    fsdp = next((base for base in cls.__mro__ if base.__name__ == "FSDPModule"
+                 and base.__module__.startswith("torch.distributed")), None)
+    return cls if fsdp is None else cls.__mro__[cls.__mro__.index(fsdp) + 1]
 
 
 def model_state(model: torch.nn.Module) -> tuple[tuple, tuple, tuple, dict[str, torch.Tensor]]:
