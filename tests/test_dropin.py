@@ -122,25 +122,24 @@ def test_no_grad_in_train_mode_runs_eagerly(cnn_case) -> None:
     train_both(model, reference, pm, x, y)
 
 
-def test_partly_frozen_batchnorm_re_plans(cnn_case) -> None:
-    """Fine-tuning with BatchNorm layers in eval mode inside a model in train mode: another
+def _freeze_a_batchnorm(model: nn.Module) -> None:
+    model[1].eval()
+
+
+def _raise_dropout(model: nn.Module) -> None:
+    model[6].p = 0.5
+
+
+@pytest.mark.parametrize("change", [_freeze_a_batchnorm, _raise_dropout], ids=["batchnorm-eval", "dropout-p"])
+def test_another_training_state_of_a_layer_re_plans(cnn_case, change) -> None:
+    """Fine-tuning with a BatchNorm in eval mode inside a model in train mode, or a dropout
+    probability changed (a PyTorch layer's plain attributes are baked into the trace): another
     training state, planned again."""
     model, x, y = cnn_case
     reference = copy.deepcopy(model)
     pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
     for m in (model, reference):
-        m[1].eval()
-    train_both(model, reference, pm, x, y)
-    assert len(pm.plans) == 2
-
-
-def test_changed_dropout_probability_re_plans(cnn_case) -> None:
-    """A PyTorch layer's plain attributes are baked into the trace: changing one is a new state."""
-    model, x, y = cnn_case
-    reference = copy.deepcopy(model)
-    pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
-    for m in (model, reference):
-        m[6].p = 0.5
+        change(m)
     train_both(model, reference, pm, x, y)
     assert len(pm.plans) == 2
 
