@@ -1,8 +1,10 @@
 """A planned model is a drop-in (issue 13): every state a training loop puts it in gives eager
 PyTorch's results, re-plans, or raises a typed error naming the fix.
 
-Each section reproduces one numbered finding of the issue (each test failed before the fix) and
-compares with eager PyTorch bit for bit: loss, every ``.grad``, every buffer.
+Each section reproduces one numbered finding of the issue (its tests failed on the code before the
+fix; ``test_no_grad_in_train_mode_runs_eagerly`` passed there and guards that behaviour) and
+compares with eager PyTorch bit for bit: loss, every ``.grad``, every buffer. Findings 10 and 11
+are checked in test_execute, test_dp and test_milp.
 """
 from __future__ import annotations
 
