@@ -204,35 +204,31 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
 
 def _shortcuts(ops, n_forward, in_lists, out_lists, tensor_storage, tensor_valid, role, saved, times,
                graph) -> np.ndarray:
-    """Storages the backward does not read that are still worth keeping: the outputs of a costly
-    op feeding cheap ones (a linear layer's output before its dropout and residual add, the
-    attention scores before the softmax). Keeping one lets the cheap ops after it be recomputed
-    without the costly one. An op qualifies when it takes more than ``SHORTCUT_RATIO`` times as
-    long as the non-view ops reading its outputs (through views)."""
-    readers: dict[int, list[int]] = {}
-    for i in range(n_forward):
-        for t in in_lists[i]:
-            readers.setdefault(int(t), []).append(i)
-    found = []
+    """Storages the backward does not read that are still worth keeping: the outputs of
+    compute-bound ops (a linear layer's output before its dropout and residual add, attention
+    scores before the softmax, a DenseNet layer's new features before the concatenations that
+    read them). Keeping one lets the memory-bound ops after it be recomputed without it.
+
+    An op is compute-bound when its time per byte it moves is at least ``SHORTCUT_RATIO`` times
+    the block's least (the memory-bound floor: an elementwise op's); the cost model's own times
+    decide, so the choice follows the device."""
+    def intensity(i: int) -> float:
+        op = graph.ops[ops[i]]
+        return float(times[ops[i]]) / max(op.bytes_read + op.bytes_written, 1)
+
+    moving = [i for i in range(n_forward) if not graph.ops[ops[i]].is_view
+              and graph.ops[ops[i]].bytes_read + graph.ops[ops[i]].bytes_written > 0]
+    if not moving:
+        return np.zeros(0, dtype=np.int64)
+    floor = min(intensity(i) for i in moving)
     saved_set = set(int(x) for x in saved)
-    for i in range(n_forward):
-        if graph.ops[ops[i]].is_view or not out_lists[i]:
-            continue
+    found: list[int] = []
+    for i in moving:
         storages = {int(tensor_storage[t]) for t in out_lists[i]}
         if storages & saved_set or any(role[s] not in (LOCAL, OUTPUT) for s in storages) \
                 or all(tensor_valid[t] for t in out_lists[i]):
             continue
-        cost, pending, seen = 0.0, list(out_lists[i]), set()
-        while pending:
-            for r in readers.get(pending.pop(), ()):
-                if r in seen:
-                    continue
-                seen.add(r)
-                if graph.ops[ops[r]].is_view:
-                    pending.extend(out_lists[r])
-                else:
-                    cost += float(times[ops[r]])
-        if seen and times[ops[i]] > SHORTCUT_RATIO * cost:
+        if intensity(i) >= SHORTCUT_RATIO * floor:
             found.extend(storages)
     return np.array(sorted(found), dtype=np.int64)
 
