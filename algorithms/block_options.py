@@ -589,13 +589,14 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
 
 def _pareto(rows: list[tuple]) -> list[tuple]:
     """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time)
-    no other row beats or ties on all of the peaks, kept memory and time; at most ``MAX_OPTIONS``: first those no other beats on
+    no other row beats or ties on all of the peaks, kept memory, time and backward time (what a
+    block costs in the first forward, where its forward is paid anyway); at most ``MAX_OPTIONS``: first those no other beats on
     kept memory and time together, then others spread over the rest."""
     rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
     front: list[tuple] = []
     for row in rows:
         if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] and f[5] <= row[5]
-                   for f in front):
+                   and f[6] <= row[6] for f in front):
             front.append(row)
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
         by_time = sorted(front, key=lambda r: (r[4], r[2]))
