@@ -59,7 +59,7 @@ class Hierarchy:
         unit = max(limit / quanta, 1.0)
 
         def units(values) -> np.ndarray:
-            return np.rint(np.asarray(values, dtype=np.float64) / unit).astype(np.int64)
+            return np.ceil(np.asarray(values, dtype=np.float64) / unit).astype(np.int64)
 
         model = self.options[: self.n_blocks]
         width = max((len(o.masks) for o in model), default=1)
