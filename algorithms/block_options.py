@@ -40,7 +40,7 @@ from planner.algorithms.blocks import (
 from planner.graph import TrainingGraph
 
 EXHAUSTIVE_CANDIDATES = 13
-MAX_OPTIONS = 64
+MAX_OPTIONS = 32
 TINY_SHARE = 100  # a candidate under 1/100 of the block's keepable bytes is always kept
 SHORTCUT_RATIO = 2.0
 
