@@ -117,7 +117,8 @@ def test_profiled_cache_is_reused(tiny: Case, tmp_path: Path) -> None:
     cost = ProfiledCostModel.profile(g, tiny.model, tiny.inputs, cache_path=cache)
     non_view = np.array([not op.is_view for op in g.ops])
     assert np.all(cost.op_times(g)[non_view] == 1.25)
-    assert np.all(cost.workspace_bytes(g)[non_view] == 7)
+    # on CPU the workspace is what ops declare (the meter's view); measured scratch is CUDA's
+    assert not cost.workspace_bytes(g).any()
     assert np.all(cost.op_times(g)[~non_view] == 0)
     assert json.loads(cache.read_text()) == entries  # nothing new to add
 
