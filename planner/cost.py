@@ -280,14 +280,15 @@ class _Source:
 
     def profile(self, graph: TrainingGraph) -> tuple[np.ndarray, np.ndarray]:
         cache = _PROCESS_CACHE.setdefault(self.label, {})
-        if self.cache_path is not None and self.cache_path.exists():
-            cache.update(json.loads(self.cache_path.read_text()))  # the file given wins
+        stored = json.loads(self.cache_path.read_text()) if self.cache_path and self.cache_path.exists() else {}
+        cache.update(stored)  # the file given wins
         cuda = self.device.type == "cuda"
         signatures = _measure_in_place(graph, self.model, self.inputs, self.targets, self.runs, cache,
                                        _profiling_schedule(graph, _available_bytes(self.device)), cuda)
-        if self.cache_path is not None:
+        if self.cache_path is not None:  # the file keeps its entries and gains this graph's
+            stored.update({key: cache[key] for key in signatures.values() if key in cache})
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            self.cache_path.write_text(json.dumps(cache))
+            self.cache_path.write_text(json.dumps(stored))
         times = np.zeros(len(graph.ops))
         workspace = np.array([op.workspace_bytes for op in graph.ops], dtype=np.int64)
         for op in graph.ops:
