@@ -97,7 +97,7 @@ class Peak:
     reserved_bytes: int | None = None  # CUDA: torch.cuda.max_memory_reserved
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return to_json(self)
 
 
 def measure_peak(model: torch.nn.Module, step: Callable[[], object], held: Sequence[torch.Tensor], device: str,
@@ -143,6 +143,17 @@ def difference(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor])
         return 0.0
     scale = max(float(r.abs().max()) for r in reference if r.numel()) or 1.0
     return max(float((g.double() - r.double()).abs().max()) for g, r in zip(grads, reference) if r.numel()) / scale
+
+
+def to_json(record, skip: Sequence[str] = ()) -> dict:
+    """A result dataclass as JSON-ready values: nested results through their own ``to_json``,
+    lists element by element; fields in ``skip`` (callables, models, plans) left out."""
+    def value(v):
+        if hasattr(v, "to_json"):
+            return v.to_json()
+        return [value(item) for item in v] if isinstance(v, (list, tuple)) else v
+
+    return {name: value(v) for name, v in record.__dict__.items() if name not in skip}
 
 
 def difference_cell(value: float | None) -> str:

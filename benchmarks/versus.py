@@ -48,7 +48,7 @@ from planner.measure import MemoryMeter, steady_state_tensors
 from planner.units import format_bytes
 
 from bench_models import BUILDERS, BenchModel, build
-from realstep import Timing, difference, difference_cell, gradients, interleaved, measure_peak, paired_ratio
+from realstep import Timing, difference, difference_cell, gradients, interleaved, measure_peak, paired_ratio, to_json
 from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Side by side with today's tools (issue 17)"
@@ -79,9 +79,7 @@ class Config:
     failure: str | None = None
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("step", "timing")}
-        data["timing"] = self.timing.to_json() if self.timing else None
-        return data
+        return to_json(self, skip=("step",))
 
 
 @dataclass
@@ -92,8 +90,7 @@ class Comparison:
     configs: list[Config] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "description": self.description, "device": self.device,
-                "configs": [c.to_json() for c in self.configs]}
+        return to_json(self)
 
 
 def checkpoint_blocks(blocks: Sequence[torch.nn.Module], context_fn: Callable | None = None) -> None:
@@ -327,6 +324,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile-budgets", nargs="*", type=float, default=list(COMPILE_BUDGETS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (torch.set_num_threads); on a shared machine 1 is far steadier")
     parser.add_argument("--markdown", type=Path, metavar="PATH")
     parser.add_argument("--json", type=Path, metavar="PATH")
     return parser.parse_args(argv)
@@ -335,6 +334,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     args = parse_args(argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     comparisons = []
     for name in args.models:
@@ -348,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([c.to_json() for c in comparisons], indent=1))
     body = "\n\n".join(["```\n" + command_line(argv) + "\n```",
-                        environment_line() + f" Whole run: {time.perf_counter() - began:.0f} s; {args.rounds} "
+                        environment_line() + f" {torch.get_num_threads()} intra-op threads. Whole run: "
+                        f"{time.perf_counter() - began:.0f} s; {args.rounds} "
                         "interleaved rounds after one warm-up.", markdown(comparisons)])
     publish(SECTION_HEADING, body, args.markdown)
     return 0

@@ -200,7 +200,8 @@ class ProfiledCostModel:
     Bound to a model (``for_model``, ``profile``), it profiles on first use any further graph of
     the same model and batch (the graph ``plan()`` rewrites with operator variants).
     Complexity: 1 + ``runs`` runs of the step per new graph, no timed runs when every signature is
-    known; nothing is changed in the model (no buffer update, no ``.grad``, the RNG state restored).
+    known; nothing is changed in the model (no buffer update, no ``.grad``, the RNG state restored;
+    on CUDA the allocator's peak statistics are reset).
     """
 
     def __init__(self, times: dict[str, np.ndarray], workspace: dict[str, np.ndarray], device: str,
@@ -227,6 +228,8 @@ class ProfiledCostModel:
     def for_model(cls, model: torch.nn.Module, inputs, targets=None, *, runs: int = DEFAULT_RUNS,
                   cache_path: str | Path | None = None) -> "ProfiledCostModel":
         """A model that profiles each graph of ``model`` on ``inputs`` when first asked about it."""
+        if runs < 1:
+            raise ValueError(f"runs={runs}: at least one timed run is needed")
         source = _Source(model, inputs, targets, runs, Path(cache_path) if cache_path else None)
         return cls({}, {}, source.label, source)
 
