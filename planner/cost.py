@@ -113,6 +113,9 @@ DEFAULT_RUNS = 3
 CUDA_BLOCK_BYTES = 512
 #: op signature -> [seconds, workspace bytes], per device label; filled once per signature
 _PROCESS_CACHE: dict[str, dict[str, list[float]]] = {}
+#: (device label, graph fingerprint, tensor layouts) -> (times, workspace): a graph profiled
+#: before in this process (same model and batch layout) is not run again
+_GRAPH_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def choose_cost_model(graph: TrainingGraph, requested: "CostModel | str | None", model: torch.nn.Module | None = None,
@@ -189,8 +192,9 @@ class ProfiledCostModel:
     clock on CPU, CUDA events on a GPU (read after each run, so timing never stalls the stream).
     An op's time is the median over the runs and over every op with the same signature (op,
     input shapes, strides, dtypes, constants); signatures already measured in this process (or
-    in ``cache_path``) are not timed again, so repeated blocks, repeated ``plan()`` calls and the
-    graph with operator variants cost little.
+    in ``cache_path``) are not timed again, and a graph profiled before in this process is not run
+    again, so repeated blocks, repeated ``plan()`` calls and the graph with operator variants cost
+    little.
 
     Workspace: on CUDA, the scratch an op allocates beyond its outputs (cuDNN and cuBLAS
     workspace) is read from ``torch.cuda.max_memory_allocated`` around the op, median over runs;
@@ -268,7 +272,8 @@ class _Source:
         device = self.device
         if device.type == "cuda":
             return f"cuda ({torch.cuda.get_device_name(device)})"
-        return f"cpu ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
     def can_run(self, graph: TrainingGraph) -> bool:
         """Whether ``graph`` is a step of this model on this batch (the same inputs, parameters, buffers)."""
@@ -282,6 +287,15 @@ class _Source:
                 and set(graph.parameters) | set(graph.buffers) <= names)
 
     def profile(self, graph: TrainingGraph) -> tuple[np.ndarray, np.ndarray]:
+        """(times, workspace) per op of ``graph``; measured unless this process has them (no
+        ``cache_path``: a file given is read and written every time)."""
+        from planner.capture import _as_tuple
+
+        batch = _as_tuple(self.inputs, "inputs") + _as_tuple(self.targets, "targets")
+        layout = tuple(t.stride() for t in (*batch, *self.model.parameters(), *self.model.buffers()))
+        known = (self.label, graph.fingerprint, layout)
+        if self.cache_path is None and known in _GRAPH_CACHE:
+            return _GRAPH_CACHE[known]
         cache = _PROCESS_CACHE.setdefault(self.label, {})
         stored = json.loads(self.cache_path.read_text()) if self.cache_path and self.cache_path.exists() else {}
         cache.update(stored)  # the file given wins
@@ -300,6 +314,7 @@ class _Source:
                 times[op.id] = seconds
                 if cuda:  # CPU: declared only, as the meter sees (class docstring)
                     workspace[op.id] = max(workspace[op.id], int(scratch))
+        _GRAPH_CACHE[known] = times, workspace
         return times, workspace
 
 

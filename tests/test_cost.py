@@ -176,19 +176,30 @@ def test_profiling_leaves_the_model_and_the_rng_as_they_were(tiny: Case) -> None
     assert all(p.grad is None for p in tiny.model.parameters())
 
 
-def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch) -> None:
-    """One warm-up run finds every signature measured: no timed run, the same times."""
-    first = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
-    timed = []
-    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: timed.append(key))
-    again = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
-    assert not timed
-    assert np.array_equal(first, again)
-
-
-def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch) -> None:
-    """Each timed run times every non-view op where it runs in the step (new signatures only)."""
+@pytest.fixture
+def no_profiles(monkeypatch) -> None:
+    """Nothing measured yet in this process."""
     monkeypatch.setattr(cost, "_PROCESS_CACHE", {})
+    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+
+
+def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch, no_profiles) -> None:
+    """A graph profiled before is not run again; a new graph whose signatures are all known is run
+    once (to find them), untimed; the times are the same."""
+    first = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    timed, runs = [], []
+    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: timed.append(key))
+    initial_env = planner.runtime.initial_env
+    monkeypatch.setattr(planner.runtime, "initial_env", lambda *a: (runs.append(1), initial_env(*a))[1])
+    again = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    assert not timed and not runs and np.array_equal(first, again)
+    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+    once_more = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    assert not timed and len(runs) == 1 and np.array_equal(first, once_more)
+
+
+def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch, no_profiles) -> None:
+    """Each timed run times every non-view op where it runs in the step (new signatures only)."""
     timed = []
     stop = cost._OpClock.stop
     monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: (timed.append(key), stop(self, key, started)))
@@ -196,14 +207,13 @@ def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch) -> None:
     assert len(timed) == 2 * sum(not op.is_view for op in tiny.graph.ops)
 
 
-def test_low_memory_profiling_when_store_all_does_not_fit(tiny: Case, monkeypatch) -> None:
+def test_low_memory_profiling_when_store_all_does_not_fit(tiny: Case, monkeypatch, no_profiles) -> None:
     g = tiny.graph
     store_all = cost._profiling_schedule(g, 10**12)
     assert store_all == g.store_all()
     tight = cost._profiling_schedule(g, 0)
     assert tight != store_all and tight.recomputed_ops()
     assert planner.simulate(g, tight).peak_bytes < planner.simulate(g, store_all).peak_bytes
-    monkeypatch.setattr(cost, "_PROCESS_CACHE", {})
     monkeypatch.setattr(cost, "_available_bytes", lambda device: 0)  # profile with the recomputing schedule
     times = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(g)
     assert all(times[op.id] > 0 for op in g.ops if not op.is_view)
