@@ -241,11 +241,12 @@ def fidelity(check: Check, stage: Stage, deadline: float) -> None:
     names = ["gpt2"] if check.small else ["resnet50", "gpt2", "llama"]
     budgets = ["store-all", "min"] if check.small else ["store-all", "50%", "33%"]
     size, rounds = ("small", 1) if check.small else ("gpu", 5)
-    for name in names:
+    for index, name in enumerate(names):
         if time.monotonic() > deadline:
             break
         bench = build(name, size, check.device)
-        result = cost_fidelity.measure_model(bench, budgets, check.device, rounds, deadline=deadline)
+        share = time.monotonic() + (deadline - time.monotonic()) / (len(names) - index)  # each model its part
+        result = cost_fidelity.measure_model(bench, budgets, check.device, rounds, deadline=share)
         for row in result.rows:  # the allocator-rounded prediction, with the plan's own cost model
             cost = choose_cost_model(row.plan.graph, None, row.model, bench.inputs, bench.targets)
             row.allocated_prediction = allocated_peak(row.plan.graph, row.plan.schedule, cost)
@@ -289,7 +290,7 @@ def versus_stage(check: Check, stage: Stage, deadline: float) -> None:
     names = ["gpt2"] if check.small else ["gpt2", "llama", "resnet50", "unet"]
     size, rounds, budgets = ("small", 1, (0.5,)) if check.small else ("gpu", 3, (1.0, 0.5))
     comparisons, skipped = [], []
-    for name in names:
+    for index, name in enumerate(names):
         if time.monotonic() > deadline:
             skipped.append(f"{name} (out of time)")
             continue
@@ -298,7 +299,8 @@ def versus_stage(check: Check, stage: Stage, deadline: float) -> None:
         except LookupError as error:
             skipped.append(f"{name} ({error})")
             continue
-        comparisons.append(versus.compare(bench, check.device, rounds, budgets, deadline=deadline))
+        share = time.monotonic() + (deadline - time.monotonic()) / (len(names) - index)  # each model its part
+        comparisons.append(versus.compare(bench, check.device, rounds, budgets, deadline=share))
         del bench
         _release(check.device)
     stage.data = [c.to_json() for c in comparisons]

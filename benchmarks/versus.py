@@ -141,7 +141,7 @@ def compiled(model: torch.nn.Module, budget: float, device: str) -> tuple[Callab
         backend = aot_autograd(fw_compiler=graphs.compiler, bw_compiler=graphs.compiler,
                                decompositions=select_decomp_table(),
                                partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
-    function = torch.compile(model, backend=backend, fullgraph=True)
+    function = torch.compile(model, backend=backend, fullgraph=graphs is not None)  # CPU: nothing eager escapes the meter
 
     def call(*inputs):
         with functorch_config.patch(activation_memory_budget=budget):
@@ -206,11 +206,13 @@ def tools(bench: BenchModel, device: str, compile_budgets: Sequence[float]) -> l
 
 def compare(bench: BenchModel, device: str, rounds: int, compile_budgets: Sequence[float] = COMPILE_BUDGETS,
             deadline: float | None = None) -> Comparison:
-    """Every tool, then the planner at each tool's measured peak; timed together, interleaved."""
+    """Every tool, each followed by the planner at its measured peak (so that a deadline leaves
+    complete pairs); then all of them timed together, interleaved."""
     result = Comparison(bench.name, bench.description, device)
     held = [*bench.inputs, *bench.targets]
     cuda = device.startswith("cuda")
     reference = None
+    planned: dict[int, Config] = {}
     for tool, setting, make in tools(bench, device, compile_budgets):
         config = Config(tool, setting)
         result.configs.append(config)
@@ -231,14 +233,10 @@ def compare(bench: BenchModel, device: str, rounds: int, compile_budgets: Sequen
             config.step = step
         except Exception as error:  # a tool that fails on this model is a result, not a crash
             config.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    planned: dict[int, Config] = {}
-    for tool in [c for c in result.configs if c.peak_bytes is not None]:
-        config = Config("planner", f"at the peak of {tool.name} {tool.setting}".rstrip(), versus=f"{tool.name} {tool.setting}".rstrip())
-        result.configs.append(config)
-        if deadline is not None and time.monotonic() > deadline:
-            config.failure = "skipped: out of time"
             continue
-        _plan_at(bench, tool.peak_bytes, config, reference, held, device, planned)
+        label = f"{tool} {setting}".rstrip()
+        result.configs.append(Config("planner", f"at the peak of {label}", versus=label))
+        _plan_at(bench, config.peak_bytes, result.configs[-1], reference, held, device, planned)
     steps = {f"{c.name}|{c.setting}": c.step for c in result.configs if c.step is not None}
     timings = interleaved(steps, rounds, device, deadline=deadline)
     for config in result.configs:
@@ -282,7 +280,7 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
         head = (f"| tool | setting | {peak_name} | of eager's | " + ("max reserved | " if cuda else "")
                 + "step s [min–max] | vs eager | gradients vs eager | planner's plan |")
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for config in comparison.configs:
+        for config in sorted(comparison.configs, key=lambda c: c.name == "planner"):  # tools, then the planner
             if config.failure and config.peak_bytes is None:
                 lines.append(f"| {config.name} | {config.setting} | {config.failure} |" + " |" * (head.count("|") - 4))
                 continue
