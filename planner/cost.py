@@ -135,12 +135,20 @@ def choose_cost_model(graph: TrainingGraph, requested: "CostModel | str | None",
         if model is None or not _runs_here(graph, model, inputs, targets):
             raise ValueError('cost_model="profiled" needs the model and its example batch as real tensors on a CPU '
                              "or CUDA device; pass a roofline preset (cost_model=\"h100\") to plan for another machine")
-        return ProfiledCostModel.for_model(model, inputs, targets)
+        return _profiled_now(graph, model, inputs, targets)
     if requested is not None:
         return requested
     if model is not None and _runs_here(graph, model, inputs, targets):
-        return ProfiledCostModel.for_model(model, inputs, targets)
+        return _profiled_now(graph, model, inputs, targets)
     return default_cost_model(graph)
+
+
+def _profiled_now(graph: TrainingGraph, model: torch.nn.Module, inputs, targets) -> "ProfiledCostModel":
+    """A profiled model with ``graph`` measured already: measuring belongs with capture, before
+    exact mode's ``time_limit`` starts (a graph rewritten later is measured on first use)."""
+    profiled = ProfiledCostModel.for_model(model, inputs, targets)
+    profiled.op_times(graph)
+    return profiled
 
 
 def describe(cost_model_name: str) -> str:

@@ -215,8 +215,8 @@ def plan(
         proven ``gap`` (``"feasible"``); never a plan slower than fast mode's (``"fallback"``
         says the MILP found nothing better, and ``message`` why).
     algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
-    time_limit: seconds for exact mode, from the end of capture to the answer (default 60);
-        fast mode does not use it.
+    time_limit: seconds for exact mode, from the end of capture (and of profiling the captured
+        step) to the answer (default 60); fast mode does not use it.
     cost_model: a ``CostModel``, a roofline preset name (``"cpu"``, ``"v100"``, ``"a100"``,
         ``"h100"``), ``"profiled"``, or None: op times measured on this machine inside a running
         step (``ProfiledCostModel``) for a model with real tensors on CPU or CUDA, the roofline
