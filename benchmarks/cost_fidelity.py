@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps([r.to_json() for r in results], indent=1))
     body = "\n\n".join([
         "```\n" + command_line(argv) + "\n```",
-        environment_line() + f" {torch.get_num_threads()} intra-op threads. Whole run: {time.perf_counter() - began:.0f} s.",
+        environment_line() + f" {torch.get_num_threads()} intra-op thread(s). Whole run: {time.perf_counter() - began:.0f} s.",
         f"Default cost model; {args.rounds} interleaved rounds (eager, store-all, each plan, eager, ...) after one "
         "warm-up. Measured overhead: the plan's step over the store-all plan's, per round, then the median and "
         "[min, max] over rounds (eager's row: eager over the store-all plan); within target: |predicted - "

@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([c.to_json() for c in comparisons], indent=1))
     body = "\n\n".join(["```\n" + command_line(argv) + "\n```",
-                        environment_line() + f" {torch.get_num_threads()} intra-op threads. Whole run: "
+                        environment_line() + f" {torch.get_num_threads()} intra-op thread(s). Whole run: "
                         f"{time.perf_counter() - began:.0f} s; {args.rounds} "
                         "interleaved rounds after one warm-up.", markdown(comparisons)])
     publish(SECTION_HEADING, body, args.markdown)
