@@ -29,7 +29,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -38,8 +37,8 @@ import planner
 from planner.units import format_bytes
 
 from bench_models import BenchModel, build
-from realstep import (Peak, Timing, difference, difference_cell, gradients, interleaved, measure_peak, paired_ratio,
-                      to_json)
+from realstep import (Peak, Timing, common_arguments, difference, difference_cell, gradients, interleaved,
+                      measure_peak, paired_ratio, parsed, to_json)
 from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Predicted against measured step time (issue 17)"
@@ -203,24 +202,14 @@ def _bytes(value: int | None, predicted: int | None = None) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "gpt2"])
-    parser.add_argument("--size", default="cpu", choices=["small", "cpu", "gpu"])
+    parser = common_arguments(__doc__.split("\n\n")[0], ["resnet50", "gpt2"], rounds=7)
     parser.add_argument("--budgets", nargs="+", default=["store-all", "70%", "50%", "min"])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (torch.set_num_threads); on a shared machine 1 is far steadier")
-    parser.add_argument("--markdown", type=Path, metavar="PATH")
-    parser.add_argument("--json", type=Path, metavar="PATH")
-    return parser.parse_args(argv)
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     args = parse_args(argv[1:])
-    if args.threads:
-        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     results = [measure_model(build(name, args.size, args.device), args.budgets, args.device, args.rounds)
                for name in args.models]

@@ -14,16 +14,40 @@ the CPU runs exercise the code the GPU runs.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 import planner
 from planner.measure import steady_state_tensors
+
+
+def common_arguments(description: str, models: Sequence[str], rounds: int) -> argparse.ArgumentParser:
+    """The options every measured benchmark takes: models, size, rounds, device, threads, outputs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(models))
+    parser.add_argument("--size", default="cpu", choices=["small", "cpu", "gpu"])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (torch.set_num_threads); on a shared machine 1 is far steadier")
+    parser.add_argument("--markdown", type=Path, metavar="PATH")
+    parser.add_argument("--json", type=Path, metavar="PATH")
+    return parser
+
+
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse, and apply ``--threads``."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -48,7 +47,8 @@ from planner.measure import MemoryMeter, steady_state_tensors
 from planner.units import format_bytes
 
 from bench_models import BUILDERS, BenchModel, build
-from realstep import Timing, difference, difference_cell, gradients, interleaved, measure_peak, paired_ratio, to_json
+from realstep import (Timing, common_arguments, difference, difference_cell, gradients, interleaved, measure_peak,
+                      paired_ratio, parsed, to_json)
 from report import command_line, environment_line, publish
 
 SECTION_HEADING = "## Side by side with today's tools (issue 17)"
@@ -316,24 +316,14 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(BUILDERS))
-    parser.add_argument("--size", default="cpu", choices=["small", "cpu", "gpu"])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser = common_arguments(__doc__.split("\n\n")[0], list(BUILDERS), rounds=5)
     parser.add_argument("--compile-budgets", nargs="*", type=float, default=list(COMPILE_BUDGETS))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (torch.set_num_threads); on a shared machine 1 is far steadier")
-    parser.add_argument("--markdown", type=Path, metavar="PATH")
-    parser.add_argument("--json", type=Path, metavar="PATH")
-    return parser.parse_args(argv)
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     args = parse_args(argv[1:])
-    if args.threads:
-        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     comparisons = []
     for name in args.models:
