@@ -36,7 +36,8 @@ setup(
         "gpu": ["cupy-cuda13x>=13.6"],
         # Hugging Face models (tests/test_transformers.py, preset:gpt2, benchmarks/hf_transformers.py)
         "transformers": ["transformers>=5.20,<6"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6"],
+        # timm: the zoo of architectures in tests/test_zoo_fidelity.py (its tiny test_* models, verified on 1.0.31)
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2"],
     },
     entry_points={"console_scripts": ["planner=planner.cli:main"]},
 )

@@ -1,9 +1,11 @@
 """Planning algorithms. Each is ``fn(graph, cost_model, budget_bytes) -> Schedule``; the simulator
 judges every schedule they return. Reach them through ``ALGORITHMS`` by name; the submodules
-(``baselines``, ``dp``, ``reorder``, ``keepset``, ``bounds``) hold them and their building blocks."""
+(``hierarchical`` with ``blocks``, ``block_options`` and ``chain``; ``baselines``, ``dp``, ``reorder``,
+``keepset``, ``bounds``) hold them and their building blocks; ``result`` judges and ranks their
+schedules."""
 from typing import Callable
 
-from planner.algorithms import baselines, dp, reorder
+from planner.algorithms import baselines, dp, hierarchical, reorder
 from planner.algorithms.reorder import reorder_schedule
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
@@ -12,6 +14,7 @@ from planner.schedule import Schedule
 Algorithm = Callable[[TrainingGraph, CostModel, int], Schedule]
 
 ALGORITHMS: dict[str, Algorithm] = {
+    "hierarchical": hierarchical.hierarchical,
     "dp": dp.dp,
     "dp_reorder": dp.dp_reorder,
     "dp_memory": dp.dp_memory,
@@ -25,8 +28,5 @@ ALGORITHMS: dict[str, Algorithm] = {
     "recompute_cheap": baselines.recompute_cheap,
 }
 BASELINES = ("store_all", "checkpoint_all", "chen_sqrt", "chen_sqrt_linear", "chen_greedy", "chen_greedy_linear")
-# fast mode: the DP (judged after reordering), with every baseline and selective recomputation,
-# reordered, as a safety net; the fastest schedule in budget wins
-FAST = ("dp_reorder", "recompute_cheap") + BASELINES
 
-__all__ = ["ALGORITHMS", "BASELINES", "FAST", "Algorithm", "reorder_schedule"]
+__all__ = ["ALGORITHMS", "BASELINES", "Algorithm", "reorder_schedule"]

@@ -16,6 +16,7 @@ from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import simulate
 from planner.algorithms.keepset import articulation_ops, model_forward_ops, op_output_bytes, schedule_keeping
+from planner.algorithms.result import rank
 
 
 def store_all(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
@@ -69,9 +70,7 @@ def _chen_greedy(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     best, best_key = None, None
     for segment_bytes in np.geomspace(smallest, max(forward_bytes, smallest + 1), num=24):
         schedule = schedule_keeping(graph, _greedy_segments(graph, set(candidates), segment_bytes))
-        result = simulate(graph, schedule, cost_model)
-        fits = result.peak_bytes <= budget_bytes
-        key = (0, result.time, result.peak_bytes) if fits else (1, result.peak_bytes, result.time)
+        key = rank(simulate(graph, schedule, cost_model), budget_bytes)
         if best_key is None or key < best_key:
             best, best_key = schedule, key
     return best

@@ -30,6 +30,7 @@ from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import simulate
 from planner.algorithms.keepset import model_forward_ops, schedule_keeping
+from planner.algorithms.result import rank
 
 MEMORY_BUCKETS = 256
 LIMIT_SEARCH_STEPS = 10
@@ -310,11 +311,10 @@ def search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
                 schedule = polish(graph, schedule, cost_model)
             seen[key_cuts] = (schedule, simulate(graph, schedule, cost_model))
         schedule, result = seen[key_cuts]
-        fits = result.peak_bytes <= budget_bytes
-        key = (0, result.time, result.peak_bytes) if fits else (1, result.peak_bytes, result.time)
+        key = rank(result, budget_bytes)
         if best_key is None or key < best_key:
             best, best_key = schedule, key
-        if fits:
+        if key[0] == 0:
             low = limit
         else:
             high = limit
@@ -352,8 +352,7 @@ def dp_memory(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) ->
             continue
         high = limit
         schedule = schedule_keeping(graph, kept_ops_for_cuts(tables, cuts))
-        result = simulate(graph, schedule, cost_model)
-        key = (result.peak_bytes, result.time)
+        key = rank(simulate(graph, schedule, cost_model), 0)  # fitting nothing: by peak, then time
         if best_key is None or key < best_key:
             best, best_key = schedule, key
     return best if best is not None else schedule_keeping(graph, [])

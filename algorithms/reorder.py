@@ -8,7 +8,7 @@ original schedule, and the order of what must not move is pinned:
 - the forward and the backward are reordered separately around the loss, which stays in place;
 - random ops keep their order (each draws the next numbers from the RNG stream);
 - gradients of one parameter keep their order (floating-point accumulation order);
-- a recomputation of an op comes after every reader of its previous value.
+- a recomputation of an op comes after every reader of its previous value, views of it included.
 The simulator replays the result; the reordered schedule is returned only if its peak is lower.
 
 Complexity: O((instances + reads) log instances) with a lazily updated heap.
@@ -39,6 +39,7 @@ class _InstanceGraph:
         current: dict[int, tuple[int, int | None]] = {}  # tensor -> (producing instance, storage instance)
         previous_instance: dict[int, int] = {}  # op -> its latest instance
         value_readers: dict[int, set[int]] = defaultdict(set)  # instance -> instances reading its outputs
+        recomputations: list[tuple[int, int]] = []  # (previous instance, recomputation)
         for i, compute in enumerate(computes):
             op = graph.ops[compute.op]
             input_storage: dict[int, int | None] = {}
@@ -54,6 +55,7 @@ class _InstanceGraph:
             if compute.op in previous_instance:  # recomputation: after every reader of the old value
                 for reader in value_readers[previous_instance[compute.op]]:
                     self._edge(reader, i)
+                recomputations.append((previous_instance[compute.op], i))
             previous_instance[compute.op] = i
             for tensor in op.outputs:
                 storage_id = graph.tensors[tensor].storage
@@ -69,6 +71,11 @@ class _InstanceGraph:
         for i, storages in enumerate(self.reads):
             for storage in storages:
                 self.readers[storage].add(i)
+        # ... and after every reader of a view of it: the old storage must be gone first
+        for previous, i in recomputations:
+            for storage in self.allocates[previous]:
+                for reader in self.readers[storage]:
+                    self._edge(reader, i)
         self._pin_order(graph)
 
     def _edge(self, before: int, after: int) -> None:

@@ -135,9 +135,9 @@ def packed_bytes(output_numel: int, window: Window) -> int:
     return -(-output_numel // window.per_byte)
 
 
-def _layout(grad: torch.Tensor) -> torch.memory_format:
-    """The memory format stock gives the input gradient: channels-last when the gradient is."""
-    if grad.dim() == 4 and not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last):
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    """Channels-last when ``tensor`` is."""
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -162,11 +162,12 @@ def max_pool2d_packed(x: torch.Tensor, kernel_size: list[int], stride: list[int]
                      (indices.contiguous(), packed, numel, OH, OW, W, window.kW, window.sH, window.sW,
                       window.pH, window.pW, window.dH, window.dW, window.per_byte), x.device)
         return y, packed
-    return y, _pack(_relative(indices.contiguous(), window, W), window)
+    return y, _pack(_relative(indices, window, W), window)
 
 
 def _relative(indices: torch.Tensor, window: Window, W: int) -> torch.Tensor:
-    """Window-relative positions (uint8, row-major) from absolute int64 indices (overwritten)."""
+    """Window-relative positions (uint8, row-major) from absolute int64 indices (overwritten);
+    only the byte-sized result is made row-major, where the pooling ran channels-last."""
     OH, OW = indices.shape[-2:]
     device = indices.device
     row_start = (torch.arange(OH, device=device) * window.sH - window.pH).view(OH, 1)
@@ -175,7 +176,7 @@ def _relative(indices: torch.Tensor, window: Window, W: int) -> torch.Tensor:
     columns = indices.remainder_(W)
     rows.sub_(row_start).div_(window.dH, rounding_mode="floor")
     columns.sub_(column_start).div_(window.dW, rounding_mode="floor")
-    return rows.mul_(window.kW).add_(columns).to(torch.uint8).view(-1)
+    return rows.mul_(window.kW).add_(columns).to(torch.uint8).contiguous().view(-1)
 
 
 def _pack(relative: torch.Tensor, window: Window) -> torch.Tensor:
@@ -202,9 +203,11 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 @variant_op("max_pool2d_packed_backward")
 def max_pool2d_packed_backward(grad: torch.Tensor, packed: torch.Tensor, input_size: list[int],
-                               kernel_size: list[int], stride: list[int], padding: list[int],
-                               dilation: list[int], ceil_mode: bool) -> torch.Tensor:
-    """The gradient of ``max_pool2d_packed``'s input, of shape ``input_size``."""
+                               kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                               ceil_mode: bool, out_stride: list[int] | None = None) -> torch.Tensor:
+    """The gradient of ``max_pool2d_packed``'s input, of shape ``input_size`` and strides
+    ``out_stride``: stock's takes the pooling input's memory format, not ``grad``'s, and the kernels
+    that read it round differently in another layout (default: ``grad``'s memory format)."""
     check_float(grad, "max_pool2d_packed_backward", "grad")
     check_same_device("max_pool2d_packed_backward", grad, packed)
     _check_spatial(input_size, "input_size")
@@ -216,14 +219,13 @@ def max_pool2d_packed_backward(grad: torch.Tensor, packed: torch.Tensor, input_s
     check_packed(packed, packed_bytes(numel, window), "max_pool2d_packed_backward: packed")
     H, W = input_size[-2:]
     OH, OW = grad.shape[-2:]
-    layout = _layout(grad)
     if _cuda.use_kernels(grad):
         out = torch.empty(input_size, dtype=grad.dtype, device=grad.device)
         _cuda.launch(SOURCE, f"maxpool_backward_{_cuda.SUFFIX[grad.dtype]}", out.numel(),
                      (grad.contiguous(), packed.contiguous(), out, out.numel(), H, W, OH, OW, window.kH,
                       window.kW, window.sH, window.sW, window.pH, window.pW, window.dH, window.dW,
                       window.per_byte), grad.device)
-        return out.contiguous(memory_format=layout)
+        return _gradient_like(grad, input_size, out_stride).copy_(out)
     relative = _unpack(packed, numel, window).view(grad.shape)
     rows = torch.div(relative, window.kW, rounding_mode="floor")
     columns = relative - rows * window.kW
@@ -232,35 +234,45 @@ def max_pool2d_packed_backward(grad: torch.Tensor, packed: torch.Tensor, input_s
     indices = rows.to(torch.int64).mul_(window.dH).add_(row_start).mul_(W)
     indices.add_(columns, alpha=window.dW).add_(column_start)
     # the stock kernel reads only the shape and layout of its ``self`` argument: pass the output
-    out = torch.empty(input_size, dtype=grad.dtype, device=grad.device, memory_format=layout)
+    out = _gradient_like(grad, input_size, out_stride)
     return _aten.max_pool2d_with_indices_backward.grad_input(
         grad, out, kernel_size, stride, padding, dilation, ceil_mode, indices, grad_input=out)
 
 
 @max_pool2d_packed_backward.register_fake
-def _(grad, packed, input_size, kernel_size, stride, padding, dilation, ceil_mode):
-    return grad.new_empty(input_size, memory_format=_layout(grad))
+def _(grad, packed, input_size, kernel_size, stride, padding, dilation, ceil_mode, out_stride=None):
+    return _gradient_like(grad, input_size, out_stride)
+
+
+def _gradient_like(grad: torch.Tensor, input_size: list[int], stride: list[int] | None) -> torch.Tensor:
+    if stride is None:
+        return torch.empty(input_size, dtype=grad.dtype, device=grad.device, memory_format=_layout(grad))
+    return torch.empty_strided(input_size, stride, dtype=grad.dtype, device=grad.device)
 
 
 def _setup_pool(ctx, inputs, output) -> None:
     x, *ctx.arguments = inputs
     ctx.input_size = list(x.shape)
+    # stock's gradient takes the input's memory format
+    ctx.out_stride = list(torch.empty(x.shape, device="meta", memory_format=_layout(x)).stride())
     ctx.save_for_backward(output[1])
 
 
 def _pool_autograd(ctx, grad_y, _grad_packed):
     (packed,) = ctx.saved_tensors
-    return (max_pool2d_packed_backward(grad_y, packed, ctx.input_size, *ctx.arguments),) + (None,) * 5
+    return (max_pool2d_packed_backward(grad_y, packed, ctx.input_size, *ctx.arguments, ctx.out_stride),) + (None,) * 5
 
 
 max_pool2d_packed.register_autograd(_pool_autograd, setup_context=_setup_pool)
 
 
-def workspace_bytes(output_numel: int, window: Window, kernels: bool) -> tuple[int, int]:
-    """Transient bytes of (forward, backward): the stock int64 indices in the forward (plus the
-    twin's int64 row numbers and byte-sized positions); in the backward, none for the kernel, and
-    for the twin the rebuilt int64 indices and the byte-sized positions it derives them from."""
+def workspace_bytes(output_numel: int, window: Window, kernels: bool, contiguous: bool = True) -> tuple[int, int]:
+    """Transient bytes of (forward, backward): the stock int64 indices in the forward, with a
+    row-major copy of them for the kernel when the pooling runs channels-last, or for the twin
+    its int64 row numbers and byte-sized positions (made row-major once more when channels-last);
+    in the backward, none for the kernel, and for the twin the rebuilt int64 indices and the
+    byte-sized positions it derives them from."""
     int64 = 8 * output_numel
     if kernels:
-        return int64, 0
-    return int64 + int64 + 2 * output_numel, int64 + 3 * output_numel
+        return int64 + (0 if contiguous else int64), 0
+    return int64 + int64 + 2 * output_numel + (0 if contiguous else output_numel), int64 + 3 * output_numel

@@ -2,9 +2,11 @@
 
 ``relu_packed(x) -> (y, mask)``: ``y`` is ``torch.relu(x)`` (the stock kernel, bit for bit) and
 ``mask`` holds one bit per element (``gpu._bits`` layout), set where the gradient passes.
-``relu_packed_backward(grad, mask)`` equals ``aten.threshold_backward(grad, y, 0)`` bit for bit:
-the gradient where ``not (y <= 0)`` (so NaN outputs pass it, as stock does) and +0.0 elsewhere.
-The mask is 1/32 of an fp32 output.
+``relu_packed_backward(grad, mask, out_stride)`` equals ``aten.threshold_backward(grad, y, 0)`` bit
+for bit: the gradient where ``not (y <= 0)`` (so NaN outputs pass it, as stock does) and +0.0
+elsewhere, laid out with ``out_stride``: stock's output takes ``y``'s layout, not ``grad``'s, and the
+kernels that read it (a convolution's backward) round differently in another layout. The mask is
+1/32 of an fp32 output.
 """
 from __future__ import annotations
 
@@ -83,13 +85,14 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @variant_op("relu_packed_backward")
-def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``relu_packed``'s input: ``grad`` where the mask bit is set, else +0.0."""
+def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor, out_stride: list[int] | None = None) -> torch.Tensor:
+    """The gradient of ``relu_packed``'s input: ``grad`` where the mask bit is set, else +0.0, with
+    strides ``out_stride`` (those of the ReLU's output, as stock's; default: ``grad``'s layout)."""
     check_float(grad, "relu_packed_backward", "grad")
     check_same_device("relu_packed_backward", grad, mask)
     numel = grad.numel()
     check_packed(mask, _bits.packed_bytes(numel), "relu_packed_backward: mask")
-    out = torch.empty_like(grad)
+    out = _like(grad, out_stride)
     if _cuda.use_kernels(grad):
         target = out if out.is_contiguous() else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         _cuda.launch(SOURCE, f"relu_select_{8 * grad.element_size()}", numel,
@@ -102,17 +105,24 @@ def relu_packed_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 @relu_packed_backward.register_fake
-def _(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(grad)
+def _(grad: torch.Tensor, mask: torch.Tensor, out_stride: list[int] | None = None) -> torch.Tensor:
+    return _like(grad, out_stride)
+
+
+def _like(grad: torch.Tensor, stride: list[int] | None) -> torch.Tensor:
+    if stride is None:
+        return torch.empty_like(grad)
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
 
 
 def _setup_relu(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
+    ctx.out_stride = list(output[0].stride())
 
 
 def _relu_autograd(ctx, grad_y, _grad_mask):
     (mask,) = ctx.saved_tensors
-    return relu_packed_backward(grad_y, mask)
+    return relu_packed_backward(grad_y, mask, ctx.out_stride)
 
 
 def _setup_select(ctx, inputs, output) -> None:
@@ -121,7 +131,7 @@ def _setup_select(ctx, inputs, output) -> None:
 
 def _select_autograd(ctx, grad_out):
     (mask,) = ctx.saved_tensors
-    return relu_packed_backward(grad_out, mask), None
+    return relu_packed_backward(grad_out, mask), None, None
 
 
 relu_packed.register_autograd(_relu_autograd, setup_context=_setup_relu)

@@ -8,12 +8,13 @@ from planner.capture import capture
 from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
 from planner.errors import (
     CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError, PlanMismatchError,
-    PlannerError, UnsupportedOperatorError,
+    PlannerError, RankMismatchError, UnsupportedOperatorError,
 )
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
 from planner.plan import Plan, plan
 from planner.execute import PlannedModule
 from planner.backend import backend
+from planner.blocks import BlockPlan, plan_blocks
 from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
 from planner.schedule import Compute, Free, Schedule
 from planner.simulate import SimResult, simulate
@@ -21,11 +22,11 @@ from planner.units import format_bytes, parse_budget
 from planner.allocator import reserved_budget
 
 __all__ = [
-    "plan", "Plan", "PlannedModule", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
+    "plan", "Plan", "PlannedModule", "plan_blocks", "BlockPlan", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
     "Schedule", "Compute", "Free", "simulate", "SimResult",
     "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
     "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError",
+    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError",
 ]

@@ -69,6 +69,36 @@ def _tracing_state():
         torch.compiler._is_compiling_flag = previous
 
 
+_TRACE_ONLY_KEYS = (torch._C.DispatchKey.CompositeImplicitAutograd, torch._C.DispatchKey.Autograd)
+
+
+def _upsampling_ops() -> list[torch._ops.OpOverload]:
+    return [getattr(packet, overload) for name in dir(torch.ops.aten) if "upsample" in name
+            for packet in [getattr(torch.ops.aten, name)] for overload in packet.overloads()]
+
+
+@contextlib.contextmanager
+def _eager_kernels():
+    """Trace the kernels eager runs where PyTorch replaces them while tracing.
+
+    Under its Python dispatcher, which only tracing turns on, PyTorch swaps Python decompositions
+    in for some ops' autograd (``py_impl``). Upsampling (``F.interpolate``) becomes index gathers
+    and an index-put backward: bilinear and bicubic gradients then differ from eager's in the last
+    bits, and the backward keeps index tensors eager does not. While tracing, those ops keep their
+    C++ autograd kernels and derivative formulas (``upsample_*_backward``), as in eager.
+    """
+    removed = [(op, key, op.py_kernels.pop(key)) for op in _upsampling_ops() for key in _TRACE_ONLY_KEYS
+               if key in op.py_kernels]
+    for op, _, _ in removed:
+        op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for op, key, kernel in removed:
+            op.py_kernels[key] = kernel
+            op._dispatch_cache.clear()
+
+
 def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     """Trace ``module(*args)`` (which must return a 1-tuple holding a scalar loss) with its backward.
 
@@ -76,7 +106,7 @@ def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     tuple of them) and ``meta['partitioner_tag']``; placeholders and the output carry descriptors.
     """
     try:
-        with _tracing_state():
+        with _tracing_state(), _eager_kernels():
             aot_module_simplified(
                 module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
                 partition_fn=_keep_joint_graph,
@@ -125,7 +155,12 @@ def output_roles(output_node: torch.fx.Node, prefix: str) -> list[OutputRole | N
 
 def storage_key(tensor: torch.Tensor) -> StorageWeakRef:
     """Identity of a tensor's storage: views and in-place results share one key."""
-    return StorageWeakRef(tensor.untyped_storage())
+    return storage_ref(tensor.untyped_storage())
+
+
+def storage_ref(storage: torch.UntypedStorage) -> StorageWeakRef:
+    """Identity of a storage (what ``storage_key`` gives for any tensor in it)."""
+    return StorageWeakRef(storage)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
 from planner.graph import (
     InputSpec, OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorKind, TensorRef, TrainingGraph,
 )
+from planner.runtime import GRAD_MODE_OPS, real_outputs
 
 LossFn = Callable[..., torch.Tensor]
 _MODEL_PREFIX = "model."
@@ -132,9 +133,10 @@ def _refuse_distributed_wrappers(model: torch.nn.Module) -> None:
                if isinstance(module, (FSDPModule, FullyShardedDataParallel))]
     sharded += [name for name, parameter in model.named_parameters() if isinstance(parameter, DTensor)]
     if sharded:
-        raise CaptureError(f"{sharded[0]} is sharded (FSDP or DTensor parameters), which the planner does "
-                           "not support: plan the unsharded model and train it with DistributedDataParallel, "
-                           "or use FSDP with torch.utils.checkpoint (docs/reliability.md)")
+        raise CaptureError(f"{sharded[0]} is sharded (FSDP or DTensor parameters), which plan() cannot trace: "
+                           "plan the unsharded model's blocks, planner.plan_blocks(model, budget, inputs, fsdp=True), "
+                           "then fully_shard each block and the model (docs/distributed.md), or train the planned "
+                           "model with DistributedDataParallel")
 
 
 def capture(
@@ -164,7 +166,9 @@ def capture(
 
     Notes
     -----
-    No activation memory is allocated: the step is traced with fake tensors. Time is roughly
+    No activation memory is allocated: the step is traced with fake tensors. The one exception is
+    oneDNN's CPU LSTM layer, whose meta kernel misstates its workspace: it runs once on zeros (one
+    layer's worth; ``planner.runtime.GRAD_MODE_OPS``). Time is roughly
     linear in the number of operators (ResNet-50: about 2 s on 2 CPU cores).
     """
     inputs = _as_tuple(inputs, "inputs")
@@ -178,6 +182,8 @@ def capture(
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause
         raise CaptureError(_explain_trace_failure(error)) from error
+    _sum_tied_gradients(joint)
+    _one_node_per_output(joint)
     specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in inputs + targets)
     builder = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device))
     graph = builder.build()
@@ -203,6 +209,96 @@ def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, 
     return tuple(distinct)
 
 
+def _sum_tied_gradients(joint: torch.fx.GraphModule) -> None:
+    """One gradient per parameter, summed as eager sums it, for a parameter used under several
+    names (an embedding tied to the output layer).
+
+    AOT lifts each name as an input of its own and returns a gradient for each; added into
+    ``.grad`` one by one they give ``(g + a) + b``, where eager's autograd sums the contributions
+    first (its input buffer holds the first until the last arrives) and adds ``g + (a + b)``: the
+    bits differ as soon as ``.grad`` is not zero (gradient accumulation). The contributions are
+    summed by ``aten.add`` ops right after the last one is produced (in the order the backward
+    produces them) and the sum is the gradient of the parameter's first name; the others get none.
+    Complexity: O(nodes).
+    """
+    output = next(node for node in joint.graph.nodes if node.op == "output")
+    storage_of = {_aot.input_role(node, _MODEL_PREFIX).name: _aot.storage_key(node.meta["val"])
+                  for node in joint.graph.nodes if node.op == "placeholder"
+                  and _aot.input_role(node, _MODEL_PREFIX).kind == "parameter"}
+    slots = list(output.args[0])
+    tied: dict[Any, list[int]] = {}
+    for position, (value, role) in enumerate(zip(slots, _aot.output_roles(output, _MODEL_PREFIX))):
+        if isinstance(value, torch.fx.Node) and role is not None and role.kind == "gradient" \
+                and role.target in storage_of:
+            tied.setdefault(storage_of[role.target], []).append(position)
+    order = {node: i for i, node in enumerate(joint.graph.nodes)}
+    for positions in (p for p in tied.values() if len(p) > 1):
+        contributions = sorted((slots[p] for p in positions), key=order.__getitem__)
+        total = contributions[0]
+        for contribution in contributions[1:]:  # the running total is computed before this one
+            with joint.graph.inserting_after(contribution):
+                added = joint.graph.call_function(torch.ops.aten.add.Tensor, (total, contribution))
+            added.meta.update(val=torch.ops.aten.add.Tensor(total.meta["val"], contribution.meta["val"]),
+                              partitioner_tag=contribution.meta.get("partitioner_tag"))
+            total = added
+        slots[positions[0]] = total
+        for position in positions[1:]:
+            slots[position] = None
+    output.args = (type(output.args[0])(slots),) + tuple(output.args[1:])
+
+
+def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
+    """Give every output slot of the joint graph a node of its own, the same in every trace.
+
+    The IR maps each gradient tensor to one parameter, but AOT can list one node for two:
+    - a backward that returns one tensor twice (a custom ``autograd.Function``'s ``return g, s, s``):
+      the repeated slot gets an ``aten.alias`` of the node, placed right after it (a view: no
+      memory, freed where eager frees it);
+    - an op whose meta kernel returns one tensor for outputs its schema says are fresh (oneDNN's
+      LSTM backward: the bias gradient, for both biases; the real kernel returns two). A trace
+      cannot tell those outputs apart, and whether AOT names one of them twice depends on fake
+      tensor caching (the first trace in a process does): the slots naming them get them in
+      schema order, so every capture gives the same graph and fingerprint.
+    """
+    output = next(node for node in joint.graph.nodes if node.op == "output")
+    slots = list(output.args[0])
+    groups: dict[tuple[torch.fx.Node, Any], list[int]] = {}
+    for position, value in enumerate(slots):
+        if isinstance(value, torch.fx.Node) and value.target is operator.getitem:
+            groups.setdefault((value.args[0], _aot.storage_key(value.meta["val"])), []).append(position)
+    for (op, key), positions in groups.items():
+        if not isinstance(op.target, torch._ops.OpOverload):
+            continue
+        returns = op.target._schema.returns
+        twins = [i for i, item in enumerate(op.meta["val"]) if isinstance(item, torch.Tensor)
+                 and _aot.storage_key(item) == key and returns[min(i, len(returns) - 1)].alias_info is None]
+        if len(twins) > 1:
+            for position, index in zip(positions, twins):
+                slots[position] = _getitem(joint, op, index)
+    seen: set[torch.fx.Node] = set()
+    for position, value in enumerate(slots):
+        if value in seen:
+            with joint.graph.inserting_after(value):
+                alias = joint.graph.call_function(torch.ops.aten.alias.default, (value,))
+            alias.meta.update(val=torch.ops.aten.alias.default(value.meta["val"]),
+                              partitioner_tag=value.meta.get("partitioner_tag"))
+            slots[position] = alias
+        if isinstance(value, torch.fx.Node):
+            seen.add(value)
+    output.args = (type(output.args[0])(slots),) + tuple(output.args[1:])
+
+
+def _getitem(joint: torch.fx.GraphModule, op: torch.fx.Node, index: int) -> torch.fx.Node:
+    """The node reading output ``index`` of multi-output ``op``, added right after it if missing."""
+    for user in op.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    with joint.graph.inserting_after(op):
+        node = joint.graph.call_function(operator.getitem, (op, index))
+    node.meta.update(val=op.meta["val"][index], partitioner_tag=op.meta.get("partitioner_tag"))
+    return node
+
+
 def _explain_trace_failure(error: Exception) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     first_line = text.splitlines()[0][:400]
@@ -210,7 +306,10 @@ def _explain_trace_failure(error: Exception) -> str:
         return ("the model has data-dependent control flow or output shapes (it reads tensor values "
                 f"in Python, e.g. `if x.sum() > 0` or `.item()`), which cannot be planned ahead: {first_line}")
     if "dynamic" in text.lower() and "shape" in text.lower():
-        return f"the model has dynamic shapes, which cannot be planned ahead: {first_line}"
+        return ("the model has dynamic shapes (an op whose output size depends on tensor values: nonzero, "
+                "boolean-mask indexing, unique), which cannot be planned ahead: keep every shape a function of "
+                "the input shapes (select with masks or torch.where; route tokens to experts with a fixed "
+                f"capacity): {first_line}")
     return f"could not trace the training step: {first_line}"
 
 
@@ -224,7 +323,8 @@ class _GraphBuilder:
         self.device = device
         self.tensor_of: dict[torch.fx.Node, int] = {}  # fx node (single-tensor value) -> tensor id
         self.slots_of: dict[torch.fx.Node, tuple[int | None, ...]] = {}  # multi-output op node -> tensor ids
-        self.storage_ids: dict[Any, int] = {}
+        self.storage_ids: dict[Any, int] = {}  # fake storage -> storage id
+        self.storage_keys: list[Any] = []  # tensor id -> its fake storage
         self.storage_sizes: list[int] = []
         self.tensor_rows: list[dict] = []
         self.op_rows: list[dict] = []
@@ -238,26 +338,48 @@ class _GraphBuilder:
         self.output_grads: dict[int, int] = {}  # output index -> tensor id of its gradient
         self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
         self.input_gradients: dict[int, int] = {}
+        self.forward_op_of_sequence: dict[int, int] = {}  # autograd sequence number -> first forward op
 
     # -- tensors and storages -----------------------------------------------------------------
-    def _storage(self, value: torch.Tensor) -> int:
+    def _storage(self, value: torch.Tensor, sources: Sequence[int]) -> int:
+        """The storage of ``value``: a view of one of the op's inputs (``sources``) lives in that
+        input's storage as the IR has it (not always the fake storage's first owner: see
+        ``_separate_from_siblings``); any other tensor in the storage its fake storage names."""
         key = _aot.storage_key(value)
+        for source in sources:
+            if self.storage_keys[source] == key:
+                return self.tensor_rows[source]["storage"]
         if key not in self.storage_ids:
             self.storage_ids[key] = len(self.storage_sizes)
             self.storage_sizes.append(int(value.untyped_storage().nbytes()))
         return self.storage_ids[key]
 
-    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None) -> int:
+    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None,
+                    sources: Sequence[int] = ()) -> int:
         if value.layout is not torch.strided:
             raise CaptureError(f"{name} is a {value.layout} tensor, whose memory the planner cannot count: "
                                "keep the model's tensors dense (torch.strided)")
         tensor_id = len(self.tensor_rows)
         self.tensor_rows.append(dict(
             id=tensor_id, name=name, shape=tuple(int(s) for s in value.shape), dtype=str(value.dtype),
-            nbytes=int(value.numel() * value.element_size()), storage=self._storage(value), kind=kind,
-            producer=producer, consumers=[],
+            nbytes=int(value.numel() * value.element_size()), storage=self._storage(value, sources), kind=kind,
+            producer=producer, consumers=[], strides=tuple(int(s) for s in value.stride()),
         ))
+        self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
+
+    def _separate_from_siblings(self, target: torch._ops.OpOverload, index: int, slots: list) -> None:
+        """Output ``index`` (the last of ``slots``) in a storage of its own when it shares one with
+        an earlier output of the op but the schema says it is a fresh tensor (no alias annotation).
+        ATen requires that of its kernels; a meta kernel may not keep to it: oneDNN's LSTM backward
+        returns one fake bias gradient for both biases, while the real kernel returns two tensors.
+        Views of either find their storage through the op they are read by (``_storage``)."""
+        returns = target._schema.returns
+        row = self.tensor_rows[slots[-1]]
+        siblings = {self.tensor_rows[t]["storage"] for t in slots[:-1] if t is not None}
+        if row["storage"] in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
+            self.storage_sizes.append(self.storage_sizes[row["storage"]])
+            row["storage"] = len(self.storage_sizes) - 1
 
     # -- nodes ----------------------------------------------------------------------------------
     def _placeholder(self, node: torch.fx.Node) -> None:
@@ -317,14 +439,15 @@ class _GraphBuilder:
         op_id = len(self.op_rows)
         value = node.meta["val"]
         if isinstance(value, torch.Tensor):
-            outputs = [self._new_tensor(node.name, value, TensorKind.ACTIVATION, op_id)]
+            outputs = [self._new_tensor(node.name, value, TensorKind.ACTIVATION, op_id, input_ids)]
             output_slots = (outputs[0],)
             self.tensor_of[node] = outputs[0]
         elif isinstance(value, (tuple, list)):
             slots = []
             for i, item in enumerate(value):
                 if isinstance(item, torch.Tensor):
-                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, op_id))
+                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, op_id, input_ids))
+                    self._separate_from_siblings(target, i, slots)
                 elif item is None:
                     slots.append(None)
                 else:
@@ -335,11 +458,18 @@ class _GraphBuilder:
             outputs = [s for s in slots if s is not None]
         else:
             raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
+        if target in GRAD_MODE_OPS and self.device != "meta":  # its meta kernel states the inference outputs
+            self._resize(output_slots, real_outputs(target, *vals))
         input_storages = {self.tensor_rows[i]["storage"] for i in input_ids}
         is_view = all(self.tensor_rows[o]["storage"] in input_storages for o in outputs)
         for i in input_ids:
             self.tensor_rows[i]["consumers"].append(op_id)
-        vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
+        sequence = node.meta.get("seq_nr")
+        if is_forward and sequence is not None:
+            self.forward_op_of_sequence.setdefault(sequence, op_id)
+        differentiates = None if is_forward or node.meta.get("is_gradient_acc") else \
+            self.forward_op_of_sequence.get(sequence)
         self.op_rows.append(dict(
             id=op_id, name=node.name, target=str(target),
             phase=Phase.FORWARD if is_forward else Phase.BACKWARD, in_loss=node in self.loss_nodes,
@@ -348,8 +478,18 @@ class _GraphBuilder:
             bytes_read=0 if is_view else sum(self.tensor_rows[i]["nbytes"] for i in input_ids),
             bytes_written=0 if is_view else sum(self.tensor_rows[o]["nbytes"] for o in outputs),
             is_view=is_view, is_random=torch.Tag.nondeterministic_seeded in target.tags,
+            differentiates=differentiates,
         ))
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
+
+    def _resize(self, slots: tuple[int | None, ...], real: list) -> None:
+        """Give the tensors in ``slots`` the shapes, layouts, dtypes and bytes the real kernel produces."""
+        for tensor_id, found in zip(slots, real):
+            if tensor_id is not None and found is not None:
+                shape, strides, dtype, nbytes = found
+                row = self.tensor_rows[tensor_id]
+                row.update(shape=shape, strides=strides, dtype=dtype, nbytes=nbytes)
+                self.storage_sizes[row["storage"]] = nbytes
 
     def _resident_named(self, name: str) -> int:
         if name in self.buffers:

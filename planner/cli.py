@@ -63,7 +63,8 @@ def _capture(spec: dict, quiet: bool = False):
 
 def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
           quiet: bool = True):
-    from planner.plan import DEFAULT_TIME_LIMIT, plan
+    from planner.plan import plan
+    from planner.search import DEFAULT_TIME_LIMIT
     from planner.simulate import simulate
 
     op_variants = _OP_VARIANTS[variants_choice]
@@ -328,7 +329,8 @@ def cmd_max_batch(args: argparse.Namespace) -> int:
 
 # ---- parser ---------------------------------------------------------------------------------------
 def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None = 32) -> None:
-    parser.add_argument("model", help="torchvision:NAME, preset:transformer, preset:transformer-tiny, or module:factory")
+    parser.add_argument("model", help="torchvision:NAME, preset:transformer, preset:transformer-tiny, preset:unet, "
+                        "preset:unet-tiny, or module:factory")
     if batch_default is not None:
         parser.add_argument("--batch-size", type=_positive, default=batch_default)
     parser.add_argument("--image-size", type=_positive, default=None, help="image side for vision models")

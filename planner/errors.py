@@ -33,6 +33,11 @@ class PlanMismatchError(PlannerError):
     """A schedule or plan is used with a graph other than the one it was made for."""
 
 
+class RankMismatchError(PlanMismatchError):
+    """Ranks of a distributed job planned differently (another shape, model or version): their
+    plans would not compute the same step."""
+
+
 class InfeasibleBudgetError(PlannerError):
     """No schedule found fits the memory budget.
 

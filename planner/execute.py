@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_unflatten
 
 from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
-from planner.runtime import bind, initial_env, store_outputs
+from planner.runtime import initial_env, invoke, store_outputs
 from planner.schedule import Compute, Schedule
 from planner.simulate import simulate
 
@@ -128,10 +128,6 @@ class StepRunner:
         if missing:
             raise PlanMismatchError(f"the model has no {sorted(missing)[:3]}: this plan is for another model")
         self.model = model
-        self._param_of_grad = {g: parameters[self._name_of(p)] for g, p in graph.gradients.items()}
-
-    def _name_of(self, tensor: int) -> str:
-        return self.graph.tensors[tensor].name
 
     def new_env(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
         return initial_env(self.graph, self.model, tuple(inputs), tuple(targets))
@@ -150,22 +146,23 @@ class StepRunner:
             if step.replay_rng:
                 with torch.random.fork_rng(devices=self._rng_devices()):
                     self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
-                    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                    result = invoke(call, env)
             else:
                 if step.save_rng:
                     rng_states[step.op] = self._get_rng()
-                result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
+                result = invoke(call, env)
             store_outputs(call, result, env)
             del result
             for tensor in op.outputs:
-                if tensor in self._param_of_grad:
-                    self._accumulate(tensor, env[tensor])
+                if tensor in graph.gradients:  # its parameter as bound when this section began
+                    self._accumulate(env[graph.gradients[tensor]], env[tensor])
                 elif tensor in graph.buffer_updates and step.first:
                     env[graph.buffer_updates[tensor]].copy_(env[tensor])
 
-    def _accumulate(self, tensor: int, grad: torch.Tensor) -> None:
-        """Add ``grad`` into its parameter's ``.grad`` exactly as eager autograd does, hooks included."""
-        torch.autograd.backward([self._param_of_grad[tensor]], [grad])
+    def _accumulate(self, parameter: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` into ``parameter.grad`` exactly as eager autograd does, hooks included. The
+        parameter is the one the model holds when the section runs (FSDP2 swaps in unsharded ones)."""
+        torch.autograd.backward([parameter], [grad])
 
     def _rng_devices(self) -> list:
         device = torch.device(self.graph.device)

@@ -47,6 +47,9 @@ class TensorInfo:
     kind: TensorKind
     producer: int | None  # op id; None for resident tensors
     consumers: tuple[int, ...]  # op ids, in graph order, without repeats
+    # element strides as traced (the memory layout: channels-last, transposed); () for the tensors a
+    # graph rewrite adds. Variant ops give their outputs the layout the stock op's output has here.
+    strides: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class OpInfo:
     # scratch bytes the op is known to allocate beyond its outputs while it runs (the variant ops
     # of planner.variants declare theirs); cost models add it to their own workspace estimate
     workspace_bytes: int = 0
+    # for a backward op, the forward op whose derivative it computes (autograd's sequence number,
+    # as AOT records it); None for forward ops, gradient accumulations and ops autograd did not tag.
+    # Hierarchical planning uses it to give each backward op to the block of its forward op.
+    differentiates: int | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,11 @@ class TrainingGraph:
 
     def store_all(self):
         """What plain PyTorch does: every op once, in graph order, each tensor freed after its last
-        use. The reference every budget fraction refers to."""
+        use. The reference every budget fraction refers to (built once per graph)."""
+        return self._store_all
+
+    @cached_property
+    def _store_all(self):
         from planner.schedule import Schedule
 
         return Schedule.from_order(self, range(len(self.ops)))

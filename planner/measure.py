@@ -6,6 +6,12 @@ as a tensor, on any device, including the temporaries of ``planner.gpu``'s varia
 Python bodies run inside the meter); scratch memory an ATen kernel allocates internally (CPU
 convolution workspace) is invisible to it, as documented in docs/architecture.md.
 
+Two ways of holding memory bypass op outputs, and the meter follows both: a tensor subclass that
+wraps others (DTensor, FSDP2's sharded parameters and gradients) is counted by its inner tensors,
+and a storage resized in place (FSDP2 allocates and frees its unsharded parameters with
+``untyped_storage().resize_``) counts its new size, through ``torch.UntypedStorage.resize_``,
+which the meter wraps while it is active.
+
 The accounting of a training step is defined once here and used everywhere (tests, benchmarks,
 the CLI): parameters, buffers, inputs, targets and ``.grad`` accumulators are allocated before the
 step starts (steady state), and the peak includes them.
@@ -18,10 +24,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from planner._aot import storage_key
+from planner._aot import storage_key, storage_ref
 from planner.gpu._registry import BODIES
 
 
@@ -41,6 +47,12 @@ class MemoryMeter(TorchDispatchMode):
         self.baseline_bytes = self.current_bytes
 
     def _count(self, tensor: torch.Tensor, finalize: bool = True) -> None:
+        if is_traceable_wrapper_subclass(tensor):  # DTensor: its local tensor holds the memory
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self._count(inner, finalize)
+            return
         storage = tensor.untyped_storage()
         key = storage_key(tensor)
         if key in self._counted:
@@ -54,6 +66,38 @@ class MemoryMeter(TorchDispatchMode):
 
     def _release(self, key) -> None:
         self.current_bytes -= self._counted.pop(key, 0)
+
+    def _resized(self, storage: torch.UntypedStorage, old_bytes: int) -> None:
+        """A storage changed size in place: growth is an allocation, shrinking a release (of what
+        was counted: a storage that existed before the meter releases only what it grew by)."""
+        key = storage_ref(storage)
+        counted = self._counted.get(key)
+        if counted is None:
+            if storage.nbytes() <= old_bytes:
+                return
+            counted = 0
+            weakref.finalize(storage, self._release, key)
+        now = max(0, counted + storage.nbytes() - old_bytes)
+        self._counted[key] = now
+        self.current_bytes += now - counted
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def __enter__(self):
+        resize = self._resize_before = torch.UntypedStorage.resize_
+        meter = self
+
+        def resize_and_count(storage: torch.UntypedStorage, size: int):
+            old_bytes = storage.nbytes()
+            result = resize(storage, size)
+            meter._resized(storage, old_bytes)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_and_count
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize_before
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         body = BODIES.get(func._schema.name)

@@ -6,33 +6,24 @@ saved, loaded, printed, and applied to the model it was made for.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
-import numpy as np
 import torch
 
 from planner.capture import LossFn, capture
 from planner.cost import CostModel, choose_cost_model, describe, recomputable
-from planner.errors import InfeasibleBudgetError, InvalidScheduleError
+from planner.errors import InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulate import simulate
 from planner.units import format_bytes, parse_budget
 from planner.variants import apply_variant_names, variant_kinds, with_variants
 
-logger = logging.getLogger("planner")
 PLAN_FORMAT = 1
-MODES = ("fast", "exact")
-LAST_RESORT = "dp_memory"  # tried when nothing in fast mode fits: lowest peak, whatever the time
-DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
-#: also run on the stock graph when variants apply (the baselines there rarely win and cost time)
-STOCK_CANDIDATES = ("dp_reorder", "recompute_cheap")
 
 
 @dataclass
@@ -63,6 +54,9 @@ class Plan:
     n_inputs: int = 0  # how many of input_specs are model inputs
     variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
+    # every schedule the search weighed (algorithms.result.AlgorithmResult), the chosen one included;
+    # empty for a loaded plan
+    candidates: tuple = field(default=(), repr=False, compare=False)
     _source: Any = field(default=None, repr=False, compare=False)  # weakref to the planned model
     _source_training: bool = field(default=True, repr=False, compare=False)
 
@@ -209,8 +203,9 @@ def plan(
         (capture once, plan many budgets).
     budget: peak memory of the whole step (parameters, ``.grad``, inputs and activations): bytes,
         ``"6GiB"``, ``"512MB"``, or ``"50%"`` of the store-all (plain PyTorch) peak.
-    mode: ``"fast"``: the DP checkpoint search, with the baselines as a safety net, in about a
-        second or less. ``"exact"``: fast mode, then the MILP on HiGHS, which returns a proven
+    mode: ``"fast"``: hierarchical planning (``planner.algorithms.hierarchical``: blocks, each
+        block's keep/recompute options, a chain DP with multi-level recomputation across them),
+        in about a second or less. ``"exact"``: fast mode, then the MILP on HiGHS, which returns a proven
         optimum (``status="optimal"``), or when ``time_limit`` ends the best plan found with its
         proven ``gap`` (``"feasible"``); never a plan slower than fast mode's (``"fallback"``
         says the MILP found nothing better, and ``message`` why).
@@ -228,10 +223,11 @@ def plan(
     op_variants: low-memory operator implementations (``planner.gpu``) the plan may use.
         ``True`` (default): those whose gradients are bitwise equal to the stock op's (packed ReLU
         and dropout masks, packed max-pool positions), applied where they lower what the backward
-        holds (``planner.variants.select_variants``), before any algorithm runs; store-all and
-        the DP on plain PyTorch's graph stay candidates, since where memory is not short the
-        variants' extra passes (the CPU twins' byte buffers) can cost more time than they save. ``"all"`` adds ``batch_norm_inverted`` (gradients
-        within a tolerance); a collection of variant names; ``False``: stock PyTorch ops only.
+        holds (``planner.variants.select_variants``), before any algorithm runs; plain PyTorch's
+        graph stays a candidate (``planner.search``), since where memory is not short the
+        variants' extra passes (the CPU twins' byte buffers) can cost more time than they save.
+        ``"all"`` adds ``batch_norm_inverted`` (gradients within a tolerance); a collection of
+        variant names; ``False``: stock PyTorch ops only.
         Budgets in percent and the overhead always refer to plain PyTorch's store-all step.
 
     Raises
@@ -239,7 +235,8 @@ def plan(
     ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    from planner.algorithms import ALGORITHMS, FAST
+    from planner.algorithms import ALGORITHMS
+    from planner.search import MODES, search
 
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
@@ -254,90 +251,23 @@ def plan(
         graph, source = capture(model, inputs, loss_fn, targets=targets), model
     cost_model = choose_cost_model(graph, cost_model, source, inputs, targets)
 
-    began = time.perf_counter()
     stock = graph
     reference = simulate(stock, stock.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
-    graph = with_variants(stock, kinds)
-    names = [algorithm] if algorithm else list(FAST)
-    tried = [_candidate(graph, cost_model, budget_bytes, name, polish=algorithm is None) for name in names]
-    if graph is not stock and algorithm is None:  # the variants' extra passes can cost more than they save
-        tried.append(_Candidate("store_all", stock, stock.store_all(), reference))
-        tried += [_candidate(stock, cost_model, budget_bytes, name, polish=True) for name in STOCK_CANDIDATES]
-    fitting = [t for t in tried if t.result.peak_bytes <= budget_bytes]
-    if not fitting and algorithm is None:  # last resort: the least-memory segmentation, at any cost
-        tried.append(_candidate(graph, cost_model, budget_bytes, LAST_RESORT, polish=True))
-        fitting = [t for t in tried if t.result.peak_bytes <= budget_bytes]
-    exact = None
-    if algorithm is None and mode == "exact":
-        from planner.algorithms.milp import exact_search
-
-        limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
-        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
-        if exact.schedule is not None:
-            fitting.append(_Candidate("milp", graph, exact.schedule, simulate(graph, exact.schedule, cost_model)))
-    if not fitting:
-        lowest = min(t.result.peak_bytes for t in tried)
-        if algorithm:  # say how low fast mode gets, not just the algorithm asked for
-            fast = min(_candidate(graph, cost_model, budget_bytes, name, polish=True).result.peak_bytes
-                       for name in FAST + (LAST_RESORT,))
-            if fast <= budget_bytes:
-                raise InfeasibleBudgetError(budget_bytes, lowest, f"{algorithm} peaks at {format_bytes(lowest)}, "
-                                            f"but fast mode fits this budget: plan without algorithm=")
-            lowest = min(lowest, fast)
-        raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {', '.join(dict.fromkeys(t.name for t in tried))}"
-                                    + (" and fast mode" if algorithm else ""))
-    best = min(fitting, key=lambda t: (t.result.time, t.result.peak_bytes))
-    result = best.result
-    status, gap, lower_bound, message = "feasible", None, None, (
-        "" if algorithm else f"fast mode: DP checkpoint search and baselines, each reordered; best of {len(tried)}")
-    if exact is not None:
-        status, gap, lower_bound, message = _exact_verdict(exact, best.name, result.time)
+    outcome = search(stock, with_variants(stock, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
+                     time_limit=time_limit, progress=progress)
+    best, verdict = outcome.chosen, outcome.verdict
+    result = best.simulated
     chosen = Plan(
         schedule=best.schedule, graph=best.graph, budget_bytes=budget_bytes,
         predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
         store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
-        algorithm=best.name, status=status, cost_model=cost_model.name, gap=gap, lower_bound=lower_bound,
-        message=message, input_specs=stock.input_specs, n_inputs=len(stock.inputs), variants=best.graph.variants,
+        algorithm=best.name, status=verdict.status, cost_model=cost_model.name, gap=verdict.gap,
+        lower_bound=verdict.lower_bound, message=verdict.message, input_specs=stock.input_specs,
+        n_inputs=len(stock.inputs), variants=best.graph.variants, candidates=outcome.candidates,
     )
     if source is not None:
         chosen._source = weakref.ref(source)
         chosen._source_training = source.training
     return chosen
-
-
-def _exact_verdict(exact, chosen: str, chosen_time: float) -> tuple[str, float | None, float | None, str]:
-    """Status, gap, bound and message of an exact-mode plan. The bound covers staged schedules
-    (see ``planner.algorithms.milp``); a faster fast-mode plan lies outside that set."""
-    bound = exact.lower_bound if np.isfinite(exact.lower_bound) else None
-    if chosen == "milp":
-        gap = 0.0 if exact.optimal else max(0.0, (chosen_time - bound) / chosen_time) if bound else None
-        status = "optimal" if exact.optimal else "feasible"
-        logger.info("exact mode: %s, gap %s (%s)", status, gap, exact.message)
-        return status, gap, bound, f"exact mode: MILP ({exact.message}), {exact.columns} binaries"
-    logger.info("exact mode fell back to fast mode: %s", exact.message)
-    return "fallback", None, bound, f"exact mode: fell back to fast mode's plan; MILP: {exact.message}"
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """One schedule fast or exact mode considered, with the graph (stock or with variants) it runs."""
-
-    name: str
-    graph: TrainingGraph
-    schedule: Schedule
-    result: SimResult
-
-
-def _candidate(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, name: str,
-               polish: bool) -> _Candidate:
-    """Run one algorithm; with ``polish``, also reorder its schedule (kept when the peak drops)."""
-    from planner.algorithms import ALGORITHMS, reorder_schedule
-
-    schedule = ALGORITHMS[name](graph, cost_model, budget_bytes)
-    if polish and not name.endswith("reorder"):
-        reordered = reorder_schedule(graph, schedule, cost_model)
-        if reordered is not schedule:
-            schedule, name = reordered, f"{name}+reorder"
-    return _Candidate(name, graph, schedule, simulate(graph, schedule, cost_model))

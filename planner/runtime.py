@@ -15,10 +15,45 @@ def bind(value: Any, env: Sequence[torch.Tensor | None]) -> Any:
                     is_leaf=lambda v: isinstance(v, TensorRef))
 
 
+#: ops whose kernels read the grad mode instead of an argument. oneDNN's LSTM layer (the CPU
+#: LSTM) computes the training workspace its backward reads only while grad mode is on, whatever
+#: its ``train`` argument says; under ``no_grad`` (where plans run) it returns none.
+GRAD_MODE_OPS = frozenset({torch.ops.aten.mkldnn_rnn_layer.default})
+
+
+def invoke(call: OpCall, env: Sequence[torch.Tensor | None]) -> Any:
+    """Run ``call`` on the tensors of ``env`` as eager's training forward runs it: ops in
+    ``GRAD_MODE_OPS`` with grad mode on, over detached inputs (so no autograd graph is recorded)."""
+    args, kwargs = bind(call.args, env), bind(call.kwargs, env)
+    if call.target in GRAD_MODE_OPS:
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        with torch.enable_grad():
+            return call.target(*tree_map(detach, args), **tree_map(detach, kwargs))
+    return call.target(*args, **kwargs)
+
+
+#: an output as ``real_outputs`` describes it: (shape, strides, dtype, storage bytes)
+RealOutput = tuple[tuple[int, ...], tuple[int, ...], str, int]
+
+
+def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[RealOutput | None]:
+    """What each output of ``target`` is when run as ``invoke`` runs it, on zeros shaped like the
+    tensors of ``args``/``kwargs`` (fake tensors from a trace): for ops in ``GRAD_MODE_OPS``, whose
+    meta kernels describe the inference path (oneDNN's LSTM layer reports an empty workspace).
+    Allocates what the op does once: one layer, not the model."""
+    def zeros(v: Any) -> Any:
+        return torch.zeros(tuple(v.shape), dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+
+    with torch.enable_grad():
+        result = target(*tree_map(zeros, args), **tree_map(zeros, kwargs))
+    return [(tuple(v.shape), tuple(v.stride()), str(v.dtype), v.untyped_storage().nbytes())
+            if isinstance(v, torch.Tensor) else None
+            for v in (result if isinstance(result, (tuple, list)) else (result,))]
+
+
 def run_call(call: OpCall, env: list[torch.Tensor | None]) -> None:
     """Run ``call`` reading its inputs from ``env`` and storing its outputs into ``env``."""
-    result = call.target(*bind(call.args, env), **bind(call.kwargs, env))
-    store_outputs(call, result, env)
+    store_outputs(call, invoke(call, env), env)
 
 
 def store_outputs(call: OpCall, result: Any, env: list[torch.Tensor | None]) -> None:

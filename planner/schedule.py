@@ -35,13 +35,29 @@ class Free:
 
 
 Step = Union[Compute, Free]
-_FREE_STEPS: list[Free] = []  # Free steps are immutable: one object per tensor id, shared
 
 
-def _free(tensor: int) -> Free:
-    while len(_FREE_STEPS) <= tensor:
-        _FREE_STEPS.append(Free(len(_FREE_STEPS)))
-    return _FREE_STEPS[tensor]
+class _Pool:
+    """Steps are immutable: one object per op (or tensor) id, shared by every schedule, kept in
+    an object array so that a schedule's steps are gathered by index."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.objects = np.empty(0, dtype=object)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        needed = int(ids.max()) + 1 if len(ids) else 0
+        if needed > len(self.objects):
+            grown = np.empty(max(needed, 2 * len(self.objects)), dtype=object)
+            grown[: len(self.objects)] = self.objects
+            for i in range(len(self.objects), len(grown)):
+                grown[i] = self.kind(i)
+            self.objects = grown
+        return self.objects[ids]
+
+
+_COMPUTES = _Pool(Compute)
+_FREES = _Pool(Free)
 
 
 def _expand(pointer: np.ndarray, values: np.ndarray, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,9 +90,11 @@ class Schedule:
         Raises ``InvalidScheduleError`` if an op reads a tensor that was never produced.
         Complexity: O(total inputs + outputs of the computed ops).
         """
-        computes = [c if isinstance(c, Compute) else Compute(int(c)) for c in order]
-        ops = np.fromiter((c.op for c in computes), dtype=np.int64, count=len(computes))
-        arrays, n = graph.op_arrays, len(computes)
+        ops = np.fromiter((c.op if isinstance(c, Compute) else c for c in order), dtype=np.int64)
+        n = len(ops)
+        if n and (ops.min() < 0 or ops.max() >= len(graph.ops)):
+            raise InvalidScheduleError(f"op ids must lie in [0, {len(graph.ops)}): got {int(ops.min())}..{int(ops.max())}")
+        arrays = graph.op_arrays
         # every output of every step is an instance of its tensor, alive until its last read
         instance_position, instance_tensor = _expand(arrays["out_ptr"], arrays["out_idx"], ops)
         read_position, read_tensor = _expand(arrays["in_ptr"], arrays["in_idx"], ops)
@@ -97,15 +115,21 @@ class Schedule:
         if graph.input_gradients:  # returned to autograd when the step ends
             last_use[np.isin(instance_tensor, list(graph.input_gradients))] = n - 1
         freed = np.lexsort((instance_tensor, last_use))  # after each step, its frees by tensor id
-        ends = np.searchsorted(last_use[freed], np.arange(n), side="right").tolist()
-        freed_tensors = instance_tensor[freed].tolist()
-        steps: list[Step] = []
-        start = 0
-        for compute, end in zip(computes, ends):
-            steps.append(compute)
-            steps.extend(_free(t) for t in freed_tensors[start:end])
-            start = end
-        return cls(tuple(steps), graph.fingerprint)
+        frees_before = np.searchsorted(last_use[freed], np.arange(n), side="left")  # frees after earlier steps
+        # step k's compute sits after k computes and the frees of steps before it; its frees follow it
+        compute_at = np.arange(n) + frees_before
+        free_at = np.arange(len(freed)) + last_use[freed] + 1
+        is_compute = np.zeros(n + len(freed), dtype=np.bool_)
+        is_compute[compute_at] = True
+        index = np.empty(n + len(freed), dtype=np.int64)
+        index[compute_at] = ops
+        index[free_at] = instance_tensor[freed]
+        steps = np.empty(n + len(freed), dtype=object)
+        steps[compute_at] = _COMPUTES.gather(ops)
+        steps[free_at] = _FREES.gather(instance_tensor[freed])
+        schedule = cls(tuple(steps.tolist()), graph.fingerprint)
+        schedule.__dict__["arrays"] = (is_compute, index)  # known already: spare the cached property
+        return schedule
 
     @cached_property
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:

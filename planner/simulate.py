@@ -63,9 +63,13 @@ def _replay(is_compute, index, in_ptr, in_idx, out_ptr, out_idx, is_view, reside
                     return _OUTPUT_LIVE, step, t, peak, peak_step, total
                 s = tensor_storage[t]
                 if refs[s] > 0 and not is_view[i]:
+                    # an output may alias an input, or an earlier output of the same op (an RNN's
+                    # backward returns one tensor as the gradient of both its biases)
                     aliased = False
                     for j in range(in_ptr[i], in_ptr[i + 1]):
                         aliased = aliased or tensor_storage[in_idx[j]] == s
+                    for j in range(out_ptr[i], k):
+                        aliased = aliased or tensor_storage[out_idx[j]] == s
                     if not aliased:
                         return _VIEW_LIVE, step, t, peak, peak_step, total
                 live[t] = True

@@ -339,6 +339,14 @@ class _Rewrite:
             variants=tuple(names))
 
 
+def _stock_layout(rw: _Rewrite, backward: int) -> list[int] | None:
+    """The strides of the stock backward op's output, for its variant to give its own: stock
+    takes the saved tensor's layout (which the variant no longer reads), and the ops downstream
+    round differently in another layout (a channels-last convolution's weight gradient)."""
+    (output,) = rw.graph.ops[backward].outputs
+    return list(rw.graph.tensors[output].strides) or None
+
+
 def _rewrite_relu(rw: _Rewrite, site: VariantSite) -> None:
     graph = rw.graph
     (y,) = graph.ops[site.forward_op].outputs
@@ -350,8 +358,8 @@ def _rewrite_relu(rw: _Rewrite, site: VariantSite) -> None:
     read = rw.repoint_views(site.view_ops, mask)
     (backward,) = site.backward_ops
     call = graph.calls[backward]
-    rw.set_call(backward, _ops.relu_packed_backward.default, (call.args[0], TensorRef(read)), call.output_slots,
-                backward_ws)
+    rw.set_call(backward, _ops.relu_packed_backward.default,
+                (call.args[0], TensorRef(read), _stock_layout(rw, backward)), call.output_slots, backward_ws)
 
 
 def _rewrite_dropout(rw: _Rewrite, site: VariantSite) -> None:
@@ -369,6 +377,18 @@ def _rewrite_dropout(rw: _Rewrite, site: VariantSite) -> None:
                 bcall.output_slots, backward_ws)
 
 
+def _contiguous(tensor) -> bool:
+    """Whether a traced tensor is row-major (True where its strides were not recorded)."""
+    if not tensor.strides:
+        return True
+    expected, running = [], 1
+    for size in reversed(tensor.shape):
+        expected.append(running)
+        running *= max(size, 1)
+    return all(size == 1 or stride == want
+               for size, stride, want in zip(tensor.shape, tensor.strides, reversed(expected)))
+
+
 def _rewrite_pool(rw: _Rewrite, site: VariantSite) -> None:
     graph = rw.graph
     call = graph.calls[site.forward_op]
@@ -376,7 +396,8 @@ def _rewrite_pool(rw: _Rewrite, site: VariantSite) -> None:
     window = _maxpool.Window.of(*arguments[:4])
     x = call.args[0]
     _, indices = graph.ops[site.forward_op].outputs
-    forward_ws, backward_ws = _maxpool.workspace_bytes(_numel(graph, indices), window, rw.kernels)
+    forward_ws, backward_ws = _maxpool.workspace_bytes(_numel(graph, indices), window, rw.kernels,
+                                                       _contiguous(graph.tensors[indices]))
     rw.retype(indices, (site.saved_bytes,), _UINT8, site.saved_bytes)
     rw.set_call(site.forward_op, _ops.max_pool2d_packed.default, (x, *arguments), call.output_slots, forward_ws)
     read = rw.repoint_views(site.view_ops, indices)
@@ -384,7 +405,8 @@ def _rewrite_pool(rw: _Rewrite, site: VariantSite) -> None:
     bcall = graph.calls[backward]
     input_size = list(graph.tensors[x.id].shape)
     rw.set_call(backward, _ops.max_pool2d_packed_backward.default,
-                (bcall.args[0], TensorRef(read), input_size, *arguments), bcall.output_slots, backward_ws)
+                (bcall.args[0], TensorRef(read), input_size, *arguments, _stock_layout(rw, backward)),
+                bcall.output_slots, backward_ws)
 
 
 def _rewrite_norm(rw: _Rewrite, site: VariantSite) -> None:

@@ -1,7 +1,10 @@
-"""Model specs for the CLI and benchmarks: ``torchvision:resnet50``, ``preset:transformer``,
-``package.module:factory``.
+"""Model specs for the CLI, benchmarks and tests: ``torchvision:resnet50``, ``preset:transformer``,
+``preset:unet``, ``package.module:factory``.
 
-A spec builds a model (random weights, no downloads), an example batch and a loss.
+A spec builds a model (random weights, no downloads), an example batch and a loss. ``UNet`` lives
+here because no library the project depends on has one, and its skip connections (every encoder
+level's output is held until the decoder level that mirrors it) are the memory shape a chain
+of blocks does not have.
 """
 from __future__ import annotations
 
@@ -34,6 +37,57 @@ def _torchvision(name: str, batch_size: int, image_size: int | None) -> Workload
     return Workload(model.train(), inputs, targets, F.cross_entropy)
 
 
+class _DoubleConv(torch.nn.Sequential):
+    """Two 3x3 convolutions, each followed by BatchNorm and ReLU: one UNet level."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out_channels),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out_channels),
+            torch.nn.ReLU(inplace=True),
+        )
+
+
+class UNet(torch.nn.Module):
+    """The segmentation UNet of Ronneberger et al. (2015), with padded convolutions and BatchNorm.
+
+    ``depth`` encoder levels of ``_DoubleConv`` (channels ``width * 2**level``) joined by 2x2
+    max-pooling, a bottleneck, then ``depth`` decoder levels: a 2x2 transposed convolution up, the
+    encoder level's output concatenated (the skip connection), a ``_DoubleConv``. A 1x1
+    convolution gives ``classes`` logits per pixel. Image sides must be divisible by ``2**depth``.
+    """
+
+    def __init__(self, in_channels: int = 3, classes: int = 2, width: int = 32, depth: int = 4):
+        super().__init__()
+        channels = [width * 2**level for level in range(depth + 1)]
+        self.down = torch.nn.ModuleList(
+            _DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels] + channels[:-2], channels[:-1]))
+        self.pool = torch.nn.MaxPool2d(2)
+        self.bottleneck = _DoubleConv(channels[-2], channels[-1])
+        self.up = torch.nn.ModuleList(torch.nn.ConvTranspose2d(c, c // 2, 2, stride=2) for c in reversed(channels[1:]))
+        self.decode = torch.nn.ModuleList(_DoubleConv(c, c // 2) for c in reversed(channels[1:]))
+        self.head = torch.nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level in self.down:
+            x = level(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, decode, skip in zip(self.up, self.decode, reversed(skips)):
+            x = decode(torch.cat([skip, up(x)], dim=1))
+        return self.head(x)
+
+
+def _unet(width: int, depth: int, image_size: int, batch_size: int, classes: int = 4) -> Workload:
+    """A UNet with per-pixel cross-entropy on random labels."""
+    inputs = (torch.randn(batch_size, 3, image_size, image_size),)
+    targets = (torch.randint(0, classes, (batch_size, image_size, image_size)),)
+    return Workload(UNet(3, classes, width, depth).train(), inputs, targets, F.cross_entropy)
+
+
 def _transformer(layers: int, width: int, heads: int, sequence: int, batch_size: int) -> Workload:
     layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -43,6 +97,8 @@ def _transformer(layers: int, width: int, heads: int, sequence: int, batch_size:
 PRESETS: dict[str, Callable[[int], Workload]] = {
     "transformer": lambda batch: _transformer(6, 512, 8, 128, batch),
     "transformer-tiny": lambda batch: _transformer(2, 64, 4, 32, batch),
+    "unet": lambda batch: _unet(32, 4, 128, batch),
+    "unet-tiny": lambda batch: _unet(8, 3, 32, batch),
 }
 
 
@@ -67,7 +123,9 @@ def load_workload(spec: str, batch_size: int, image_size: int | None = None) -> 
 
     ``torchvision:NAME`` builds a torchvision classifier with cross-entropy on random labels;
     ``preset:transformer`` (6 layers, width 512, sequence 128) and ``preset:transformer-tiny``
-    build a ``TransformerEncoder`` with dropout and a sum loss; ``module:factory`` calls ``factory(batch_size=..., [image_size=...])``, which returns a
+    build a ``TransformerEncoder`` with dropout and a sum loss; ``preset:unet`` (width 32, 4 levels,
+    128x128) and ``preset:unet-tiny`` (width 8, 3 levels, 32x32) build a ``UNet`` with per-pixel
+    cross-entropy on random labels (4 classes); ``module:factory`` calls ``factory(batch_size=..., [image_size=...])``, which returns a
     ``Workload`` or a ``(model, inputs)`` pair (loss: sum of the output).
     """
     source, _, name = spec.partition(":")

@@ -59,6 +59,22 @@ class Spec:
     algorithms: tuple[str, ...] = ALL_ALGORITHMS
 
 
+class StemHeavy(nn.Module):
+    """A wide ReLU and max-pool at full resolution before a small head: the lowest peak of any
+    plan is the stem's backward, where the variants' packed mask and positions stand in for the
+    ReLU output that the stock backward must hold."""
+
+    def __init__(self, classes: int = NUM_CLASSES):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(4)
+        self.head = nn.Sequential(nn.Conv2d(32, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.stem(x))))
+
+
 SPECS: dict[str, Spec] = {
     "resnet18": Spec(lambda: tv.resnet18(), (2, 3, 64, 64)),
     "mobilenet_v2": Spec(lambda: tv.mobilenet_v2(), (2, 3, 64, 64)),
@@ -68,6 +84,7 @@ SPECS: dict[str, Spec] = {
     "inception_v3": Spec(lambda: tv.inception_v3(aux_logits=False, init_weights=False), (2, 3, 75, 75)),
     "vgg16": Spec(lambda: tv.vgg16(), (1, 3, 32, 32), algorithms=VGG_ALGORITHMS),
     "transformer": Spec(make_transformer, (2, 16, 32), classifier=False),
+    "stem_heavy": Spec(StemHeavy, (4, 3, 64, 64)),
 }
 
 

@@ -59,6 +59,44 @@ class ViewModel(nn.Module):
         return flat.sum() * transposed.mean()
 
 
+class SharedShift(torch.autograd.Function):
+    """``x + a + b`` whose backward returns one tensor as the gradient of both ``a`` and ``b``
+    (AOT then lists one node for two parameters' gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        return x + a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        shared = grad.sum(0)
+        return grad, shared, shared
+
+
+class ResidualNet(nn.Module):
+    """Residual MLP blocks with LayerNorm, in a ``ModuleList`` (the repeated blocks ``plan_blocks``
+    finds): enough activations to recompute; ``deep``: three hidden layers per block, enough to
+    recompute inside one block."""
+
+    def __init__(self, d: int = 32, classes: int = 5, blocks: int = 4, deep: bool = False, d_in: int = 16):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+
+        def hidden() -> list[nn.Module]:
+            return [module for _ in range(2 if deep else 0) for module in (nn.Linear(4 * d, 4 * d), nn.GELU())]
+
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), *hidden(), nn.Linear(4 * d, d))
+            for _ in range(blocks))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
 def make_transformer(d_model: int = 64, nhead: int = 4, ff: int = 128, layers: int = 2,
                      dropout: float = 0.1) -> nn.TransformerEncoder:
     """A batch-first ``nn.TransformerEncoder`` in train mode (nested tensors off)."""

@@ -16,7 +16,7 @@ import planner
 from planner import Phase, TensorKind
 from planner.graph import RESIDENT_KINDS
 
-from conftest import Case, make_transformer
+from conftest import Case, SharedShift, make_transformer
 
 tv = torchvision.models
 
@@ -206,6 +206,86 @@ def test_capture_with_loss_and_targets() -> None:
     assert any(op.in_loss and op.phase is Phase.BACKWARD for op in g.ops)
     assert not any(op.in_loss and "convolution" in op.target for op in g.ops)
     assert len(g.input_specs) == 2
+
+
+def test_one_tensor_returned_as_two_parameters_gradients() -> None:
+    """AOT lists the same node as both gradients; each parameter must still get its own (``a``
+    got none, silently)."""
+    import copy
+
+    class TwoBiases(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.a, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return SharedShift.apply(self.fc(x), self.a, self.b)
+
+    torch.manual_seed(0)
+    model, x, y = TwoBiases().train(), torch.randn(3, 4), torch.randint(0, 4, (3,))
+    g = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
+    name_of = {tid: name for name, tid in g.parameters.items()}
+    assert sorted(name_of[p] for p in g.gradients.values()) == ["a", "b", "fc.bias", "fc.weight"]
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, g, g.store_all())
+    for _ in range(2):  # the first step creates .grad, the second adds into it
+        nn.functional.cross_entropy(planned(x), y).backward()
+        nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(got.grad, want.grad), name
+    assert planned_model.a.grad.data_ptr() != planned_model.b.grad.data_ptr()
+
+
+def test_lstm_bias_gradients_are_two_tensors_in_every_capture() -> None:
+    """oneDNN's LSTM backward (the CPU LSTM): its meta kernel returns one tensor as both bias
+    gradients, where the real kernel returns two. Each bias gets a gradient in a storage of its
+    own, and the first capture in a process (where AOT names one node for both, and one bias got
+    no gradient) gives the graph later captures give."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    model, x = nn.LSTM(5, 7, num_layers=2).train(), torch.randn(3, 2, 5)  # shapes no other test traces
+    first, second = (planner.capture(model, x) for _ in range(2))
+    assert first.fingerprint == second.fingerprint and first.gradients == second.gradients
+    assert any(op.target == "aten.mkldnn_rnn_layer_backward.default" for op in first.ops)
+    grad_of = {name: grad for grad, tid in first.gradients.items() for name, pid in first.parameters.items() if pid == tid}
+    assert set(grad_of) == {name for name, _ in model.named_parameters()}
+    for layer in (0, 1):
+        ih, hh = (first.tensors[grad_of[f"bias_{kind}_l{layer}"]] for kind in ("ih", "hh"))
+        assert ih.id != hh.id and ih.storage != hh.storage
+    planner.simulate(first, first.store_all())  # was refused: "recomputed while a view of its output is live"
+
+
+class _Upsampling(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.conv1, self.conv2 = mode, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        corners = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+        return self.conv2(nn.functional.interpolate(self.conv1(x), size=(13, 11), mode=self.mode, **corners)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_interpolation_is_traced_as_eager_runs_it(mode: str) -> None:
+    """Tracing swapped Python decompositions (index gathers, an index-put backward) in for the
+    upsampling kernels: bilinear and bicubic gradients differed from eager's in the last bits."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x, y = _Upsampling(mode).train(), torch.randn(2, 3, 9, 7), torch.randint(0, 4, (2,))
+    g = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
+    targets = {op.target for op in g.ops}
+    assert f"aten.upsample_{mode}2d_backward.default" in targets and "aten._unsafe_index_put.default" not in targets
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, g, g.store_all())
+    nn.functional.cross_entropy(planned(x), y).backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(got.grad, want.grad), name
+    # the decompositions are back after the capture: other tracers (torch.compile) still get them
+    assert torch.ops.aten.upsample_bilinear2d.vec.py_kernels
 
 
 class _RealTensorMeter(planner.MemoryMeter):

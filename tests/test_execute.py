@@ -147,6 +147,35 @@ def test_two_steps_without_zeroing_match_eager_with_dropout(transformer: Workloa
     assert_same_step(got, want)
 
 
+class _TiedEmbedding(nn.Module):
+    def __init__(self, vocab: int = 64, width: int = 16):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, vocab)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+@pytest.mark.parametrize("algorithm", ["store_all", "checkpoint_all"])
+def test_tied_weights_accumulate_as_eager(algorithm: str) -> None:
+    """A parameter used under two names gets one gradient, summed before it reaches ``.grad`` as
+    eager's autograd sums it: added one by one, ``(g + a) + b`` differed from eager's ``g + (a + b)``
+    from the second accumulated step on."""
+    torch.manual_seed(0)
+    model, ids, labels = _TiedEmbedding().train(), torch.randint(0, 64, (4, 12)), torch.randint(0, 64, (4, 12))
+    loss = lambda out: F.cross_entropy(out.flatten(0, 1), labels.flatten())  # noqa: E731
+    graph = planner.capture(model, ids, lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()), targets=labels)
+    assert len(graph.gradients) == len(list(model.parameters())) == 4  # one gradient for the tied weight
+    schedule = ALGORITHMS[algorithm](graph, planner.RooflineCostModel("cpu"), 10**9)
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    pm = planner.PlannedModule(planned_model, graph, schedule)
+    for seed in (1, 2, 3):  # accumulate without zeroing, as gradient accumulation does
+        got = planned_step(planned_model, pm, ids, loss, seed)
+        want = eager_step(reference, ids, loss, seed)
+    assert_same_step(got, want)
+
+
 def test_steady_state_step_accumulates_into_existing_grad(resnet: Workload) -> None:
     """With .grad already allocated (steady state) the gradient is added in place, as eager does."""
     model, pm = resnet.planned("checkpoint_all")
@@ -256,6 +285,34 @@ def test_model_whose_output_is_saved_for_backward(activation, algorithm: str) ->
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), activation()).train()
     x, y = torch.randn(4, 8), torch.randint(0, 8, (4,))
     graph = planner.capture(model, x, F.cross_entropy, targets=y)
+    schedule = ALGORITHMS[algorithm](graph, planner.RooflineCostModel("cpu"), 10**9)
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    pm = planner.PlannedModule(planned_model, graph, schedule)
+    loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    assert_same_step(planned_step(planned_model, pm, x, loss, seed=1), eager_step(reference, x, loss, seed=1))
+
+
+class _LastStep(nn.Module):
+    """A 2-layer LSTM classifying a sequence from its last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 16, num_layers=2, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("algorithm", ["store_all", "checkpoint_all"])
+def test_cpu_lstm_runs_with_its_training_workspace(algorithm: str) -> None:
+    """oneDNN's LSTM layer computes the workspace its backward reads only under grad mode, which
+    the plan's forward (an autograd.Function) turns off: the backward failed on a missing tensor."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    model, x, y = _LastStep().train(), torch.randn(2, 5, 8), torch.randint(0, 4, (2,))
+    graph = planner.capture(model, x, F.cross_entropy, targets=y)
+    assert any(op.target == "aten.mkldnn_rnn_layer.default" for op in graph.ops)
     schedule = ALGORITHMS[algorithm](graph, planner.RooflineCostModel("cpu"), 10**9)
     planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     pm = planner.PlannedModule(planned_model, graph, schedule)

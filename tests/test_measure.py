@@ -123,6 +123,18 @@ def test_store_all_peak_matches_eager_wide_linear() -> None:
     assert simulated == pytest.approx(measured.peak_bytes, rel=0.01)
 
 
+def test_store_all_peak_matches_eager_cpu_lstm() -> None:
+    """oneDNN's LSTM layer keeps a training workspace for its backward (here larger than the
+    layer's output) that its meta kernel reports as empty: capture measures it on the real kernel."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: its CPU LSTM is not mkldnn_rnn_layer")
+    torch.manual_seed(0)
+    simulated, measured, graph = _compare(nn.LSTM(8, 16, num_layers=2), torch.randn(12, 4, 8))
+    workspaces = [graph.tensors[op.outputs[3]] for op in graph.ops if op.target == "aten.mkldnn_rnn_layer.default"]
+    assert len(workspaces) == 2 and all(w.dtype == "torch.uint8" and w.nbytes > 0 for w in workspaces)
+    assert simulated == pytest.approx(measured.peak_bytes, rel=1e-3)
+
+
 def test_dropout_graph_is_leaner_than_cpu_eager() -> None:
     """With dropout, the graph keeps a bool mask (native_dropout) where CPU eager keeps a float
     noise tensor: the simulated store-all peak is at most the measured eager peak."""
@@ -131,3 +143,23 @@ def test_dropout_graph_is_leaner_than_cpu_eager() -> None:
     simulated, measured, graph = _compare(model, torch.randn(4, 32, 64))
     assert any(op.is_random for op in graph.ops)
     assert simulated <= measured.peak_bytes
+
+
+def test_meter_follows_storages_resized_in_place() -> None:
+    """FSDP2 allocates and frees its unsharded parameters with ``untyped_storage().resize_``; no op
+    output shows it. Growth counts as an allocation, shrinking releases what was counted."""
+    outside = torch.empty(1000)  # 4000 bytes from before the meter: not counted
+    original = torch.UntypedStorage.resize_
+    with MemoryMeter() as meter:
+        storage = outside.untyped_storage()
+        storage.resize_(0)
+        assert meter.current_bytes == 0
+        storage.resize_(4000)
+        assert meter.current_bytes == 4000
+        other = torch.empty(10)
+        storage.resize_(0)
+        assert meter.current_bytes == 40 and meter.peak_bytes == 4040
+        del other
+    assert torch.UntypedStorage.resize_ is original and meter.current_bytes == 0
+    storage.resize_(4000)  # outside the meter: not followed
+    assert meter.current_bytes == 0

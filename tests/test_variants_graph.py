@@ -7,6 +7,7 @@ simulator's; variants lower the transformer's store-all peak.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 
@@ -172,6 +173,26 @@ def test_bitwise_variants_on_resnet_are_bitwise(resnet: Workload) -> None:
     for algorithm in ("store_all", "checkpoint_all"):
         model, planned = workload.planned(algorithm)
         assert_same_step(planned_step(model, planned, workload.x, workload.loss, seed=1), workload.reference(seed=1))
+
+
+def test_channels_last_network_with_variants_is_bitwise() -> None:
+    """The last ReLU of a channels-last network gets a contiguous gradient from the global mean;
+    stock's gradient takes the ReLU output's layout, and the batch norms and convolutions before it
+    round differently in the other: the variant must give stock's layout (it gave ``grad``'s)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32),
+                          nn.ReLU()).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    stock = planner.capture(model, x, lambda out: out.mean((2, 3)).square().sum())
+    graph = apply_variants(stock, [s for s in variant_sites(stock) if s.variant in BITWISE_VARIANTS])
+    assert {name.split("@")[0] for name in graph.variants} == {"relu_packed", "max_pool2d_packed"}
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, graph, graph.store_all())
+    planned(x).mean((2, 3)).square().sum().backward()
+    reference(x).mean((2, 3)).square().sum().backward()
+    for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(got.grad, want.grad), name
 
 
 def test_variants_lower_the_transformer_store_all_peak(resnet: Workload, transformer: Workload, capsys) -> None:

@@ -67,6 +67,35 @@ def test_relu_non_contiguous_and_channels_last() -> None:
     assert same_bits(got, want) and got.stride() == want.stride()
 
 
+def test_relu_and_max_pool_gradients_take_stocks_layout() -> None:
+    """Stock's input gradient takes the layout of the tensor it saved (the ReLU's output, the
+    pooling input), not the incoming gradient's; a channels-last network's last ReLU gets a
+    contiguous gradient from the global mean. The variants take ``out_stride`` (the planner passes
+    stock's), and their autograd passes the saved tensor's layout (it was ``grad``'s)."""
+    x = special((2, 6, 8, 8), torch.float32).contiguous(memory_format=torch.channels_last)
+    y, mask = ops.relu_packed(x)
+    grad = special((2, 6, 8, 8), torch.float32, 4)  # contiguous
+    want = aten.threshold_backward(grad, torch.relu(x), 0)
+    got = ops.relu_packed_backward(grad, mask, list(want.stride()))
+    assert same_bits(got, want) and got.stride() == want.stride() != grad.stride()
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    pooled, indices = aten.max_pool2d_with_indices(x, *pool)
+    grad = special(tuple(pooled.shape), torch.float32, 5)  # contiguous
+    want = aten.max_pool2d_with_indices_backward(grad, x, *pool[:4], pool[4], indices)
+    _, packed = ops.max_pool2d_packed(x, *pool)
+    got = ops.max_pool2d_packed_backward(grad, packed, list(x.shape), *pool, list(want.stride()))
+    assert same_bits(got, want) and got.stride() == want.stride() != grad.stride()
+    for variant, stock in ((lambda t: ops.relu_packed(t)[0], torch.relu),
+                           (lambda t: ops.max_pool2d_packed(t, *pool)[0], lambda t: torch.nn.functional.max_pool2d(t, 2))):
+        grads = []
+        for function in (variant, stock):
+            leaf = x.detach().clone().requires_grad_()
+            output = function(leaf)
+            output.backward(special(tuple(output.shape), torch.float32, 6))
+            grads.append(leaf.grad)
+        assert same_bits(*grads) and grads[0].stride() == grads[1].stride()
+
+
 def test_relu_autograd_in_eager_code() -> None:
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     y, _ = ops.relu_packed(x)

@@ -1,0 +1,611 @@
+"""Per-block options: what a block's forward keeps, what its backward recomputes, and their cost.
+
+A block's backward reads some of its forward's storages. Each non-view forward op that makes
+such a storage is a *candidate*: kept (its saved tensors stay from the forward to the backward)
+or recomputed in the backward, on demand, from the block's input and whatever is kept (the
+mechanism of ``keepset.schedule_keeping``, inside one block). A subset of candidates is an
+option, and a few numbers say all the chain DP needs to know about it, measured by replaying
+the block alone (``_replay``, the simulator's storage accounting on the block's ops):
+
+- ``forward_peak``: the peak of the block's own storages while its forward runs;
+- ``kept``: what stays when the forward ends (kept saved tensors and the block's output);
+- ``backward_peak``: the peak while its backward runs, from the kept tensors and the incoming
+  gradients to the outgoing ones;
+- ``time``: its forward (the ops the kept set and the output need) plus its backward and the
+  recomputation in it.
+
+Candidate sets are enumerated exhaustively up to ``EXHAUSTIVE_CANDIDATES`` candidates (4096
+options, each a compiled replay of the block's ops); larger blocks get a greedy family (drop
+the candidate whose recomputation costs least time per byte freed, one at a time, and its
+mirror from nothing kept). Only options no other option beats on all four numbers are kept
+(the Pareto set), at most ``MAX_OPTIONS`` of them.
+
+Every memory figure excludes what the chain accounts for outside the block: resident memory,
+the block's input checkpoint, long-lived storages and gradients merely passing through.
+
+Complexity per distinct block: O(2^c x (ops + edges)) for c <= 12 candidates, else
+O(c^2 x (ops + edges)).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from planner.algorithms.blocks import (
+    BACKWARD_LOCAL, CHECKPOINT, FRONTIER, INTERNAL, LONG_LIVED, Block, BlockChain,
+)
+from planner.graph import TrainingGraph
+
+EXHAUSTIVE_CANDIDATES = 13
+MAX_OPTIONS = 32
+TINY_SHARE = 100  # a candidate under 1/100 of the block's keepable bytes is always kept
+SHORTCUT_RATIO = 2.0
+
+# storage roles inside one block's replay
+EXTERNAL, LOCAL, OUTPUT, INCOMING, OUTGOING = range(5)
+
+
+@dataclass(frozen=True)
+class LocalBlock:
+    """One block's ops, tensors and storages as arrays over local ids (forward ops first)."""
+
+    ops: np.ndarray  # global op id per local op
+    n_forward: int
+    in_ptr: np.ndarray
+    in_idx: np.ndarray  # local tensor ids
+    out_ptr: np.ndarray
+    out_idx: np.ndarray
+    op_time: np.ndarray
+    op_workspace: np.ndarray
+    op_is_view: np.ndarray
+    tensor_storage: np.ndarray  # local storage ids
+    tensor_producer: np.ndarray  # local forward op, or -1 (made outside, or a backward tensor)
+    tensor_valid: np.ndarray  # readable without computing anything: made outside the block or pinned
+    tensor_output: np.ndarray  # part of the block's output checkpoint
+    storage_bytes: np.ndarray  # counted bytes (0 for what the chain accounts for)
+    storage_role: np.ndarray
+    storage_tensor_ptr: np.ndarray  # storage -> its tensors (CSR), to drop views of a recomputed base
+    storage_tensor_idx: np.ndarray
+    candidates: np.ndarray  # local forward ops
+    candidate_ptr: np.ndarray  # candidate -> tensors it keeps (CSR)
+    candidate_idx: np.ndarray
+    candidate_bytes: np.ndarray
+    n_free: int  # candidates[:n_free] are chosen by the options; the rest are always kept
+    forward_all: bool  # the loss: its forward runs whole, nothing in it is recomputed
+    key: str
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.candidates)
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """The Pareto set of one block's options (rows) and its checkpoint-only forward."""
+
+    masks: np.ndarray  # int64 bit masks over the block's candidates
+    forward_peak: np.ndarray  # int64 bytes
+    kept: np.ndarray
+    backward_peak: np.ndarray
+    time: np.ndarray  # float64 seconds: the forward part plus the backward and its recomputation
+    first_forward_peak: np.ndarray  # int64: forward peak in the first forward, where every op runs
+    backward_time: np.ndarray  # float64: the backward and its recomputation alone
+    output_time: np.ndarray  # float64: recomputing the block's output from the kept tensors and input
+    # (inf where the option keeps the output)
+    checkpoint_forward_peak: int  # forward computing only the block's output from its input
+    checkpoint_forward_time: float
+    first_forward_time: float  # every forward op of the block, as the first forward runs them
+    first_checkpoint_peak: int  # the first forward's peak keeping only the output
+
+
+def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np.ndarray,
+                workspace: np.ndarray) -> LocalBlock:
+    """The arrays the replay kernels read, for one block. O(ops + edges of the block)."""
+    ops = list(block.forward_ops) + list(block.backward_ops)
+    n_forward = len(block.forward_ops)
+    local_op = {op: i for i, op in enumerate(ops)}
+    tensor_ids: dict[int, int] = {}
+    storage_ids: dict[int, int] = {}
+
+    def tensor(t: int) -> int:
+        if t not in tensor_ids:
+            tensor_ids[t] = len(tensor_ids)
+            storage = graph.tensors[t].storage
+            storage_ids.setdefault(storage, len(storage_ids))
+        return tensor_ids[t]
+
+    in_lists = [[tensor(t) for t in graph.ops[op].inputs] for op in ops]
+    out_lists = [[tensor(t) for t in graph.ops[op].outputs] for op in ops]
+    globals_of_tensor = np.array(list(tensor_ids), dtype=np.int64)
+    globals_of_storage = np.array(list(storage_ids), dtype=np.int64)
+    n_tensors, n_storages = len(tensor_ids), len(storage_ids)
+    tensor_storage = np.array([storage_ids[graph.tensors[t].storage] for t in globals_of_tensor], dtype=np.int64)
+    tensor_producer = np.full(n_tensors, -1, dtype=np.int64)
+    for i in range(n_forward):
+        for t in out_lists[i]:
+            tensor_producer[t] = i
+    role = np.full(n_storages, EXTERNAL, dtype=np.int8)
+    storage_bytes = np.zeros(n_storages, dtype=np.int64)
+    b = block.index
+    for local, s in enumerate(globals_of_storage):
+        cls, owner = chain.storage_class[s], chain.storage_owner_block[s]
+        if owner != b:
+            if cls == FRONTIER and owner > b and chain.storage_low_block[s] == b:
+                role[local] = INCOMING
+        elif cls in (INTERNAL, BACKWARD_LOCAL):
+            role[local] = LOCAL
+        elif cls == CHECKPOINT:
+            role[local] = OUTPUT
+        elif cls == FRONTIER:
+            role[local] = OUTGOING
+        if role[local] != EXTERNAL:
+            storage_bytes[local] = graph.storage_bytes[s]
+    # valid from the start: what other blocks make, and what pinned (and loss) ops made in the
+    # first forward; a view the block takes of another block's storage is taken again from the
+    # value at hand (it stands for one value of its base); backward tensors once their op runs
+    tensor_valid = tensor_producer < 0
+    for i in range(n_forward):
+        if ops[i] in chain.pinned_ops or block.is_loss:
+            tensor_valid[out_lists[i]] = True
+    for i in range(n_forward, len(ops)):
+        tensor_valid[out_lists[i]] = False
+    tensor_output = (role[tensor_storage] == OUTPUT) & (tensor_producer >= 0)
+    # candidates: forward ops making local storages the block's backward reads
+    read_by_backward = np.zeros(n_tensors, dtype=np.bool_)
+    for i in range(n_forward, len(ops)):
+        read_by_backward[in_lists[i]] = True
+    owner_of_storage: dict[int, int] = {}  # the first local forward op making it (a view's base)
+    for i in range(n_forward):
+        for t in out_lists[i]:
+            owner_of_storage.setdefault(int(tensor_storage[t]), i)
+    # a kept storage keeps every tensor the forward made in it (the base and its views)
+    saved = np.unique(tensor_storage[read_by_backward & ~tensor_valid & (tensor_producer >= 0)
+                                     & (role[tensor_storage] != EXTERNAL)])
+    keepable = np.isin(tensor_storage, np.concatenate((saved, _shortcuts(
+        ops, n_forward, in_lists, out_lists, tensor_storage, tensor_valid, role, saved, times, graph))))
+    keeps: dict[int, list[int]] = {}
+    for t in np.flatnonzero(keepable & (tensor_producer >= 0)):
+        keeps.setdefault(owner_of_storage[int(tensor_storage[t])], []).append(int(t))
+    # tiny ones (BatchNorm and LayerNorm statistics) are always kept: candidates after n_free
+    sizes = {c: int(storage_bytes[np.unique(tensor_storage[keeps[c]])].sum()) for c in keeps}
+    total = sum(sizes.values())
+    tiny = {c for c in keeps if sizes[c] * TINY_SHARE < total}
+    candidates = sorted(set(keeps) - tiny) + sorted(tiny)
+    candidate_ptr = np.zeros(len(candidates) + 1, dtype=np.int64)
+    candidate_ptr[1:] = np.cumsum([len(keeps[c]) for c in candidates])
+    candidate_idx = np.array([t for c in candidates for t in sorted(keeps[c])], dtype=np.int64)
+    candidate_bytes = np.array([storage_bytes[np.unique(tensor_storage[keeps[c]])].sum() for c in candidates],
+                               dtype=np.int64)
+    order = np.argsort(tensor_storage, kind="stable")
+    storage_tensor_ptr = np.zeros(n_storages + 1, dtype=np.int64)
+    storage_tensor_ptr[1:] = np.cumsum(np.bincount(tensor_storage, minlength=n_storages))
+    arrays = dict(
+        ops=np.array(ops, dtype=np.int64), in_ptr=_pointer(in_lists), in_idx=_flat(in_lists),
+        out_ptr=_pointer(out_lists), out_idx=_flat(out_lists),
+        op_time=np.asarray(times, dtype=np.float64)[ops], op_workspace=np.asarray(workspace, dtype=np.int64)[ops],
+        op_is_view=np.array([graph.ops[op].is_view for op in ops], dtype=np.bool_),
+        tensor_storage=tensor_storage, tensor_producer=tensor_producer, tensor_valid=tensor_valid,
+        tensor_output=tensor_output, storage_bytes=storage_bytes, storage_role=role,
+        storage_tensor_ptr=storage_tensor_ptr, storage_tensor_idx=order.astype(np.int64),
+        candidates=np.array(candidates, dtype=np.int64), candidate_ptr=candidate_ptr, candidate_idx=candidate_idx,
+        candidate_bytes=candidate_bytes,
+    )
+    digest = hashlib.sha256(repr((n_forward, [graph.ops[op].target for op in ops])).encode())
+    for name, value in arrays.items():
+        if name != "ops":
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return LocalBlock(n_forward=n_forward, n_free=len(candidates) - len(tiny), forward_all=block.is_loss,
+                      key=digest.hexdigest(), **arrays)
+
+
+def _shortcuts(ops, n_forward, in_lists, out_lists, tensor_storage, tensor_valid, role, saved, times,
+               graph) -> np.ndarray:
+    """Storages the backward does not read that are still worth keeping: the outputs of a costly
+    op feeding cheap ones (a linear layer's output before its dropout and residual add, the
+    attention scores before the softmax). Keeping one lets the cheap ops after it be recomputed
+    without the costly one. An op qualifies when it takes more than ``SHORTCUT_RATIO`` times as
+    long as the non-view ops reading its outputs (through views)."""
+    readers: dict[int, list[int]] = {}
+    for i in range(n_forward):
+        for t in in_lists[i]:
+            readers.setdefault(int(t), []).append(i)
+    found = []
+    saved_set = set(int(x) for x in saved)
+    for i in range(n_forward):
+        if graph.ops[ops[i]].is_view or not out_lists[i]:
+            continue
+        storages = {int(tensor_storage[t]) for t in out_lists[i]}
+        if storages & saved_set or any(role[s] not in (LOCAL, OUTPUT) for s in storages) \
+                or all(tensor_valid[t] for t in out_lists[i]):
+            continue
+        cost, pending, seen = 0.0, list(out_lists[i]), set()
+        while pending:
+            for r in readers.get(pending.pop(), ()):
+                if r in seen:
+                    continue
+                seen.add(r)
+                if graph.ops[ops[r]].is_view:
+                    pending.extend(out_lists[r])
+                else:
+                    cost += float(times[ops[r]])
+        if seen and times[ops[i]] > SHORTCUT_RATIO * cost:
+            found.extend(storages)
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def _pointer(lists) -> np.ndarray:
+    pointer = np.zeros(len(lists) + 1, dtype=np.int64)
+    pointer[1:] = np.cumsum([len(x) for x in lists])
+    return pointer
+
+
+def _flat(lists) -> np.ndarray:
+    return np.array([v for x in lists for v in x], dtype=np.int64)
+
+
+# ---- the replay kernels ------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _kept_tensors(mask, candidate_ptr, candidate_idx, n_tensors):
+    kept = np.zeros(n_tensors, dtype=np.bool_)
+    for c in range(len(candidate_ptr) - 1):
+        if mask >> c & 1:
+            for k in range(candidate_ptr[c], candidate_ptr[c + 1]):
+                kept[candidate_idx[k]] = True
+    return kept
+
+
+@numba.njit(cache=True)
+def _forward_order(targets, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid):
+    """Forward ops (local ids, graph order) needed to compute ``targets`` from valid tensors."""
+    needed = np.zeros(n_forward, dtype=np.bool_)
+    stack = np.empty(len(tensor_producer) + 1, dtype=np.int64)
+    top = 0
+    for t in np.flatnonzero(targets):
+        if not tensor_valid[t] and tensor_producer[t] >= 0 and not needed[tensor_producer[t]]:
+            needed[tensor_producer[t]] = True
+            stack[top] = tensor_producer[t]
+            top += 1
+    while top > 0:
+        top -= 1
+        op = stack[top]
+        for k in range(in_ptr[op], in_ptr[op + 1]):
+            t = in_idx[k]
+            p = tensor_producer[t]
+            if not tensor_valid[t] and p >= 0 and not needed[p]:
+                needed[p] = True
+                stack[top] = p
+                top += 1
+    return np.flatnonzero(needed)
+
+
+@numba.njit(cache=True)
+def _backward_order(valid_at_start, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+                    tensor_storage, tensor_producer, storage_tensor_ptr, storage_tensor_idx):
+    """The block's backward ops in graph order, each preceded by the forward ops it needs that
+    are not valid (recomputed on demand, post-order); a recomputed op's outputs stay valid, and
+    views of a recomputed base are dropped (they must be taken again from the new value).
+    Returns (order, ok): ok is false if a tensor is missing that nothing here can compute."""
+    valid = valid_at_start.copy()
+    order = np.empty(n_ops + n_forward * (n_ops - n_forward) + 1, dtype=np.int64)
+    length = 0
+    on_stack = np.zeros(n_forward, dtype=np.bool_)
+    stack = np.empty(n_forward + 1, dtype=np.int64)
+    for b in range(n_forward, n_ops):
+        for k in range(in_ptr[b], in_ptr[b + 1]):
+            t = in_idx[k]
+            if valid[t]:
+                continue
+            p = tensor_producer[t]
+            if p < 0:
+                return order[:length], False
+            top = 0
+            stack[0] = p
+            on_stack[p] = True
+            top = 1
+            while top > 0:
+                op = stack[top - 1]
+                pending = -1
+                for j in range(in_ptr[op], in_ptr[op + 1]):
+                    u = in_idx[j]
+                    if not valid[u]:
+                        q = tensor_producer[u]
+                        if q < 0:
+                            return order[:length], False
+                        if not on_stack[q]:
+                            pending = q
+                            break
+                if pending >= 0:
+                    stack[top] = pending
+                    on_stack[pending] = True
+                    top += 1
+                    continue
+                top -= 1
+                on_stack[op] = False
+                if length >= len(order):
+                    return order[:length], False
+                order[length] = op
+                length += 1
+                for j in range(out_ptr[op], out_ptr[op + 1]):
+                    if not op_is_view[op]:  # views of the old value are gone
+                        s = tensor_storage[out_idx[j]]
+                        for m in range(storage_tensor_ptr[s], storage_tensor_ptr[s + 1]):
+                            valid[storage_tensor_idx[m]] = False
+                for j in range(out_ptr[op], out_ptr[op + 1]):
+                    valid[out_idx[j]] = True
+        if length >= len(order):
+            return order[:length], False
+        order[length] = b
+        length += 1
+        for j in range(out_ptr[b], out_ptr[b + 1]):
+            valid[out_idx[j]] = True
+    return order[:length], True
+
+
+@numba.njit(cache=True)
+def _replay(order, n_first, in_ptr, in_idx, out_ptr, out_idx, op_time, op_workspace, tensor_storage,
+            tensor_output, storage_bytes, storage_role):
+    """Memory of running ``order`` (local ops; the first ``n_first`` are the forward part) with
+    every tensor instance freed after its last read, as ``Schedule.from_order`` does.
+
+    The block's output lives at least to the end of the forward part; incoming gradients exist
+    from the start of the backward part; outgoing ones are never freed. Returns (forward peak,
+    kept after the forward part, backward peak, forward time, backward time).
+    """
+    n_tensors = len(tensor_storage)
+    n = len(order)
+    later = np.zeros(n_tensors, dtype=np.bool_)  # the current instance is read later
+    for t in range(n_tensors):
+        later[t] = storage_role[tensor_storage[t]] == 4  # OUTGOING
+    free_step = np.empty(2 * (len(in_idx) + len(out_idx)) * 2 + n_tensors + 4, dtype=np.int64)
+    free_tensor = np.empty_like(free_step)
+    count = 0
+    boundary_frees = np.empty(n_tensors, dtype=np.int64)
+    n_boundary = 0
+    incoming_read = np.zeros(n_tensors, dtype=np.bool_)
+    for j in range(n - 1, -2, -1):
+        if j == n_first - 1:  # the forward/backward boundary: the output is read here
+            for t in range(n_tensors):
+                if tensor_output[t] and not later[t]:
+                    later[t] = True
+                    boundary_frees[n_boundary] = t
+                    n_boundary += 1
+            for t in range(n_tensors):
+                if storage_role[tensor_storage[t]] == 3:  # INCOMING: first instance starts here
+                    incoming_read[t] = later[t]
+        if j < 0:
+            break
+        op = order[j]
+        for k in range(out_ptr[op], out_ptr[op + 1]):
+            t = out_idx[k]
+            if not later[t]:
+                free_step[count] = j
+                free_tensor[count] = t
+                count += 1
+            later[t] = storage_role[tensor_storage[t]] == 4
+        for k in range(in_ptr[op], in_ptr[op + 1]):
+            t = in_idx[k]
+            if not later[t]:
+                later[t] = True
+                free_step[count] = j
+                free_tensor[count] = t
+                count += 1
+    refs = np.zeros(len(storage_bytes), dtype=np.int64)
+    memory = 0
+    forward_peak = 0
+    backward_peak = 0
+    forward_time = 0.0
+    backward_time = 0.0
+    kept = 0
+    cursor = count - 1  # frees were recorded by decreasing step
+    for j in range(-1, n):
+        if j >= 0:
+            op = order[j]
+            for k in range(out_ptr[op], out_ptr[op + 1]):
+                s = tensor_storage[out_idx[k]]
+                refs[s] += 1
+                if refs[s] == 1:
+                    memory += storage_bytes[s]
+            running = memory + op_workspace[op]
+            if j < n_first:
+                forward_peak = max(forward_peak, running)
+                forward_time += op_time[op]
+            else:
+                backward_peak = max(backward_peak, running)
+                backward_time += op_time[op]
+            while cursor >= 0 and free_step[cursor] == j:
+                s = tensor_storage[free_tensor[cursor]]
+                refs[s] -= 1
+                if refs[s] == 0:
+                    memory -= storage_bytes[s]
+                cursor -= 1
+        if j == n_first - 1:  # kept: what the forward leaves, its output included
+            kept = memory
+            for i in range(n_boundary):
+                s = tensor_storage[boundary_frees[i]]
+                refs[s] -= 1
+                if refs[s] == 0:
+                    memory -= storage_bytes[s]
+            for t in range(n_tensors):
+                if incoming_read[t]:
+                    s = tensor_storage[t]
+                    refs[s] += 1
+                    if refs[s] == 1:
+                        memory += storage_bytes[s]
+            backward_peak = max(backward_peak, memory)
+    return forward_peak, kept, backward_peak, forward_time, backward_time
+
+
+# ---- evaluating options --------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _option_orders(mask, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+                   tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr,
+                   storage_tensor_idx, candidate_ptr, candidate_idx):
+    kept = _kept_tensors(mask, candidate_ptr, candidate_idx, len(tensor_storage))
+    if forward_all:
+        forward = np.arange(n_forward)
+    else:
+        forward = _forward_order(kept | tensor_output, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid)
+    backward, ok = _backward_order(tensor_valid | kept, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx,
+                                   op_is_view, tensor_storage, tensor_producer, storage_tensor_ptr,
+                                   storage_tensor_idx)
+    return forward, backward, ok
+
+
+@numba.njit(cache=True)
+def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+                    op_time, op_workspace, tensor_storage, tensor_producer, tensor_valid, tensor_output,
+                    storage_bytes, storage_role, storage_tensor_ptr, storage_tensor_idx, candidate_ptr,
+                    candidate_idx):
+    """Per mask: forward peak, kept, backward peak, first-forward peak (int64 [n, 4]) and time,
+    backward time (float64 [n, 2]); ok is false if some mask's backward cannot be computed."""
+    ints = np.zeros((len(masks), 4), dtype=np.int64)
+    floats = np.zeros((len(masks), 2))
+    everything = np.arange(n_forward)
+    for i in range(len(masks)):
+        forward, backward, ok = _option_orders(
+            masks[i], forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+            tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr, storage_tensor_idx,
+            candidate_ptr, candidate_idx)
+        if not ok:
+            return ints, floats, False
+        peak_f, kept, peak_b, time_f, time_b = _replay(
+            np.concatenate((forward, backward)), len(forward), in_ptr, in_idx, out_ptr, out_idx, op_time,
+            op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+        first = _replay(np.concatenate((everything, backward)), n_forward, in_ptr, in_idx, out_ptr, out_idx,
+                        op_time, op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+        ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3] = peak_f, kept, peak_b, first[0]
+        floats[i, 0], floats[i, 1] = time_f + time_b, time_b
+    return ints, floats, True
+
+
+def _kernel_arrays(local: LocalBlock) -> tuple:
+    return (local.n_forward, len(local.ops), local.in_ptr, local.in_idx, local.out_ptr, local.out_idx,
+            local.op_is_view)
+
+
+def orders(local: LocalBlock, mask: int) -> tuple[np.ndarray, np.ndarray]:
+    """(forward part, backward part) of an option, as local op ids: the forward computes the
+    kept tensors and the output; the backward recomputes the rest on demand."""
+    forward, backward, ok = _option_orders(
+        mask, local.forward_all, *_kernel_arrays(local), local.tensor_storage, local.tensor_producer,
+        local.tensor_valid, local.tensor_output, local.storage_tensor_ptr, local.storage_tensor_idx,
+        local.candidate_ptr, local.candidate_idx)
+    if not ok:
+        raise AssertionError("a block's backward reads a tensor its block cannot compute")
+    return forward, backward
+
+
+def output_order(local: LocalBlock, mask: int) -> np.ndarray:
+    """Forward ops recomputing the block's output from option ``mask``'s kept tensors and the
+    block's input (local ids, graph order): a dropped output checkpoint taken again."""
+    kept = _kept_tensors(mask, local.candidate_ptr, local.candidate_idx, len(local.tensor_storage))
+    return _forward_order(local.tensor_output, local.n_forward, local.in_ptr, local.in_idx,
+                          local.tensor_producer, local.tensor_valid | kept)
+
+
+def _output_time(local: LocalBlock, mask: int) -> float:
+    """Time to take the block's output again from the option's kept tensors; inf where the
+    option keeps the output itself (dropping it would then free nothing)."""
+    kept = _kept_tensors(mask, local.candidate_ptr, local.candidate_idx, len(local.tensor_storage))
+    if (kept & local.tensor_output).any():
+        return np.inf
+    return float(local.op_time[output_order(local, mask)].sum())
+
+
+def checkpoint_forward(local: LocalBlock) -> np.ndarray:
+    """Forward ops computing only the block's output from its input (local ids, graph order)."""
+    return _forward_order(local.tensor_output, local.n_forward, local.in_ptr, local.in_idx,
+                          local.tensor_producer, local.tensor_valid)
+
+
+def _replay_parts(local: LocalBlock, forward: np.ndarray, backward: np.ndarray) -> tuple:
+    return _replay(np.concatenate((forward, backward)), len(forward), local.in_ptr, local.in_idx, local.out_ptr,
+                   local.out_idx, local.op_time, local.op_workspace, local.tensor_storage, local.tensor_output,
+                   local.storage_bytes, local.storage_role)
+
+
+def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
+    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time):
+    an option's forward in a recomputation pass computes what the kept set and the output
+    need; in the first forward every op of the block runs. One compiled loop over the masks."""
+    masks = np.asarray(list(masks), dtype=np.int64)
+    ints, floats, ok = _evaluate_masks(
+        masks, local.forward_all, *_kernel_arrays(local), local.op_time, local.op_workspace,
+        local.tensor_storage, local.tensor_producer, local.tensor_valid, local.tensor_output, local.storage_bytes,
+        local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx, local.candidate_ptr,
+        local.candidate_idx)
+    if not ok:
+        raise AssertionError("a block's backward reads a tensor its block cannot compute")
+    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb))
+            for m, (a, k, b, f), (t, tb) in zip(masks, ints.tolist(), floats.tolist())]
+
+
+def block_options(local: LocalBlock) -> BlockOptions:
+    """The Pareto set of options of one block (see the module docstring)."""
+    c = local.n_free
+    forced = ((1 << local.n_candidates) - 1) ^ ((1 << c) - 1)
+    if c <= EXHAUSTIVE_CANDIDATES:
+        masks = [mask | forced for mask in range(1 << c)]
+    else:
+        masks = _greedy_masks(local, forced)
+    rows = _pareto(evaluate_all(local, masks))
+    nothing = np.zeros(0, dtype=np.int64)
+    checkpoint = _replay_parts(local, checkpoint_forward(local), nothing)
+    first_checkpoint = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), nothing)
+    column = lambda i, dtype: np.array([r[i] for r in rows], dtype=dtype)  # noqa: E731
+    masks = column(0, np.int64)
+    return BlockOptions(
+        masks=masks, forward_peak=column(1, np.int64), kept=column(2, np.int64), backward_peak=column(3, np.int64),
+        time=column(4, np.float64), first_forward_peak=column(5, np.int64), backward_time=column(6, np.float64),
+        output_time=np.array([_output_time(local, int(m)) for m in masks], dtype=np.float64),
+        checkpoint_forward_peak=int(checkpoint[0]), checkpoint_forward_time=float(checkpoint[3]),
+        first_forward_time=float(local.op_time[: local.n_forward].sum()),
+        first_checkpoint_peak=int(first_checkpoint[0]))
+
+
+def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
+    """Nested candidate sets for blocks too large to enumerate: from everything kept, drop the
+    candidate whose removal adds the least time per byte of kept memory saved, until nothing is
+    kept; and from nothing kept, add the one saving the most time per byte."""
+    c = local.n_free
+    full = ((1 << c) - 1) | forced
+    masks = [full, forced]
+    for start, removing in ((full, True), (forced, False)):
+        mask = start
+        _, _, kept_now, _, time_now, _, _ = evaluate_all(local, [mask])[0]
+        while (mask != forced) if removing else (mask != full):
+            trials = [mask ^ (1 << i) for i in range(c) if bool(mask >> i & 1) == removing]
+            best, best_score = None, None
+            for trial, _, kept, _, time, _, _ in evaluate_all(local, trials):
+                saved = (kept_now - kept) if removing else (kept - kept_now)
+                extra = (time - time_now) if removing else (time_now - time)
+                score = extra / max(saved, 1) if removing else -extra / max(saved, 1)
+                if best_score is None or score < best_score:
+                    best, best_score, kept_best, time_best = trial, score, kept, time
+            mask, kept_now, time_now = best, kept_best, time_best
+            masks.append(mask)
+    return list(dict.fromkeys(masks))
+
+
+def _pareto(rows: list[tuple]) -> list[tuple]:
+    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time)
+    no other row beats or ties on all of the peaks, kept memory and time; at most ``MAX_OPTIONS``: first those no other beats on
+    kept memory and time together, then others spread over the rest."""
+    rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
+    front: list[tuple] = []
+    for row in rows:
+        if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] and f[5] <= row[5]
+                   for f in front):
+            front.append(row)
+    if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
+        by_time = sorted(front, key=lambda r: (r[4], r[2]))
+        trade = [r for i, r in enumerate(by_time) if all(r[2] < f[2] for f in by_time[:i])]
+        rest = [r for r in front if r not in trade]
+        picks = np.unique(np.linspace(0, len(rest) - 1, max(MAX_OPTIONS - len(trade), 0)).round().astype(int))
+        front = sorted(trade[:MAX_OPTIONS] + [rest[i] for i in picks if len(trade) < MAX_OPTIONS],
+                       key=lambda r: (r[4], r[2]))
+    return front

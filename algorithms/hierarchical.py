@@ -1,0 +1,228 @@
+"""Hierarchical planning: blocks, each block's Pareto set of options, and a chain DP across them.
+
+1. ``blocks.partition`` cuts the step into a chain of small blocks (the loss last) and says what
+   crosses between them.
+2. ``block_options`` enumerates, once per distinct block (identical transformer layers or ResNet
+   blocks share one key), what its forward can keep and what its backward then recomputes: the
+   selective keeping (keep a convolution's output, recompute the BatchNorm and ReLU after it) is
+   part of every block's options.
+3. ``chain.solve`` picks one option per block and where to drop whole runs of blocks and
+   recompute them in the backward, recursively (multi-level recomputation).
+4. The chosen actions become one op order (``Schedule.from_order`` frees each tensor after its
+   last use), which the simulator judges. The DP's memory model is conservative but not exact,
+   so its limit is bisected against simulated peaks, as the segment DP's is.
+
+Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
+O(2^c (ops + edges)) with c <= 12 candidates; the chain DP O(L^2 Q (P + L)) for L blocks; one
+DP, emission and simulation per bisection step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.algorithms.block_options import (
+    BlockOptions, LocalBlock, block_options, checkpoint_forward, local_block, orders, output_order,
+)
+from planner.algorithms.blocks import BlockChain, partition
+from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
+from planner.algorithms.result import rank
+from planner.cost import CostModel
+from planner.graph import TrainingGraph
+from planner.schedule import Schedule
+from planner.simulate import SimResult, simulate
+
+LIMIT_SEARCH_STEPS = 12
+QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
+LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
+
+
+@dataclass
+class Hierarchy:
+    """Everything about a graph that does not depend on the memory limit: the blocks, their local
+    arrays and options. Build it once per graph and cost model (``prepare``)."""
+
+    graph: TrainingGraph
+    chain: BlockChain
+    locals: list[LocalBlock]
+    options: list[BlockOptions]
+    _orders: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.chain.n_model_blocks
+
+    def problem(self, limit: float, quanta: int = QUANTA) -> ChainProblem:
+        """The chain DP's inputs for memory limits up to ``limit`` bytes (beyond resident memory),
+        in ``quanta`` units."""
+        unit = max(limit / quanta, 1.0)
+
+        def units(values) -> np.ndarray:
+            return np.ceil(np.asarray(values, dtype=np.float64) / unit).astype(np.int64)
+
+        model = self.options[: self.n_blocks]
+        width = max((len(o.masks) for o in model), default=1)
+        shape = (self.n_blocks, width)
+        forward_peak, kept, backward_peak = (np.zeros(shape, dtype=np.int64) for _ in range(3))
+        time = np.full(shape, np.inf)
+        output_time, backward_time = np.zeros(shape), np.zeros(shape)
+        first_forward_peak = np.zeros(shape, dtype=np.int64)
+        for b, option in enumerate(model):
+            k = len(option.masks)
+            output_time[b, :k] = option.output_time
+            backward_time[b, :k] = option.backward_time
+            first_forward_peak[b, :k] = units(option.first_forward_peak)
+            forward_peak[b, :k] = units(option.forward_peak)
+            kept[b, :k] = units(option.kept)
+            backward_peak[b, :k] = units(option.backward_peak)
+            time[b, :k] = option.time
+        loss = self.options[self.n_blocks]
+        chain = self.chain
+        return ChainProblem(
+            forward_peak=forward_peak, kept=kept, backward_peak=backward_peak, time=time, output_time=output_time,
+            first_forward_peak=first_forward_peak, backward_time=backward_time,
+            checkpoint=units(chain.checkpoint_bytes[: self.n_blocks]),
+            checkpoint_forward_peak=units([o.checkpoint_forward_peak for o in model]).reshape(-1),
+            checkpoint_forward_time=np.array([o.checkpoint_forward_time for o in model], dtype=np.float64).reshape(-1),
+            first_forward_time=np.array([o.first_forward_time for o in model], dtype=np.float64).reshape(-1),
+            first_checkpoint_peak=units([o.first_checkpoint_peak for o in model]).reshape(-1),
+            long_lived_forward=units(chain.long_lived_forward), long_lived_backward=units(chain.long_lived_backward),
+            frontier=units(chain.frontier_bytes), through=units(chain.through_bytes),
+            loss_forward_peak=int(units(loss.forward_peak[0])), loss_backward_peak=int(units(loss.backward_peak[0])),
+            loss_time=float(loss.time[0]), quanta=quanta)
+
+    def _option_orders(self, block: int, option: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (block, option)
+        if key not in self._orders:
+            local = self.locals[block]
+            forward, backward = orders(local, int(self.options[block].masks[option]))
+            self._orders[key] = (local.ops[forward], local.ops[backward])
+        return self._orders[key]
+
+    def order(self, solution: ChainSolution) -> list[int]:
+        """The op order of a chain solution (forward ops repeated where recomputed)."""
+        blocks = self.chain.blocks
+        pieces: list = []
+        for action in solution.actions:
+            kind = action[0]
+            if kind == "first":
+                pieces.append(blocks[action[1]].forward_ops)
+            elif kind == "first_ck":
+                pieces.extend(blocks[b].forward_ops for b in range(action[1], action[2] + 1))
+            elif kind == "loss":
+                loss = blocks[self.n_blocks]
+                pieces.append(loss.forward_ops)
+                pieces.append(loss.backward_ops)
+            elif kind == "forward":
+                pieces.append(self._option_orders(action[1], action[2])[0])
+            elif kind == "output":
+                local = self.locals[action[1]]
+                pieces.append(local.ops[output_order(local, int(self.options[action[1]].masks[action[2]]))])
+            elif kind == "forward_ck":
+                for b in range(action[1], action[2] + 1):
+                    local = self.locals[b]
+                    pieces.append(local.ops[checkpoint_forward(local)])
+            else:  # backward
+                pieces.append(self._option_orders(action[1], action[2])[1])
+        return [int(op) for piece in pieces for op in piece]
+
+    def schedule(self, solution: ChainSolution) -> Schedule:
+        return Schedule.from_order(self.graph, self.order(solution))
+
+
+def prepare(graph: TrainingGraph, cost_model: CostModel) -> Hierarchy:
+    """Partition ``graph`` and compute every distinct block's options."""
+    times = cost_model.op_times(graph)
+    workspace = cost_model.workspace_bytes(graph)
+    chain = partition(graph)
+    locals_ = [local_block(graph, chain, block, times, workspace) for block in chain.blocks]
+    by_key: dict[str, BlockOptions] = {}
+    for local in locals_:
+        if local.key not in by_key:
+            by_key[local.key] = block_options(local)
+    return Hierarchy(graph, chain, locals_, [by_key[local.key] for local in locals_])
+
+
+def _bisect(hierarchy: Hierarchy, cost_model: CostModel, tables: ChainTables, budget_bytes: int,
+            low: int, high: int, column: int) -> tuple[Schedule, SimResult] | None:
+    """Bisect the DP's memory column in [low, high] against simulated peaks: the DP's memory
+    model is conservative but not exact, so the largest column whose schedule really fits is
+    searched from ``column`` on, keeping the best (``result.rank``) schedule seen."""
+    graph = hierarchy.graph
+    best, best_key, seen = None, None, {}
+    for _ in range(LIMIT_SEARCH_STEPS):
+        if low > high:
+            break
+        solution = tables.solution(column)
+        if solution is None:
+            low = column + 1
+        else:
+            if solution.actions not in seen:
+                schedule = hierarchy.schedule(solution)
+                seen[solution.actions] = (schedule, simulate(graph, schedule, cost_model))
+            schedule, result = seen[solution.actions]
+            key = rank(result, budget_bytes)
+            if best_key is None or key < best_key:
+                best, best_key = (schedule, result), key
+            if key[0] == 0:
+                low = column + 1
+            else:
+                high = column - 1
+        column = (low + high) // 2
+    return best
+
+
+def search(hierarchy: Hierarchy, cost_model: CostModel, budget_bytes: int) -> tuple[Schedule, SimResult] | None:
+    """The fastest schedule the chain DP finds whose simulated peak fits ``budget_bytes``; if
+    none fits, the lowest-peak one found (None if the DP found nothing). One DP over memory
+    amounts up to twice the activation budget, then bisection over its columns."""
+    activation_budget = float(budget_bytes - hierarchy.graph.resident_bytes)
+    if activation_budget <= 0:
+        return None
+    tables = tabulate(hierarchy.problem(2 * activation_budget))
+    least = tables.least_quanta()
+    if least is None:
+        return None
+    return _bisect(hierarchy, cost_model, tables, budget_bytes, least, QUANTA, max(least, QUANTA // 2))
+
+
+def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule, SimResult] | None:
+    """The lowest simulated peak the chain DP reaches, whatever its time: the fewest memory
+    units the DP fits, found at the store-all scale and again at a finer one around it."""
+    graph = hierarchy.graph
+    limit = float(simulate(graph, graph.store_all(), cost_model).peak_bytes - graph.resident_bytes)
+    best, best_key = None, None
+    for _ in range(2):
+        tables = tabulate(hierarchy.problem(limit))
+        least = tables.least_quanta()
+        if least is None:
+            break
+        for column in range(least, min(least + LEAST_MEMORY_COLUMNS, QUANTA) + 1):
+            schedule = hierarchy.schedule(tables.solution(column))
+            result = simulate(graph, schedule, cost_model)
+            key = rank(result, 0)  # fitting nothing: by peak, then time
+            if best_key is None or key < best_key:
+                best, best_key = (schedule, result), key
+        limit = limit * (least + 1) / QUANTA * 2  # zoom in: the same units over twice that span
+    return best
+
+
+def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
+    """Hierarchical planning (module docstring): the fastest schedule found within the budget,
+    else the one of least peak, reordered where that lowers it further."""
+    from planner.algorithms.reorder import reorder_schedule
+
+    hierarchy = prepare(graph, cost_model)
+    found = search(hierarchy, cost_model, budget_bytes)
+    if found is not None and found[1].peak_bytes <= budget_bytes:
+        return found[0]
+    lowest = least_memory(hierarchy, cost_model)
+    if lowest is not None and (found is None or lowest[1].peak_bytes < found[1].peak_bytes):
+        found = lowest
+    while found is not None:  # a search just under the lowest peak may still find a lower one
+        lower = search(hierarchy, cost_model, found[1].peak_bytes - 1)
+        if lower is None or lower[1].peak_bytes >= found[1].peak_bytes:
+            break
+        found = lower
+    return reorder_schedule(graph, found[0], cost_model) if found is not None else graph.store_all()

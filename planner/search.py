@@ -1,0 +1,125 @@
+"""What fast and exact mode weigh, and how they choose: the search behind ``planner.plan``.
+
+Fast mode plans hierarchically (``planner.algorithms.hierarchical``) on the graph with the chosen
+operator variants and, when variants apply, on plain PyTorch's graph too (the variants' extra
+passes can cost more time than they save where memory is not short), and weighs store-all on
+each, the plan that recomputes nothing. Exact mode adds the staged MILP. Every candidate is an
+``AlgorithmResult`` judged by the simulator, and ``algorithms.result.best`` picks the winner.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from planner.algorithms.result import AlgorithmResult, best
+from planner.cost import CostModel
+from planner.errors import InfeasibleBudgetError
+from planner.graph import TrainingGraph
+from planner.units import format_bytes
+
+MODES = ("fast", "exact")
+FAST_ALGORITHM = "hierarchical"
+DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a search ended, for ``Plan``: its status, gap, bound and message."""
+
+    status: str  # "optimal" / "feasible" / "fallback"
+    gap: float | None
+    lower_bound: float | None
+    message: str
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    chosen: AlgorithmResult
+    candidates: tuple[AlgorithmResult, ...]  # every schedule weighed, the chosen one included
+    verdict: Verdict
+
+
+def run(name: str, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> AlgorithmResult:
+    """One algorithm of ``planner.algorithms.ALGORITHMS``, judged."""
+    from planner.algorithms import ALGORITHMS
+
+    return AlgorithmResult.judge(name, graph, ALGORITHMS[name](graph, cost_model, budget_bytes), cost_model,
+                                 budget_bytes)
+
+
+def fast_candidates(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel,
+                    budget_bytes: int) -> list[AlgorithmResult]:
+    """Fast mode's candidates: store-all and hierarchical planning on ``graph`` (with variants)
+    and, if that is not ``stock``, on ``stock`` as well. (The hierarchy runs the backward block
+    by block, which can reorder gradient sums against the graph: store-all is the plan of no
+    recomputation in the graph's own order.)"""
+    found = []
+    for candidate in (graph, stock) if graph is not stock else (graph,):
+        found.append(run("store_all", candidate, cost_model, budget_bytes))
+        found.append(run(FAST_ALGORITHM, candidate, cost_model, budget_bytes))
+    return found
+
+
+def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, *,
+           mode: str = "fast", algorithm: str | None = None, time_limit: float | None = None,
+           progress: Callable[[float, float, float], bool | None] | None = None) -> SearchOutcome:
+    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode``.
+
+    Raises ``InfeasibleBudgetError`` when nothing fits; its minimum is the lowest peak reached
+    (with ``algorithm``, fast mode's too, and the message says when fast mode would fit).
+    """
+    began = time.perf_counter()
+    if algorithm is not None:
+        tried = [run(algorithm, graph, cost_model, budget_bytes)]
+    else:
+        tried = fast_candidates(stock, graph, cost_model, budget_bytes)
+    exact = None
+    if algorithm is None and mode == "exact":
+        from planner.algorithms.milp import exact_search
+
+        limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
+        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
+        if exact.schedule is not None:
+            tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
+    chosen = best(tried)
+    if not chosen.fits:
+        _raise_infeasible(stock, graph, cost_model, budget_bytes, algorithm, tried)
+    if exact is not None:
+        verdict = _exact_verdict(exact, chosen)
+    elif algorithm is None:
+        verdict = Verdict("feasible", None, None, f"fast mode: hierarchical planning; best of {len(tried)} candidates")
+    else:
+        verdict = Verdict("feasible", None, None, "")
+    return SearchOutcome(chosen, tuple(tried), verdict)
+
+
+def _raise_infeasible(stock, graph, cost_model, budget_bytes, algorithm, tried) -> None:
+    lowest = min(t.simulated.peak_bytes for t in tried)
+    names = ", ".join(dict.fromkeys(t.name for t in tried))
+    if algorithm is None:
+        raise InfeasibleBudgetError(budget_bytes, lowest, f"tried {names}")
+    fast = best(fast_candidates(stock, graph, cost_model, budget_bytes))
+    if fast.fits:  # say how low fast mode gets, not just the algorithm asked for
+        raise InfeasibleBudgetError(budget_bytes, lowest, f"{algorithm} peaks at {format_bytes(lowest)}, "
+                                    "but fast mode fits this budget: plan without algorithm=")
+    raise InfeasibleBudgetError(budget_bytes, min(lowest, fast.simulated.peak_bytes), f"tried {names} and fast mode")
+
+
+def _exact_verdict(exact, chosen: AlgorithmResult) -> Verdict:
+    """The bound covers staged schedules (see ``planner.algorithms.milp``); a faster fast-mode
+    plan lies outside that set."""
+    import logging
+
+    logger = logging.getLogger("planner")
+    bound = exact.lower_bound if np.isfinite(exact.lower_bound) else None
+    chosen_time = chosen.simulated.time
+    if chosen.name == "milp":
+        gap = 0.0 if exact.optimal else max(0.0, (chosen_time - bound) / chosen_time) if bound else None
+        status = "optimal" if exact.optimal else "feasible"
+        logger.info("exact mode: %s, gap %s (%s)", status, gap, exact.message)
+        return Verdict(status, gap, bound, f"exact mode: MILP ({exact.message}), {exact.columns} binaries")
+    logger.info("exact mode fell back to fast mode: %s", exact.message)
+    return Verdict("fallback", None, bound, f"exact mode: fell back to fast mode's plan; MILP: {exact.message}")
