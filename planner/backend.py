@@ -76,7 +76,8 @@ class _PlannedGraph:
             from planner.execute import PlannedModule
             from planner.guards import Replanner
 
-            chosen = self.request.plan(capture(self.module, others, input_grads=True))
+            tensors = tuple(v for v in others if isinstance(v, torch.Tensor))
+            chosen = self.request.plan(capture(self.module, others, input_grads=True), self.module, tensors)
             self.planned = PlannedModule(self.module, chosen.graph, chosen.schedule, plan=chosen,
                                          replanner=Replanner(self.request.plan, None))
         return self.planned(*others)

@@ -259,7 +259,7 @@ class Replanner:
     """Plans a new state the way the first plan was made: the same request (budget as given,
     mode, algorithm, cost model, operator variants) and loss function."""
 
-    plan_again: Callable[..., "Plan"]  # plan(graph, **request)
+    plan_again: Callable[..., "Plan"]  # PlanRequest.plan(graph, model, inputs, targets)
     loss_fn: Callable | None
 
     def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, targets: tuple | None,
@@ -271,7 +271,7 @@ class Replanner:
         if targets is None:
             targets = example_targets(like, tensors)
         graph = capture(model, Call(args, kwargs), self.loss_fn, targets=targets, input_grads=True)
-        return self.plan_again(graph)
+        return self.plan_again(graph, model, tensors, targets)
 
 
 def example_targets(like: "TrainingGraph", inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
