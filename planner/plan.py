@@ -17,7 +17,7 @@ import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.capture import LossFn, capture
-from planner.cost import CostModel, choose_cost_model, describe, recomputable
+from planner.cost import PRESETS, CostModel, choose_cost_model, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
