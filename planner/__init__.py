@@ -6,10 +6,12 @@ tells the truth about real memory.
 """
 from planner.capture import capture
 from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
+from planner.calls import Call
 from planner.errors import (
-    CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError, PlanMismatchError,
-    PlannerError, RankMismatchError, UnsupportedOperatorError,
+    BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
+    PlanMismatchError, PlannerError, RankMismatchError, UnsupportedOperatorError,
 )
+from planner.guards import config
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
 from planner.plan import Plan, plan
 from planner.execute import PlannedModule
@@ -28,5 +30,6 @@ __all__ = [
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
     "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError",
+    "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError", "BackwardError",
+    "Call", "config",
 ]

@@ -4,10 +4,10 @@
 graph it captures with the parameters lifted to inputs; the backend turns those back into
 parameters of a small module (the same ``nn.Parameter`` objects, so ``.grad`` lands on the user's
 model), captures it with its input gradients (after a graph break, a graph's inputs are
-activations that require grad), plans it with ``planner.plan`` and runs it as a
-``PlannedModule``. Each graph is
-planned on its own: with graph breaks, a byte budget applies to each graph separately; a
-percentage budget is of each graph's own store-all peak.
+activations that require grad), plans it with ``planner.plan`` at its first call and runs it
+as a ``PlannedModule``. Each graph is planned on its own: with graph breaks, a byte budget
+applies to each graph separately; a percentage budget is of each graph's own store-all peak.
+``backend.plans`` lists the plans made.
 """
 from __future__ import annotations
 
@@ -38,24 +38,55 @@ class _GraphWithParameters(torch.nn.Module):
         return self.graph_module(*args)
 
 
-def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | None = None,
-            cost_model: CostModel | str | None = None, op_variants: bool | str | Collection[str] = True) -> Callable:
-    """A ``torch.compile`` backend planning each graph under ``budget`` (arguments as ``planner.plan``)."""
-    from planner.capture import capture
-    from planner.execute import PlannedModule
-    from planner.plan import plan
+class PlanningBackend:
+    """The backend ``planner.backend(...)`` returns. ``plans`` lists the plans in use, of every
+    graph, as their planned modules keep them."""
 
-    def compile_graph(graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    def __init__(self, request):
+        self.request = request
+        self._planned: list = []  # one _PlannedGraph per graph dynamo compiled
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         parameter_positions = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)]
-        module = _GraphWithParameters(graph_module, example_inputs, parameter_positions)
-        others = tuple(example_inputs[i] for i in module.other_positions)
-        graph = capture(module, others, input_grads=True)
-        chosen = plan(graph, budget, mode=mode, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)
-        planned = PlannedModule(module, chosen.graph, chosen.schedule)
+        graph = _PlannedGraph(_GraphWithParameters(graph_module, example_inputs, parameter_positions), self.request)
+        self._planned.append(graph)
+        return graph
 
-        def run(*args):
-            return planned(*(args[i] for i in module.other_positions))
+    @property
+    def plans(self) -> list:
+        return [p for graph in self._planned if graph.planned is not None for p in graph.planned.plans]
 
-        return run
 
-    return compile_graph
+class _PlannedGraph:
+    """One compiled graph: planned at its first call with gradients, from the real inputs, so that
+    a planner error (an infeasible budget) reaches the caller as itself, not wrapped in dynamo's
+    ``BackendCompilerFailed``; then run as a ``PlannedModule``, whose guards plan new states."""
+
+    def __init__(self, module: _GraphWithParameters, request):
+        self.module = module
+        self.request = request
+        self.planned = None
+
+    def __call__(self, *args):
+        others = tuple(args[i] for i in self.module.other_positions)
+        if self.planned is None:
+            if not torch.is_grad_enabled():  # nothing to plan for: the graph as it is
+                return self.module(*others)
+            from planner.capture import capture
+            from planner.execute import PlannedModule
+            from planner.guards import Replanner
+
+            tensors = tuple(v for v in others if isinstance(v, torch.Tensor))
+            chosen = self.request.plan(capture(self.module, others, input_grads=True), self.module, tensors)
+            self.planned = PlannedModule(self.module, chosen.graph, chosen.schedule, plan=chosen,
+                                         replanner=Replanner(self.request.plan, None))
+        return self.planned(*others)
+
+
+def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | None = None,
+            cost_model: CostModel | str | None = None, op_variants: bool | str | Collection[str] = True
+            ) -> PlanningBackend:
+    """A ``torch.compile`` backend planning each graph under ``budget`` (arguments as ``planner.plan``)."""
+    from planner.plan import PlanRequest
+
+    return PlanningBackend(PlanRequest(budget, mode, algorithm, None, cost_model, op_variants))

@@ -175,7 +175,7 @@ def _run(work, result, steps: int) -> dict:
     from planner.measure import measure_step
 
     reference = copy.deepcopy(work.model)
-    planned = result.apply(work.model, work.loss_fn)
+    planned = result.apply(work.model, work.loss_fn, replan=False)  # run exactly this plan
     loss_fn = work.loss_fn or (lambda out: out.sum())
     def stepper(module):
         calls = iter(range(10**9))

@@ -386,6 +386,7 @@ def _measure_in_place(graph: TrainingGraph, model: torch.nn.Module, inputs, targ
     """Run ``schedule`` ``1 + runs`` times op by op (the first run untimed), adding to ``cache``
     the median time (and CUDA workspace) of every signature not in it yet; returns each op's
     signature. Under ``no_grad`` and a forked RNG, as the executor runs a step."""
+    from planner.guards import model_state
     from planner.runtime import initial_env, run_call, signature
     from planner.schedule import Compute
 
@@ -397,7 +398,7 @@ def _measure_in_place(graph: TrainingGraph, model: torch.nn.Module, inputs, targ
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if cuda else []):
         for run in range(1 + runs):
             timing = run > 0
-            env = initial_env(graph, model, inputs, targets)
+            env = initial_env(graph, model_state(model)[3], inputs, targets)
             for step in schedule.steps:
                 if not isinstance(step, Compute):
                     env[step.tensor] = None

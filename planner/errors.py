@@ -56,3 +56,8 @@ class InfeasibleBudgetError(PlannerError):
             f"least that, or reduce the batch size"
         )
         super().__init__(message + (f"; {detail}" if detail else ""))
+
+
+class BackwardError(PlannerError, RuntimeError):
+    """A backward pass a planned step cannot run as asked (a second one without
+    ``retain_graph=True``, higher-order gradients); the message says what to do."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
@@ -35,7 +36,16 @@ class MemoryMeter(TorchDispatchMode):
     """Context manager measuring live tensor bytes: ``current_bytes`` and ``peak_bytes``.
 
     Storages that exist before entering are not counted unless passed to ``include``.
+
+    ``torch.compile`` runs compiled code under the meter (``ignore_compile_internals``: dynamo
+    compiles with the meter off and runs the compiled code with it on), so a model compiled with
+    ``planner.backend`` is measured as it runs; code another backend compiles into fused kernels
+    allocates outside ATen's dispatcher, where the meter cannot see it.
     """
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self, include: Iterable[torch.Tensor] = ()):
         super().__init__()
@@ -105,8 +115,8 @@ class MemoryMeter(TorchDispatchMode):
             with self:
                 return body(*args, **(kwargs or {}))
         result = func(*args, **(kwargs or {}))
-        for value in tree_flatten(result)[0]:
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        for value in tree_flatten(result)[0]:  # a step planned again inside the meter traces fake tensors
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and not isinstance(value, FakeTensor):
                 self._count(value)
         return result
 

@@ -74,15 +74,16 @@ def signature(call: OpCall, env: Sequence[torch.Tensor | None]) -> str:
                                             is_leaf=lambda v: isinstance(v, TensorRef))))
 
 
-def initial_env(graph, model: torch.nn.Module, inputs, targets=()) -> list[torch.Tensor | None]:
-    """A tensor slot per graph tensor, with the resident ones bound to the model's real tensors."""
+def initial_env(graph, named: dict[str, torch.Tensor], inputs, targets=()) -> list[torch.Tensor | None]:
+    """A tensor slot per graph tensor, with the resident ones bound: parameters and buffers to the
+    model's tensors of those names (``planner.guards.model_state``), constants to their values."""
     from planner.capture import _as_tuple
 
     env: list[torch.Tensor | None] = [None] * len(graph.tensors)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
     for name, tensor_id in {**graph.parameters, **graph.buffers}.items():
         env[tensor_id] = named[name]
+    for tensor_id, value in graph.constants.items():
+        env[tensor_id] = value
     for tensor_id, value in zip(graph.inputs + graph.targets, _as_tuple(inputs, "inputs") + _as_tuple(targets, "targets")):
         env[tensor_id] = value
     tangent = graph.tensors[graph.tangent]
