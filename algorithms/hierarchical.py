@@ -25,7 +25,7 @@ import numpy as np
 from planner.algorithms.block_options import (
     BlockOptions, LocalBlock, block_options, checkpoint_forward, local_block, orders, output_order,
 )
-from planner.algorithms.blocks import TINY_MERGE_POLICIES, BlockChain, partition
+from planner.algorithms.blocks import BLOCK_SCALES, TINY_MERGE_POLICIES, BlockChain, partition
 from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
 from planner.algorithms.result import rank
 from planner.cost import CostModel
@@ -138,10 +138,12 @@ def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERG
 
 
 def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
-    """One hierarchy per distinct partition the tiny-region policies give."""
+    """One hierarchy per distinct partition: small blocks with either tiny-region policy, and
+    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP)."""
     chains: dict[tuple, BlockChain] = {}
-    for policy in TINY_MERGE_POLICIES:
-        chain = partition(graph, policy)
+    for scale, policy in [(BLOCK_SCALES[0], policy) for policy in TINY_MERGE_POLICIES] + \
+            [(scale, TINY_MERGE_POLICIES[0]) for scale in BLOCK_SCALES[1:]]:
+        chain = partition(graph, policy, scale)
         chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
     return [_prepare(graph, cost_model, chain) for chain in chains.values()]
 

@@ -65,7 +65,7 @@ def gpt2(size: str) -> BenchModel:
 
     layers, width, heads, sequence, batch, vocab = {"small": (2, 32, 2, 32, 2, 128), "cpu": (12, 256, 4, 256, 4, 2048),
                                                     "gpu": (12, 768, 12, 1024, 8, 50257),
-                                                    "deep": (16, 256, 4, 512, 2, 256)}[size]
+                                                    "deep": (16, 128, 4, 1024, 2, 256)}[size]
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=sequence,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
@@ -83,7 +83,7 @@ def llama(size: str) -> BenchModel:
 
     layers, width, ffn, heads, sequence, batch, vocab = {
         "small": (2, 32, 64, 4, 32, 2, 128), "cpu": (8, 256, 688, 4, 256, 4, 2048),
-        "gpu": (8, 1024, 2816, 16, 1024, 8, 32000), "deep": (16, 256, 688, 4, 512, 2, 256)}[size]
+        "gpu": (8, 1024, 2816, 16, 1024, 8, 32000), "deep": (16, 128, 344, 4, 1024, 2, 256)}[size]
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
                                       num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=vocab,

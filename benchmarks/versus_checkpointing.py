@@ -2,7 +2,8 @@
 checkpointing's memory is, between it and plain PyTorch, and below what checkpointing reaches.
 
 On a GPT-2 and a Llama whose activations dominate the step (``bench_models``' ``deep`` size: 16
-layers, sequence 512, a 256-token vocabulary, so the logits and the loss are small), each step
+layers of width 128, sequence 1024, a 256-token vocabulary: parameters and the logits are small
+beside what the layers hold for the backward), each step
 is measured the way ``versus.py`` measures: the meter's peak (``planner.MemoryMeter``), gradients
 after one step against eager's, and step times in interleaved rounds (every configuration once
 per round; median [min-max]; ratios per round). Configurations:
