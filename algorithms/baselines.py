@@ -14,7 +14,7 @@ import numpy as np
 from planner.cost import PRESETS, CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.algorithms.keepset import articulation_ops, model_forward_ops, op_output_bytes, schedule_keeping
 from planner.algorithms.result import rank
 

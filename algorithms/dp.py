@@ -28,7 +28,7 @@ import numpy as np
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.algorithms.keepset import model_forward_ops, schedule_keeping
 from planner.algorithms.result import rank
 

@@ -31,7 +31,7 @@ from planner.algorithms.result import rank
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 
 LIMIT_SEARCH_STEPS = 10
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget

@@ -168,7 +168,7 @@ class _Partitioned(Exception):
 
 def _planner_op_nodes(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     """(name, target) of the joint-graph nodes that become ops of a planner graph."""
-    from planner.capture import _BOUNDARY
+    from planner.capturing import _BOUNDARY
 
     return [(n.name, str(n.target)) for n in graph.nodes
             if n.op == "call_function" and n.target is not operator.getitem and n.target is not _BOUNDARY]
@@ -184,7 +184,7 @@ def _forward_sources(node: torch.fx.Node, forward_ops: set[str]) -> tuple[list[s
     ``transpose`` of a forward value or of a weight): a planner schedule runs backward ops in the
     backward only, so such a value is replaced by the forward ops it is computed from.
     """
-    from planner.capture import _BOUNDARY
+    from planner.capturing import _BOUNDARY
 
     sources, remapped, pending, seen = [], False, [node], set()
     while pending:
@@ -218,7 +218,7 @@ def compile_partitioner_choices(spec: ModelSpec, model: torch.nn.Module, inputs:
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from planner import _aot
-    from planner.capture import _TrainingStep
+    from planner.capturing import _TrainingStep
 
     def partition(joint: torch.fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **_kwargs):
         primals = [n for n in joint.graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]

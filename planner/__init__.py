@@ -4,7 +4,7 @@
 ``Schedule``; ``simulate`` is the one judge of a schedule's peak memory and time; ``measure_*``
 tells the truth about real memory.
 """
-from planner.capture import capture
+from planner.capturing import capture
 from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
 from planner.calls import Call
 from planner.errors import (
@@ -13,13 +13,13 @@ from planner.errors import (
 )
 from planner.guards import config
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
-from planner.plan import Plan, plan
+from planner.planning import Plan, plan
 from planner.execute import PlannedModule
-from planner.backend import backend
+from planner.compile_backend import backend
 from planner.blocks import BlockPlan, plan_blocks
 from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
 from planner.schedule import Compute, Free, Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 from planner.units import format_bytes, parse_budget
 from planner.allocator import reserved_budget
 

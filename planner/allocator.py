@@ -52,7 +52,7 @@ def allocator_view(graph: TrainingGraph) -> TrainingGraph:
 def allocated_peak(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> int:
     """The ``torch.cuda.max_memory_allocated`` a step of ``schedule`` should reach (resident
     memory included), but for whole-block reuse and persistent library workspaces."""
-    from planner.simulate import simulate
+    from planner.simulator import simulate
 
     return simulate(allocator_view(graph), schedule, cost_model).peak_bytes
 

@@ -19,11 +19,11 @@ from typing import Collection, Sequence
 import torch
 
 from planner.block_calls import Block, BlockCall, BlockStep, capture_block, find_blocks, original_forward, record_calls
-from planner.capture import LossFn, _as_tuple
+from planner.capturing import LossFn, _as_tuple
 from planner.cost import CostModel, RooflineCostModel, default_cost_model
 from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError
 from planner.graph import TrainingGraph
-from planner.plan import Plan, plan
+from planner.planning import Plan, plan
 from planner.step_model import BlockProfile, OuterStep, StepPrediction, capture_outer, profile_block, whole_step
 from planner.units import format_bytes, parse_budget
 

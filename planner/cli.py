@@ -50,7 +50,7 @@ def _positive(text: str) -> int:
 
 
 def _capture(spec: dict, quiet: bool = False):
-    from planner.capture import capture
+    from planner.capturing import capture
     from planner.zoo import load_workload
 
     torch.manual_seed(0)
@@ -63,9 +63,9 @@ def _capture(spec: dict, quiet: bool = False):
 
 def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
           quiet: bool = True):
-    from planner.plan import plan
+    from planner.planning import plan
     from planner.search import DEFAULT_TIME_LIMIT
-    from planner.simulate import simulate
+    from planner.simulator import simulate
 
     op_variants = _OP_VARIANTS[variants_choice]
     if algorithm == "fast":
@@ -96,7 +96,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ---- plan -----------------------------------------------------------------------------------------
 def _breakdown(graph, result) -> dict[str, int]:
     """What the predicted peak is made of (the workspace: of the op running at the peak)."""
-    from planner.simulate import simulate
+    from planner.simulator import simulate
 
     summary = graph.summary()
     simulated = simulate(graph, result.schedule)
@@ -217,7 +217,7 @@ def _run_text(run: dict) -> str:
 
 
 def _load_plan_with_workload(path: Path):
-    from planner.plan import Plan
+    from planner.planning import Plan
 
     if not path.exists():
         raise FileNotFoundError(f"no plan file {path}")

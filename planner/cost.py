@@ -178,7 +178,7 @@ def _runs_here(graph: TrainingGraph, model: torch.nn.Module, inputs, targets) ->
     CPU or CUDA device, the graph's."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from planner.capture import _as_tuple
+    from planner.capturing import _as_tuple
 
     if torch.device(graph.device).type not in ("cpu", "cuda"):
         return False
@@ -269,7 +269,7 @@ class _Source:
 
     @property
     def device(self) -> torch.device:
-        from planner.capture import _as_tuple
+        from planner.capturing import _as_tuple
 
         tensors = [*self.model.parameters(), *_as_tuple(self.inputs, "inputs")]
         return tensors[0].device if tensors else torch.device("cpu")
@@ -285,7 +285,7 @@ class _Source:
 
     def can_run(self, graph: TrainingGraph) -> bool:
         """Whether ``graph`` is a step of this model on this batch (the same inputs, parameters, buffers)."""
-        from planner.capture import _as_tuple
+        from planner.capturing import _as_tuple
 
         batch = _as_tuple(self.inputs, "inputs") + _as_tuple(self.targets, "targets")
         specs = tuple((tuple(v.shape), str(v.dtype), str(v.device)) for v in batch)
@@ -297,7 +297,7 @@ class _Source:
     def profile(self, graph: TrainingGraph) -> tuple[np.ndarray, np.ndarray]:
         """(times, workspace) per op of ``graph``; measured unless this process has them (no
         ``cache_path``: a file given is read and written every time)."""
-        from planner.capture import _as_tuple
+        from planner.capturing import _as_tuple
 
         batch = _as_tuple(self.inputs, "inputs") + _as_tuple(self.targets, "targets")
         layout = tuple(t.stride() for t in (*batch, *self.model.parameters(), *self.model.buffers()))
@@ -339,7 +339,7 @@ def _profiling_schedule(graph: TrainingGraph, available_bytes: int):
     """Store-all (what eager runs, every op once) when its activations fit in ``available_bytes``
     with a 10% margin; else the least-memory schedule (recomputations are timed too)."""
     from planner.algorithms import ALGORITHMS
-    from planner.simulate import simulate
+    from planner.simulator import simulate
 
     store_all = graph.store_all()
     needed = simulate(graph, store_all).peak_activation_bytes

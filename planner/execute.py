@@ -35,7 +35,7 @@ from planner.graph import Phase, TrainingGraph
 from planner.guards import CachedStep, PlanCache, Replanner, model_state, step_key
 from planner.runtime import initial_env, invoke, store_outputs
 from planner.schedule import Compute, Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,7 @@ class PlannedModule(torch.nn.Module):
     def training_step(self, inputs, targets=()) -> torch.Tensor:
         """Forward, loss and backward as one planned call; returns the loss (detached). ``inputs``
         as for ``plan``: a tensor, a tuple, or a dict of keyword arguments."""
-        from planner.capture import _as_tuple
+        from planner.capturing import _as_tuple
 
         args, kwargs = call_arguments(inputs)
         targets = _as_tuple(targets, "targets")

@@ -32,7 +32,7 @@ from planner.errors import PlanMismatchError
 if TYPE_CHECKING:
     from planner.execute import StepRunner
     from planner.graph import TrainingGraph
-    from planner.plan import Plan
+    from planner.planning import Plan
 
 logger = logging.getLogger("planner")
 _TORCH_LAYERS = "torch.nn.modules."  # the modules whose plain attributes are guarded
@@ -265,7 +265,7 @@ class Replanner:
     def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, targets: tuple | None,
                  like: "TrainingGraph") -> "Plan":
         from planner.calls import Call, split_call
-        from planner.capture import capture
+        from planner.capturing import capture
 
         _, tensors = split_call(args, kwargs)
         if targets is None:
@@ -279,7 +279,7 @@ def example_targets(like: "TrainingGraph", inputs: tuple[torch.Tensor, ...]) -> 
     known: a target shaped like an input at plan time takes that input's new shape (language-model
     labels); else one whose first dimension was the batch takes the new batch (class labels);
     else it keeps its shape (class weights). Values are zeros: only shapes are traced."""
-    from planner.plan import _torch_dtype
+    from planner.planning import _torch_dtype
 
     planned = [s.shape for s in like.input_specs[: len(like.inputs)]]
     batch = (planned[0][:1], tuple(inputs[0].shape[:1])) if planned and planned[0] and inputs[0].dim() else None

@@ -150,7 +150,7 @@ def measure_step(model: torch.nn.Module, step: Callable[[], object], held: Seque
 
 def measure_training_step(model: torch.nn.Module, inputs, loss_fn=None, targets=()) -> MeasuredStep:
     """Measure one plain eager step, ``loss_fn(model(*inputs), *targets).backward()``."""
-    from planner.capture import _as_tuple, _default_loss
+    from planner.capturing import _as_tuple, _default_loss
 
     inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
     loss_fn = loss_fn or _default_loss

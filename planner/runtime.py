@@ -77,7 +77,7 @@ def signature(call: OpCall, env: Sequence[torch.Tensor | None]) -> str:
 def initial_env(graph, named: dict[str, torch.Tensor], inputs, targets=()) -> list[torch.Tensor | None]:
     """A tensor slot per graph tensor, with the resident ones bound: parameters and buffers to the
     model's tensors of those names (``planner.guards.model_state``), constants to their values."""
-    from planner.capture import _as_tuple
+    from planner.capturing import _as_tuple
 
     env: list[torch.Tensor | None] = [None] * len(graph.tensors)
     for name, tensor_id in {**graph.parameters, **graph.buffers}.items():

@@ -72,7 +72,7 @@ class _PlannedGraph:
         if self.planned is None:
             if not torch.is_grad_enabled():  # nothing to plan for: the graph as it is
                 return self.module(*others)
-            from planner.capture import capture
+            from planner.capturing import capture
             from planner.execute import PlannedModule
             from planner.guards import Replanner
 
@@ -87,6 +87,6 @@ def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | N
             cost_model: CostModel | str | None = None, op_variants: bool | str | Collection[str] = True
             ) -> PlanningBackend:
     """A ``torch.compile`` backend planning each graph under ``budget`` (arguments as ``planner.plan``)."""
-    from planner.plan import PlanRequest
+    from planner.planning import PlanRequest
 
     return PlanningBackend(PlanRequest(budget, mode, algorithm, None, cost_model, op_variants))

@@ -16,12 +16,12 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
-from planner.capture import LossFn, capture
+from planner.capturing import LossFn, capture
 from planner.cost import PRESETS, CostModel, choose_cost_model, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.units import format_bytes, parse_budget
 from planner.variants import apply_variant_names, variant_kinds, with_variants
 
