@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from planner.cost import PRESETS, CostModel
+from planner.cost import DEVICE_PRESETS, CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulator import simulate
@@ -96,7 +96,7 @@ def recompute_cheap(graph: TrainingGraph, cost_model: CostModel, budget_bytes: i
     (from the op's FLOPs and bytes against the preset's rates; cpu rates when the cost model has
     no preset). O(ops + edges).
     """
-    spec = getattr(cost_model, "spec", PRESETS["cpu"])
+    spec = getattr(cost_model, "spec", DEVICE_PRESETS["cpu"])
     kept = [op for op in model_forward_ops(graph)
             if graph.ops[op].flops / spec.fp32_flops > (graph.ops[op].bytes_read + graph.ops[op].bytes_written) / spec.bandwidth]
     return schedule_keeping(graph, kept)

@@ -5,7 +5,7 @@
 tells the truth about real memory.
 """
 from planner.capturing import capture
-from planner.cost import PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
+from planner.cost import DEVICE_PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
 from planner.calls import Call
 from planner.errors import (
     BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
@@ -26,7 +26,7 @@ from planner.allocator import reserved_budget
 __all__ = [
     "plan", "Plan", "PlannedModule", "plan_blocks", "BlockPlan", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
     "Schedule", "Compute", "Free", "simulate", "SimResult",
-    "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
+    "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "DEVICE_PRESETS",
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
     "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",

@@ -55,7 +55,7 @@ class DeviceSpec:
 
 # Datasheet peaks scaled to what large kernels sustain (about 70% of compute, 80% of bandwidth);
 # the cpu row is this project's 2-core CI machine (measured: ~60 GFLOP/s fp32 conv, ~8 GB/s).
-PRESETS: dict[str, DeviceSpec] = {
+DEVICE_PRESETS: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec("cpu", 60e9, 30e9, 8e9, 5e-6),
     "v100": DeviceSpec("v100", 0.7 * 15.7e12, 0.7 * 125e12, 0.8 * 900e9, 5e-6),
     "a100": DeviceSpec("a100", 0.7 * 19.5e12, 0.7 * 312e12, 0.8 * 2039e9, 4e-6),
@@ -73,9 +73,9 @@ class RooflineCostModel:
 
     def __init__(self, preset: str | DeviceSpec = "cpu"):
         if isinstance(preset, str):
-            if preset not in PRESETS:
-                raise ValueError(f"unknown device preset {preset!r}: choose one of {sorted(PRESETS)}")
-            preset = PRESETS[preset]
+            if preset not in DEVICE_PRESETS:
+                raise ValueError(f"unknown device preset {preset!r}: choose one of {sorted(DEVICE_PRESETS)}")
+            preset = DEVICE_PRESETS[preset]
         self.spec = preset
         self.name = f"roofline:{preset.name}"
         self._times: dict[str, np.ndarray] = {}
@@ -166,7 +166,7 @@ def recomputable(cost_model_name: str) -> tuple[CostModel | None, bool]:
     both; a CPU profile the peak (its workspace is what ops declare, as the roofline's); a CUDA
     profile or a custom model neither."""
     preset = cost_model_name.removeprefix("roofline:")
-    if cost_model_name.startswith("roofline:") and preset in PRESETS:
+    if cost_model_name.startswith("roofline:") and preset in DEVICE_PRESETS:
         return RooflineCostModel(preset), True
     if cost_model_name.startswith("profiled:cpu"):
         return RooflineCostModel("cpu"), False

@@ -17,7 +17,7 @@ import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.capturing import LossFn, capture
-from planner.cost import PRESETS, CostModel, choose_cost_model, describe, recomputable
+from planner.cost import DEVICE_PRESETS, CostModel, choose_cost_model, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
@@ -75,7 +75,7 @@ class PlanRequest:
 def _preset_of(cost_model: CostModel | str | None) -> str | None:
     name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
     preset = name.removeprefix("roofline:")
-    return preset if preset in PRESETS else None
+    return preset if preset in DEVICE_PRESETS else None
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import planner
-from planner import PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel, cost
+from planner import DEVICE_PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel, cost
 from planner.cost import choose_cost_model
 
 from conftest import Case, TinyCNN
@@ -27,7 +27,7 @@ def test_roofline_times(preset: str, resnet18_case: Case) -> None:
             assert times[op.id] == 0, op.name
         else:
             assert times[op.id] > 0, op.name
-            assert times[op.id] >= PRESETS[preset].launch_overhead
+            assert times[op.id] >= DEVICE_PRESETS[preset].launch_overhead
     workspace = model.workspace_bytes(g)
     assert workspace.shape == (len(g.ops),) and not workspace.any()
 
