@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
+from planner._torch import TreeSpec, tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 #: non-tensor leaves a call may hold: hashable, comparable, saved in plan files as JSON
 CONSTANT_TYPES = (type(None), bool, int, float, str)
 

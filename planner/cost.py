@@ -25,6 +25,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from planner._torch import FakeTensor
 from planner.graph import TrainingGraph
 
 _HALF_DTYPES = {"torch.float16", "torch.bfloat16"}
@@ -176,8 +177,6 @@ def recomputable(cost_model_name: str) -> tuple[CostModel | None, bool]:
 def _runs_here(graph: TrainingGraph, model: torch.nn.Module, inputs, targets) -> bool:
     """Whether the step can run for real on this machine: real (not meta, not fake) tensors on a
     CPU or CUDA device, the graph's."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     from planner.capturing import _as_tuple
 
     if torch.device(graph.device).type not in ("cpu", "cuda"):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from planner._torch import backward_retains_graph
 from planner.calls import call_arguments, split_call
 from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
@@ -333,7 +334,7 @@ def _begin_backward(pending: _Pending, saved: tuple) -> None:
     _put(env, pending.carried.keys(), pending.carried.values())
     _put(env, lowered.saved_outputs, saved)
     _put(env, range(len(graph.tensors)), runner.new_env(model_state(runner.model)[3], pending.inputs))
-    if not torch._C._autograd._get_current_graph_task_keep_graph():  # the env owns them now
+    if not backward_retains_graph():  # the env owns them now
         pending.carried, pending.inputs, pending.done = {}, (), True
     _put_output_grads(env, graph, pending.box.pop())  # after the tangent: a model returning its loss gets its gradient
     pending.env = env

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_flatten
 
 from planner._aot import storage_key, storage_ref
+from planner._torch import FakeTensor, TorchDispatchMode, is_traceable_wrapper_subclass, schema_name, tree_flatten
 from planner.gpu._registry import BODIES
 
 
@@ -110,7 +108,7 @@ class MemoryMeter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = BODIES.get(func._schema.name)
+        body = BODIES.get(schema_name(func))
         if body is not None:  # a variant op: run its body in view, so its temporaries count too
             with self:
                 return body(*args, **(kwargs or {}))

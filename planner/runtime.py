@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch.utils._pytree import tree_map
 
+from planner._torch import tree_map
 from planner.graph import OpCall, TensorRef
 
 

@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_unflatten
 
+from planner._torch import tree_unflatten
 from planner.block_calls import Block, TensorSpec
 from planner.capturing import LossFn, capture
 from planner.cost import CostModel

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten
 
+from planner._torch import tree_flatten
 from planner.errors import PlanMismatchError
 from planner.graph import OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorRef, TrainingGraph
 from planner.gpu import _bits, _cuda
