@@ -5,7 +5,8 @@
 tells the truth about real memory.
 """
 from planner.capturing import capture
-from planner.cost import DEVICE_PRESETS, CostModel, DeviceSpec, ProfiledCostModel, RooflineCostModel
+from planner.cost import DEVICE_PRESETS, CostModel, DeviceSpec, RooflineCostModel
+from planner.profiled_cost import ProfiledCostModel
 from planner.calls import Call
 from planner.errors import (
     BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
@@ -20,7 +21,8 @@ from planner.blocks import BlockPlan, plan_blocks
 from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_training_step
 from planner.schedule import Compute, Free, Schedule
 from planner.simulator import SimResult, simulate
-from planner.units import format_bytes, parse_budget
+from planner.budgets import parse_budget
+from planner.units import format_bytes
 from planner.allocator import reserved_budget
 
 __all__ = [

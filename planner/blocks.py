@@ -19,13 +19,15 @@ from typing import Collection, Sequence
 import torch
 
 from planner.block_calls import Block, BlockCall, BlockStep, capture_block, find_blocks, original_forward, record_calls
-from planner.capturing import LossFn, _as_tuple
+from planner.budgets import parse_budget
+from planner.calls import as_tuple
+from planner.capturing import LossFn
 from planner.cost import CostModel, RooflineCostModel, default_cost_model
 from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError
 from planner.graph import TrainingGraph
 from planner.planning import Plan, plan
 from planner.step_model import BlockProfile, OuterStep, StepPrediction, capture_outer, profile_block, whole_step
-from planner.units import format_bytes, parse_budget
+from planner.units import format_bytes
 
 _STATE = "_remat_planned_block"  # the attribute of a planned block holding its plan
 BISECTION_STEPS = 8  # share of the budget, to 1/256 of each block's activations
@@ -127,7 +129,7 @@ def plan_blocks(
     """
     from planner.fsdp import FSDPLayout, check_ranks_agree
 
-    inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
+    inputs, targets = as_tuple(inputs, "inputs"), as_tuple(targets, "targets")
     _refuse_sharded(model)
     for module in model.modules():
         _uninstall(module)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import flop_registry
 
 from planner import _aot
 from planner._torch import OpOverload, schema_is_mutable, schema_returns, tree_flatten, tree_map, tree_unflatten
-from planner.calls import PytreeForm, Slot, call_arguments, split, split_call
+from planner.calls import PytreeForm, Slot, as_tuple, call_arguments, split, split_call
 from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
 from planner.guards import step_key
 from planner.graph import (
@@ -51,7 +51,7 @@ _BOUNDARY = torch.ops.remat_planner.boundary.default
 torch.fx.node.has_side_effect(_BOUNDARY)
 
 
-def _default_loss(output: Any) -> torch.Tensor:
+def default_loss(output: Any) -> torch.Tensor:
     leaves = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
     if not leaves:
         raise CaptureError("the model returns no floating-point tensor for the default loss (the sum of "
@@ -66,7 +66,7 @@ class _TrainingStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, call_form: PytreeForm):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or default_loss
         self.call_form = call_form
         self.n_inputs = call_form.n_tensors
         self.output_form: PytreeForm | None = None
@@ -88,17 +88,6 @@ class _TrainingStep(torch.nn.Module):
             raise CaptureError(f"loss_fn must return a scalar tensor, got {shape}: "
                                "reduce it with .mean() or .sum()")
         return (loss,)
-
-
-def _as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
-    if values is None:
-        return ()
-    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
-    for i, value in enumerate(values):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(value).__name__}; pass tensors "
-                            "(a tensor, or a tuple/list of tensors)")
-    return values
 
 
 def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, input_grads: bool) -> torch.device:
@@ -185,7 +174,7 @@ def capture(
     if not tensors:
         raise TypeError("inputs hold no tensor: pass tensors (a tensor, a tuple of them, or a dict for "
                         "model(**inputs)), e.g. torch.randn(32, 3, 224, 224)")
-    targets = _as_tuple(targets, "targets")
+    targets = as_tuple(targets, "targets")
     device = _check_arguments(model, tensors, targets, input_grads)
     assumptions, _ = step_key(model, call_form, tensors, device.type)
     step = _TrainingStep(model, loss_fn, call_form)

@@ -263,7 +263,7 @@ def _parse_budgets(text: str) -> list[str]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from planner.units import parse_budget
+    from planner.budgets import parse_budget
 
     budgets = _parse_budgets(args.budgets)
     algorithms = args.algorithms.split(",") if args.algorithms else list(SWEEP_ALGORITHMS)
@@ -295,7 +295,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # ---- max-batch ------------------------------------------------------------------------------------
 def cmd_max_batch(args: argparse.Namespace) -> int:
-    from planner.units import parse_budget
+    from planner.budgets import parse_budget
 
     memory = parse_budget(args.memory)
     algorithms = args.algorithms.split(",") if args.algorithms else list(MAX_BATCH_ALGORITHMS)

@@ -74,7 +74,7 @@ class _PlannedGraph:
                 return self.module(*others)
             from planner.capturing import capture
             from planner.execute import PlannedModule
-            from planner.guards import Replanner
+            from planner.planning import Replanner
 
             tensors = tuple(v for v in others if isinstance(v, torch.Tensor))
             chosen = self.request.plan(capture(self.module, others, input_grads=True), self.module, tensors)

@@ -27,6 +27,8 @@ import torch
 
 from planner._aot import storage_key, storage_ref
 from planner._torch import FakeTensor, TorchDispatchMode, is_traceable_wrapper_subclass, schema_name, tree_flatten
+from planner.calls import as_tuple
+from planner.capturing import default_loss
 from planner.gpu._registry import BODIES
 
 
@@ -148,8 +150,7 @@ def measure_step(model: torch.nn.Module, step: Callable[[], object], held: Seque
 
 def measure_training_step(model: torch.nn.Module, inputs, loss_fn=None, targets=()) -> MeasuredStep:
     """Measure one plain eager step, ``loss_fn(model(*inputs), *targets).backward()``."""
-    from planner.capturing import _as_tuple, _default_loss
 
-    inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
-    loss_fn = loss_fn or _default_loss
+    inputs, targets = as_tuple(inputs, "inputs"), as_tuple(targets, "targets")
+    loss_fn = loss_fn or default_loss
     return measure_step(model, lambda: loss_fn(model(*inputs), *targets).backward(), [*inputs, *targets])
