@@ -38,8 +38,9 @@ setup(
         # Hugging Face models (tests/test_transformers.py, preset:gpt2, benchmarks/hf_transformers.py)
         "transformers": ["transformers>=5.20,<6"],
         # timm: the zoo of architectures in tests/test_zoo_fidelity.py (its tiny test_* models, verified on 1.0.31)
-        # networkx: to_networkx's test
-        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2", "networkx>=3.2"],
+        # networkx: to_networkx's test; import-linter: the layer contracts (.importlinter, .ci/lint-layers)
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2", "networkx>=3.2",
+                 "import-linter>=2.17,<3"],
     },
     entry_points={"console_scripts": ["planner=planner.cli:main"]},
 )
