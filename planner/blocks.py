@@ -24,6 +24,8 @@ from planner.calls import as_tuple
 from planner.capturing import LossFn
 from planner.cost import CostModel, RooflineCostModel, default_cost_model
 from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError
+from planner.execute import PlannedModule
+from planner.fsdp import FSDPLayout, check_ranks_agree, sharded_step
 from planner.graph import TrainingGraph
 from planner.planning import Plan, plan
 from planner.step_model import BlockProfile, OuterStep, StepPrediction, capture_outer, profile_block, whole_step
@@ -127,8 +129,6 @@ def plan_blocks(
     InfeasibleBudgetError: no candidate fits; ``min_feasible_bytes`` is the whole step's lowest peak.
     RankMismatchError: ranks planned differently (different shapes, model or library versions).
     """
-    from planner.fsdp import FSDPLayout, check_ranks_agree
-
     inputs, targets = as_tuple(inputs, "inputs"), as_tuple(targets, "targets")
     _refuse_sharded(model)
     for module in model.modules():
@@ -277,8 +277,6 @@ class _Planner:
             accumulators = sum(g.grad_accumulator_bytes for g in (plans[i].graph for i in range(len(plans))))
             step: StepPrediction = whole_step(self.outer, profiles, accumulators, self.cost_model)
             return _Prediction((step.peak_bytes,), step.time)
-        from planner.fsdp import sharded_step
-
         steps = [sharded_step(self.outer, profiles, self.layout, rank, self.cost_model)
                  for rank in range(self.layout.world_size)]
         return _Prediction(tuple(s.peak_bytes for s in steps), steps[0].time)
@@ -314,8 +312,6 @@ class _PlannedBlock:
                                     "a gradient: plan_blocks again with the model as it trains")
         self._check_parameters(block)
         if self._planned is None or self._planned_for is not type(block):
-            from planner.execute import PlannedModule
-
             # made again when the block's class changes: fully_shard swaps in a subclass of its own
             self._planned = PlannedModule(BlockStep(block, self.call), self.graph, self.plan.schedule)
             self._planned_for = type(block)

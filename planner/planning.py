@@ -16,16 +16,18 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
+from planner.algorithms import ALGORITHMS
 from planner.budgets import parse_budget
 from planner.capturing import LossFn, capture
 from planner.cost import DEVICE_PRESETS, CostModel, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.execute import PlannedModule
-from planner.graph import TrainingGraph
+from planner.graph import InputSpec, TrainingGraph
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
 from planner.runtime import torch_dtype
 from planner.schedule import Schedule
+from planner.search import MODES, search
 from planner.simulator import simulate
 from planner.units import format_bytes
 from planner.variants import apply_variant_names, variant_kinds, with_variants
@@ -200,8 +202,6 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan saved by ``save``; ``apply`` then checks it against the model."""
-        from planner.graph import InputSpec
-
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as error:
@@ -318,9 +318,6 @@ def plan(
     ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    from planner.algorithms import ALGORITHMS
-    from planner.search import MODES, search
-
     request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
