@@ -27,11 +27,12 @@ from planner.algorithms.block_options import (
 )
 from planner.algorithms.blocks import BLOCK_SCALES, TINY_MERGE_POLICIES, BlockChain, partition
 from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
+from planner.algorithms.reorder import reorder_schedule
 from planner.algorithms.result import rank
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 
 LIMIT_SEARCH_STEPS = 10
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
@@ -227,8 +228,6 @@ def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int)
     """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``):
     the fastest schedule found within the budget, else the one of least peak, reordered where
     that lowers it further."""
-    from planner.algorithms.reorder import reorder_schedule
-
     found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
     found = [f for f in found if f is not None]
     if not found:

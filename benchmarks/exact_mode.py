@@ -34,7 +34,7 @@ from planner.algorithms.milp import formulate, lp_bound
 from planner.algorithms.staging import build_problem
 from planner.cost import default_cost_model
 from planner.errors import InfeasibleBudgetError
-from planner.simulate import simulate
+from planner.simulator import simulate
 from plan_quality import MODELS
 from report import command_line, environment_line, publish
 

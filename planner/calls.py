@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from planner._torch import TreeSpec, tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 #: non-tensor leaves a call may hold: hashable, comparable, saved in plan files as JSON
 CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -112,3 +113,16 @@ def split_call(args: tuple, kwargs: dict, what: str = "inputs") -> tuple[PytreeF
     """The form of ``model(*args, **kwargs)`` and its tensors; ``form.fill(tensors)`` gives back
     ``(args, kwargs)``."""
     return split((tuple(args), dict(sorted(kwargs.items()))), what)
+
+
+def as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
+    """Loss targets (or inputs) as given, None, one tensor or a sequence, as a tuple of tensors;
+    ``TypeError`` naming ``what`` for anything else."""
+    if values is None:
+        return ()
+    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    for i, value in enumerate(values):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(value).__name__}; pass tensors "
+                            "(a tensor, or a tuple/list of tensors)")
+    return values

@@ -29,13 +29,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from planner.calls import call_arguments, split_call
+from planner._torch import backward_retains_graph
+from planner.calls import as_tuple, call_arguments, split_call
 from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
-from planner.guards import CachedStep, PlanCache, Replanner, model_state, step_key
-from planner.runtime import initial_env, invoke, store_outputs
+from planner.guards import CachedStep, PlanCache, Replan, model_state, step_key
+from planner.runtime import initial_env, invoke, store_outputs, torch_dtype
 from planner.schedule import Compute, Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,7 @@ def _begin_backward(pending: _Pending, saved: tuple) -> None:
     _put(env, pending.carried.keys(), pending.carried.values())
     _put(env, lowered.saved_outputs, saved)
     _put(env, range(len(graph.tensors)), runner.new_env(model_state(runner.model)[3], pending.inputs))
-    if not torch._C._autograd._get_current_graph_task_keep_graph():  # the env owns them now
+    if not backward_retains_graph():  # the env owns them now
         pending.carried, pending.inputs, pending.done = {}, (), True
     _put_output_grads(env, graph, pending.box.pop())  # after the tangent: a model returning its loss gets its gradient
     pending.env = env
@@ -357,7 +358,7 @@ def _put_output_grads(env: list, graph: TrainingGraph, grads: tuple) -> None:
             continue
         if grad is None:
             info = graph.tensors[grad_tensor]
-            grad = torch.zeros(info.shape, dtype=getattr(torch, info.dtype.split(".")[1]), device=graph.device)
+            grad = torch.zeros(info.shape, dtype=torch_dtype(info.dtype), device=graph.device)
         env[grad_tensor] = grad
 
 
@@ -421,11 +422,11 @@ class PlannedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, graph: TrainingGraph, schedule: Schedule, *,
-                 plan=None, replanner: Replanner | None = None):
+                 plan=None, replanner: Replan | None = None):
         super().__init__()
         self.model = model
         self.runner = StepRunner(graph, schedule, model)
-        self.cache = PlanCache(model, CachedStep(self.runner, plan), replanner)
+        self.cache = PlanCache(model, CachedStep(self.runner, plan), replanner, StepRunner)
 
     @property
     def plans(self) -> tuple:
@@ -450,10 +451,8 @@ class PlannedModule(torch.nn.Module):
     def training_step(self, inputs, targets=()) -> torch.Tensor:
         """Forward, loss and backward as one planned call; returns the loss (detached). ``inputs``
         as for ``plan``: a tensor, a tuple, or a dict of keyword arguments."""
-        from planner.capture import _as_tuple
-
         args, kwargs = call_arguments(inputs)
-        targets = _as_tuple(targets, "targets")
+        targets = as_tuple(targets, "targets")
         form, tensors = split_call(args, kwargs)
         key, named = step_key(self.model, form, tensors, self.runner.device_type)
         step = self.cache.step_for(key, args, kwargs, targets)

@@ -215,8 +215,13 @@ class TrainingGraph:
 
     # ---- analysis --------------------------------------------------------------------------
     def to_networkx(self):
-        """A ``networkx.DiGraph`` over op ids; edges carry the tensor id and its bytes."""
-        import networkx as nx
+        """A ``networkx.DiGraph`` over op ids; edges carry the tensor id and its bytes.
+
+        networkx is an optional extra, used here alone: imported on call, so the planner runs without it."""
+        try:
+            import networkx as nx
+        except ImportError as error:
+            raise ImportError("TrainingGraph.to_networkx needs networkx: pip install 'remat-planner[networkx]'") from error
 
         dag = nx.DiGraph()
         for op in self.ops:

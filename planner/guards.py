@@ -12,7 +12,7 @@ parameter, FSDP's unsharded parameters) needs no new plan.
 On a state no plan is cached for (``PlanCache.step_for``): under ``no_grad`` or with nothing to
 differentiate, and in eval mode, the model runs eagerly (eager's results; nothing to plan); in
 another training state the step is captured and planned again with the first plan's request
-(``Replanner``: a byte budget stays bytes, a percentage is of the new store-all peak), keeping the
+(``planner.planning.Replanner``: a byte budget stays bytes, a percentage is of the new store-all peak), keeping the
 ``config.cache_size_limit`` most recently used plans; a planned module built from a bare graph and
 schedule has nothing to plan with and raises ``PlanMismatchError`` naming the change and the fix.
 """
@@ -22,17 +22,23 @@ import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from planner.calls import CONSTANT_TYPES, PytreeForm
 from planner.errors import PlanMismatchError
+from planner.runtime import torch_dtype
 
-if TYPE_CHECKING:
+from planner.graph import TrainingGraph
+from planner.schedule import Schedule
+
+if TYPE_CHECKING:  # annotations only: the executor and the plans sit above the guards
     from planner.execute import StepRunner
-    from planner.graph import TrainingGraph
-    from planner.plan import Plan
+    from planner.planning import Plan
+
+#: plans a new state: (model, args, kwargs, loss targets or None, the graph planned before) -> Plan
+Replan = Callable[[torch.nn.Module, tuple, dict, "tuple | None", TrainingGraph], "Plan"]
 
 logger = logging.getLogger("planner")
 _TORCH_LAYERS = "torch.nn.modules."  # the modules whose plain attributes are guarded
@@ -193,8 +199,10 @@ class CachedStep:
 class PlanCache:
     """The plans of one planned module, by state, least recently used first."""
 
-    def __init__(self, model: torch.nn.Module, first: CachedStep, replanner: "Replanner | None"):
+    def __init__(self, model: torch.nn.Module, first: CachedStep, replanner: Replan | None,
+                 make_runner: Callable[["TrainingGraph", "Schedule", torch.nn.Module], "StepRunner"]):
         self.model = model
+        self.make_runner = make_runner  # the executor's StepRunner: guards sit below the executor
         self.first_key: StepKey = first.runner.graph.assumptions
         self.replanner = replanner
         self.entries: OrderedDict[StepKey, CachedStep] = OrderedDict({self.first_key: first})
@@ -219,9 +227,7 @@ class PlanCache:
                                     "automatically, or plan again for this state")
         like = (cached or next(reversed(self.entries.values()))).runner.graph
         plan = self.replanner(self.model, args, kwargs, targets, like)
-        from planner.execute import StepRunner
-
-        step = CachedStep(StepRunner(plan.graph, plan.schedule, self.model), plan)
+        step = CachedStep(self.make_runner(plan.graph, plan.schedule, self.model), plan)
         self.entries[key] = step
         self.entries.move_to_end(key)
         logger.warning("planner: planned %s again for a new state (%s): %s", type(self.model).__name__, change,
@@ -254,33 +260,11 @@ def _target_specs(graph: "TrainingGraph") -> tuple:
     return tuple((s.shape, s.dtype, s.device) for s in graph.input_specs[len(graph.inputs):])
 
 
-@dataclass(frozen=True)
-class Replanner:
-    """Plans a new state the way the first plan was made: the same request (budget as given,
-    mode, algorithm, cost model, operator variants) and loss function."""
-
-    plan_again: Callable[..., "Plan"]  # PlanRequest.plan(graph, model, inputs, targets)
-    loss_fn: Callable | None
-
-    def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, targets: tuple | None,
-                 like: "TrainingGraph") -> "Plan":
-        from planner.calls import Call, split_call
-        from planner.capture import capture
-
-        _, tensors = split_call(args, kwargs)
-        if targets is None:
-            targets = example_targets(like, tensors)
-        graph = capture(model, Call(args, kwargs), self.loss_fn, targets=targets, input_grads=True)
-        return self.plan_again(graph, model, tensors, targets)
-
-
 def example_targets(like: "TrainingGraph", inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Loss targets for a call planned from the model's forward, where the real targets are not
     known: a target shaped like an input at plan time takes that input's new shape (language-model
     labels); else one whose first dimension was the batch takes the new batch (class labels);
     else it keeps its shape (class weights). Values are zeros: only shapes are traced."""
-    from planner.plan import _torch_dtype
-
     planned = [s.shape for s in like.input_specs[: len(like.inputs)]]
     batch = (planned[0][:1], tuple(inputs[0].shape[:1])) if planned and planned[0] and inputs[0].dim() else None
     targets = []
@@ -290,5 +274,5 @@ def example_targets(like: "TrainingGraph", inputs: tuple[torch.Tensor, ...]) -> 
             shape = tuple(inputs[planned.index(shape)].shape)
         elif batch is not None and shape and shape[:1] == batch[0]:
             shape = batch[1] + shape[1:]
-        targets.append(torch.zeros(shape, dtype=_torch_dtype(spec.dtype), device=spec.device))
+        targets.append(torch.zeros(shape, dtype=torch_dtype(spec.dtype), device=spec.device))
     return tuple(targets)

@@ -255,7 +255,7 @@ def test_plan_with_a_nonexistent_op_is_refused(resnet: Workload, saved_resnet_pl
     """Valid JSON and the right fingerprint, but a step names an op the graph does not have."""
     _, path = saved_resnet_plan
     data = json.loads(path.read_text())
-    data["schedule"]["steps"].insert(0, ["c", len(resnet.graph.ops) + 5, "default"])
+    data["schedule"]["steps"].insert(0, ["c", len(resnet.graph.ops) + 5])
     damaged = tmp_path / "damaged.plan.json"
     damaged.write_text(json.dumps(data))
     model = resnet.fresh_copy()

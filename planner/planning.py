@@ -16,13 +16,20 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
-from planner.capture import LossFn, capture
-from planner.cost import PRESETS, CostModel, choose_cost_model, describe, recomputable
+from planner.algorithms import ALGORITHMS
+from planner.budgets import parse_budget
+from planner.capturing import LossFn, capture
+from planner.cost import DEVICE_PRESETS, CostModel, describe, recomputable
 from planner.errors import InvalidScheduleError
-from planner.graph import TrainingGraph
+from planner.execute import PlannedModule
+from planner.graph import InputSpec, TrainingGraph
+from planner.guards import example_targets
+from planner.profiled_cost import choose_cost_model
+from planner.runtime import torch_dtype
 from planner.schedule import Schedule
-from planner.simulate import simulate
-from planner.units import format_bytes, parse_budget
+from planner.search import MODES, search
+from planner.simulator import simulate
+from planner.units import format_bytes
 from planner.variants import apply_variant_names, variant_kinds, with_variants
 
 logger = logging.getLogger("planner")
@@ -75,7 +82,7 @@ class PlanRequest:
 def _preset_of(cost_model: CostModel | str | None) -> str | None:
     name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
     preset = name.removeprefix("roofline:")
-    return preset if preset in PRESETS else None
+    return preset if preset in DEVICE_PRESETS else None
 
 
 @dataclass
@@ -138,9 +145,6 @@ class Plan:
         (a smaller batch, autocast, another head) are planned again with this plan's request, or,
         with ``replan=False`` (to run exactly this plan), raise ``PlanMismatchError``.
         """
-        from planner.execute import PlannedModule
-        from planner.guards import Replanner
-
         loss_fn = loss_fn or (self.request.loss_fn if self.request else None)
         graph = self._graph_for(model, loss_fn)
         request = self.request or PlanRequest(self.budget_bytes)
@@ -154,7 +158,7 @@ class Plan:
         if loss_fn is None and len(self.input_specs) > self.n_inputs:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
-        examples = [torch.zeros(s.shape, dtype=_torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
+        examples = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
         inputs = examples[: self.n_inputs]
         call = Call(*self.call.fill(inputs)) if self.call is not None else inputs
         graph = capture(model, call, loss_fn, targets=examples[self.n_inputs:])
@@ -198,8 +202,6 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan saved by ``save``; ``apply`` then checks it against the model."""
-        from planner.graph import InputSpec
-
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as error:
@@ -210,7 +212,7 @@ class Plan:
             meta = dict(data["plan"])
             specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
             for spec in specs:
-                _torch_dtype(spec.dtype)
+                torch_dtype(spec.dtype)
             meta.setdefault("workload", None)
             meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
             call = meta.pop("call", None)  # plan files from before keyword inputs: positional
@@ -242,12 +244,21 @@ class Plan:
         return "\n".join(lines)
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    """``"torch.float32"`` -> ``torch.float32``; ``ValueError`` for anything that is not a dtype."""
-    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return value
+@dataclass(frozen=True)
+class Replanner:
+    """Plans a new state the way the first plan was made: the same request (budget as given,
+    mode, algorithm, cost model, operator variants) and loss function."""
+
+    plan_again: Callable[..., "Plan"]  # PlanRequest.plan(graph, model, inputs, targets)
+    loss_fn: LossFn | None
+
+    def __call__(self, model: torch.nn.Module, args: tuple, kwargs: dict, targets: tuple | None,
+                 like: TrainingGraph) -> "Plan":
+        _, tensors = split_call(args, kwargs)
+        if targets is None:
+            targets = example_targets(like, tensors)
+        graph = capture(model, Call(args, kwargs), self.loss_fn, targets=targets, input_grads=True)
+        return self.plan_again(graph, model, tensors, targets)
 
 
 def plan(
@@ -288,7 +299,7 @@ def plan(
         ``"h100"``), ``"profiled"``, or None: op times measured on this machine inside a running
         step (``ProfiledCostModel``) for a model with real tensors on CPU or CUDA, the roofline
         preset of the graph's device for a ``TrainingGraph`` or meta/fake tensors
-        (``planner.cost.choose_cost_model``).
+        (``planner.profiled_cost.choose_cost_model``).
     progress: exact mode calls ``progress(incumbent_seconds, bound_seconds, elapsed)`` whenever
         the solver improves its plan (predicted step times); returning True stops the solver,
         which keeps the best plan found so far.
@@ -307,9 +318,6 @@ def plan(
     ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    from planner.algorithms import ALGORITHMS
-    from planner.search import MODES, search
-
     request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")

@@ -12,11 +12,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import flop_registry
 
 from planner import _aot
-from planner.calls import PytreeForm, Slot, call_arguments, split, split_call
+from planner._torch import OpOverload, schema_is_mutable, schema_returns, tree_flatten, tree_map, tree_unflatten
+from planner.calls import PytreeForm, Slot, as_tuple, call_arguments, split, split_call
 from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
 from planner.guards import step_key
 from planner.graph import (
@@ -51,7 +51,7 @@ _BOUNDARY = torch.ops.remat_planner.boundary.default
 torch.fx.node.has_side_effect(_BOUNDARY)
 
 
-def _default_loss(output: Any) -> torch.Tensor:
+def default_loss(output: Any) -> torch.Tensor:
     leaves = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
     if not leaves:
         raise CaptureError("the model returns no floating-point tensor for the default loss (the sum of "
@@ -66,7 +66,7 @@ class _TrainingStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, call_form: PytreeForm):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or default_loss
         self.call_form = call_form
         self.n_inputs = call_form.n_tensors
         self.output_form: PytreeForm | None = None
@@ -88,17 +88,6 @@ class _TrainingStep(torch.nn.Module):
             raise CaptureError(f"loss_fn must return a scalar tensor, got {shape}: "
                                "reduce it with .mean() or .sum()")
         return (loss,)
-
-
-def _as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
-    if values is None:
-        return ()
-    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
-    for i, value in enumerate(values):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(value).__name__}; pass tensors "
-                            "(a tensor, or a tuple/list of tensors)")
-    return values
 
 
 def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, input_grads: bool) -> torch.device:
@@ -185,7 +174,7 @@ def capture(
     if not tensors:
         raise TypeError("inputs hold no tensor: pass tensors (a tensor, a tuple of them, or a dict for "
                         "model(**inputs)), e.g. torch.randn(32, 3, 224, 224)")
-    targets = _as_tuple(targets, "targets")
+    targets = as_tuple(targets, "targets")
     device = _check_arguments(model, tensors, targets, input_grads)
     assumptions, _ = step_key(model, call_form, tensors, device.type)
     step = _TrainingStep(model, loss_fn, call_form)
@@ -214,11 +203,11 @@ def _drop_assertions(graph: torch.fx.Graph) -> None:
     def removable(node: torch.fx.Node) -> bool:
         target = node.target
         return (node.op == "call_function" and not node.users and target is not _BOUNDARY
-                and isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+                and isinstance(target, OpOverload) and not schema_is_mutable(target)
                 and torch.Tag.nondeterministic_seeded not in target.tags)
 
-    pending = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-               and not n.target._schema.returns and removable(n)]
+    pending = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, OpOverload)
+               and not schema_returns(n.target) and removable(n)]
     while pending:
         node = pending.pop()
         if node.graph is None or not removable(node):
@@ -300,9 +289,9 @@ def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
         if isinstance(value, torch.fx.Node) and value.target is operator.getitem:
             groups.setdefault((value.args[0], _aot.storage_key(value.meta["val"])), []).append(position)
     for (op, key), positions in groups.items():
-        if not isinstance(op.target, torch._ops.OpOverload):
+        if not isinstance(op.target, OpOverload):
             continue
-        returns = op.target._schema.returns
+        returns = schema_returns(op.target)
         twins = [i for i, item in enumerate(op.meta["val"]) if isinstance(item, torch.Tensor)
                  and _aot.storage_key(item) == key and returns[min(i, len(returns) - 1)].alias_info is None]
         if len(twins) > 1:
@@ -402,13 +391,13 @@ class _GraphBuilder:
         self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
 
-    def _separate_from_siblings(self, target: torch._ops.OpOverload, index: int, slots: list) -> None:
+    def _separate_from_siblings(self, target: OpOverload, index: int, slots: list) -> None:
         """Output ``index`` (the last of ``slots``) in a storage of its own when it shares one with
         an earlier output of the op but the schema says it is a fresh tensor (no alias annotation).
         ATen requires that of its kernels; a meta kernel may not keep to it: oneDNN's LSTM backward
         returns one fake bias gradient for both biases, while the real kernel returns two tensors.
         Views of either find their storage through the op they are read by (``_storage``)."""
-        returns = target._schema.returns
+        returns = schema_returns(target)
         row = self.tensor_rows[slots[-1]]
         siblings = {self.tensor_rows[t]["storage"] for t in slots[:-1] if t is not None}
         if row["storage"] in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
@@ -458,10 +447,10 @@ class _GraphBuilder:
             is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
             (self.model_outputs if is_forward else self.output_grads)[index] = self.tensor_of[source]
             return
-        if not isinstance(target, torch._ops.OpOverload):
+        if not isinstance(target, OpOverload):
             raise UnsupportedOperatorError(str(target), "only ATen operators can be planned "
                                            "(higher-order operators and Python callables are not supported)")
-        if target._schema.is_mutable:
+        if schema_is_mutable(target):
             raise UnsupportedOperatorError(str(target), "it writes into its inputs, which the planner "
                                            "cannot reorder or recompute safely")
         is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
@@ -623,7 +612,7 @@ class _GraphBuilder:
         return region
 
 
-def _flops(target: torch._ops.OpOverload, args: Any, kwargs: Any, out: Any) -> float:
+def _flops(target: OpOverload, args: Any, kwargs: Any, out: Any) -> float:
     """FLOPs from PyTorch's own counter where it knows the op; one per element otherwise."""
     counter = flop_registry.get(target.overloadpacket)
     if counter is not None:

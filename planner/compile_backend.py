@@ -15,7 +15,10 @@ from typing import Callable, Collection, Sequence
 
 import torch
 
+from planner.capturing import capture
 from planner.cost import CostModel
+from planner.execute import PlannedModule
+from planner.planning import PlanRequest, Replanner
 
 
 class _GraphWithParameters(torch.nn.Module):
@@ -72,10 +75,6 @@ class _PlannedGraph:
         if self.planned is None:
             if not torch.is_grad_enabled():  # nothing to plan for: the graph as it is
                 return self.module(*others)
-            from planner.capture import capture
-            from planner.execute import PlannedModule
-            from planner.guards import Replanner
-
             tensors = tuple(v for v in others if isinstance(v, torch.Tensor))
             chosen = self.request.plan(capture(self.module, others, input_grads=True), self.module, tensors)
             self.planned = PlannedModule(self.module, chosen.graph, chosen.schedule, plan=chosen,
@@ -87,6 +86,4 @@ def backend(budget: int | float | str, *, mode: str = "fast", algorithm: str | N
             cost_model: CostModel | str | None = None, op_variants: bool | str | Collection[str] = True
             ) -> PlanningBackend:
     """A ``torch.compile`` backend planning each graph under ``budget`` (arguments as ``planner.plan``)."""
-    from planner.plan import PlanRequest
-
     return PlanningBackend(PlanRequest(budget, mode, algorithm, None, cost_model, op_variants))
