@@ -329,9 +329,7 @@ def main(argv: list[str]) -> int:
         parts += ["\n### Large language models on the meta device\n", "Random weights, batch 1, next-token "
                   "cross-entropy; default cost model of a meta graph (a100 roofline).\n", llm_section(graphs, capture_seconds)]
     body = "\n".join(parts) + f"\n\nThe whole run took {(time.perf_counter() - began) / 60:.1f} min.\n"
-    print(body)
-    if args.markdown:
-        publish(args.markdown, SECTION_HEADING, body)
+    publish(SECTION_HEADING, body, args.markdown)
     return 0
 
 

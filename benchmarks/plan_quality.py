@@ -217,6 +217,7 @@ def compile_partitioner_choices(spec: ModelSpec, model: torch.nn.Module, inputs:
     partitioner's wall time.
     """
     from planner import _aot
+    from planner.calls import split_call
     from planner.capturing import _TrainingStep
 
     def partition(joint: torch.fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **_kwargs):
@@ -249,7 +250,8 @@ def compile_partitioner_choices(spec: ModelSpec, model: torch.nn.Module, inputs:
             ))
         raise _Partitioned((op_nodes, choices))
 
-    step = _TrainingStep(model, spec.loss_fn, len(inputs))
+    call_form, _ = split_call(tuple(inputs), {})
+    step = _TrainingStep(model, spec.loss_fn, call_form)
     try:
         aot_module_simplified(step, tuple(inputs) + tuple(targets), fw_compiler=lambda g, _: g,
                               bw_compiler=lambda g, _: g, partition_fn=partition)
