@@ -81,7 +81,9 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         from planner.algorithms.milp import exact_search
 
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
-        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
+        starts = [t.schedule for t in tried if t.graph is graph and t.fits]
+        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
+                             starts)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)
