@@ -204,35 +204,31 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
 
 def _shortcuts(ops, n_forward, in_lists, out_lists, tensor_storage, tensor_valid, role, saved, times,
                graph) -> np.ndarray:
-    """Storages the backward does not read that are still worth keeping: the outputs of a costly
-    op feeding cheap ones (a linear layer's output before its dropout and residual add, the
-    attention scores before the softmax). Keeping one lets the cheap ops after it be recomputed
-    without the costly one. An op qualifies when it takes more than ``SHORTCUT_RATIO`` times as
-    long as the non-view ops reading its outputs (through views)."""
-    readers: dict[int, list[int]] = {}
-    for i in range(n_forward):
-        for t in in_lists[i]:
-            readers.setdefault(int(t), []).append(i)
-    found = []
+    """Storages the backward does not read that are still worth keeping: the outputs of
+    compute-bound ops (a linear layer's output before its dropout and residual add, attention
+    scores before the softmax, a DenseNet layer's new features before the concatenations that
+    read them). Keeping one lets the memory-bound ops after it be recomputed without it.
+
+    An op is compute-bound when its time per byte it moves is at least ``SHORTCUT_RATIO`` times
+    the block's least (the memory-bound floor: an elementwise op's); the cost model's own times
+    decide, so the choice follows the device."""
+    def intensity(i: int) -> float:
+        op = graph.ops[ops[i]]
+        return float(times[ops[i]]) / max(op.bytes_read + op.bytes_written, 1)
+
+    moving = [i for i in range(n_forward) if not graph.ops[ops[i]].is_view
+              and graph.ops[ops[i]].bytes_read + graph.ops[ops[i]].bytes_written > 0]
+    if not moving:
+        return np.zeros(0, dtype=np.int64)
+    floor = min(intensity(i) for i in moving)
     saved_set = set(int(x) for x in saved)
-    for i in range(n_forward):
-        if graph.ops[ops[i]].is_view or not out_lists[i]:
-            continue
+    found: list[int] = []
+    for i in moving:
         storages = {int(tensor_storage[t]) for t in out_lists[i]}
         if storages & saved_set or any(role[s] not in (LOCAL, OUTPUT) for s in storages) \
                 or all(tensor_valid[t] for t in out_lists[i]):
             continue
-        cost, pending, seen = 0.0, list(out_lists[i]), set()
-        while pending:
-            for r in readers.get(pending.pop(), ()):
-                if r in seen:
-                    continue
-                seen.add(r)
-                if graph.ops[ops[r]].is_view:
-                    pending.extend(out_lists[r])
-                else:
-                    cost += float(times[ops[r]])
-        if seen and times[ops[i]] > SHORTCUT_RATIO * cost:
+        if intensity(i) >= SHORTCUT_RATIO * floor:
             found.extend(storages)
     return np.array(sorted(found), dtype=np.int64)
 
@@ -347,14 +343,17 @@ def _backward_order(valid_at_start, n_forward, n_ops, in_ptr, in_idx, out_ptr, o
 
 @numba.njit(cache=True)
 def _replay(order, n_first, in_ptr, in_idx, out_ptr, out_idx, op_time, op_workspace, tensor_storage,
-            tensor_output, storage_bytes, storage_role):
+            held_to_boundary, storage_bytes, storage_role):
     """Memory of running ``order`` (local ops; the first ``n_first`` are the forward part) with
     every tensor instance freed after its last read, as ``Schedule.from_order`` does.
 
-    The block's output lives at least to the end of the forward part; incoming gradients exist
-    from the start of the backward part; outgoing ones are never freed. Returns (forward peak,
-    kept after the forward part, backward peak, forward time, backward time).
+    ``held_to_boundary`` tensors (the block's output, and what an option keeps: the output may be
+    recomputed from it later, outside the block's backward) live at least to the end of the
+    forward part; incoming gradients exist from the start of the backward part; outgoing ones are
+    never freed. Returns (forward peak, kept after the forward part, backward peak, forward time,
+    backward time).
     """
+    tensor_output = held_to_boundary
     n_tensors = len(tensor_storage)
     n = len(order)
     later = np.zeros(n_tensors, dtype=np.bool_)  # the current instance is read later
@@ -461,9 +460,10 @@ def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_pt
                     storage_bytes, storage_role, storage_tensor_ptr, storage_tensor_idx, candidate_ptr,
                     candidate_idx):
     """Per mask: forward peak, kept, backward peak, first-forward peak (int64 [n, 4]) and time,
-    backward time (float64 [n, 2]); ok is false if some mask's backward cannot be computed."""
+    backward time, output recompute time (float64 [n, 3]: inf where the mask keeps the output);
+    ok is false if some mask's backward cannot be computed."""
     ints = np.zeros((len(masks), 4), dtype=np.int64)
-    floats = np.zeros((len(masks), 2))
+    floats = np.zeros((len(masks), 3))
     everything = np.arange(n_forward)
     for i in range(len(masks)):
         forward, backward, ok = _option_orders(
@@ -472,13 +472,21 @@ def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_pt
             candidate_ptr, candidate_idx)
         if not ok:
             return ints, floats, False
+        kept_tensors = _kept_tensors(masks[i], candidate_ptr, candidate_idx, len(tensor_storage))
+        held = tensor_output | kept_tensors
         peak_f, kept, peak_b, time_f, time_b = _replay(
             np.concatenate((forward, backward)), len(forward), in_ptr, in_idx, out_ptr, out_idx, op_time,
-            op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+            op_workspace, tensor_storage, held, storage_bytes, storage_role)
         first = _replay(np.concatenate((everything, backward)), n_forward, in_ptr, in_idx, out_ptr, out_idx,
-                        op_time, op_workspace, tensor_storage, tensor_output, storage_bytes, storage_role)
+                        op_time, op_workspace, tensor_storage, held, storage_bytes, storage_role)
         ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3] = peak_f, kept, peak_b, first[0]
         floats[i, 0], floats[i, 1] = time_f + time_b, time_b
+        if (kept_tensors & tensor_output).any():
+            floats[i, 2] = np.inf
+        else:
+            again = _forward_order(tensor_output, n_forward, in_ptr, in_idx, tensor_producer,
+                                   tensor_valid | kept_tensors)
+            floats[i, 2] = op_time[again].sum()
     return ints, floats, True
 
 
@@ -507,15 +515,6 @@ def output_order(local: LocalBlock, mask: int) -> np.ndarray:
                           local.tensor_producer, local.tensor_valid | kept)
 
 
-def _output_time(local: LocalBlock, mask: int) -> float:
-    """Time to take the block's output again from the option's kept tensors; inf where the
-    option keeps the output itself (dropping it would then free nothing)."""
-    kept = _kept_tensors(mask, local.candidate_ptr, local.candidate_idx, len(local.tensor_storage))
-    if (kept & local.tensor_output).any():
-        return np.inf
-    return float(local.op_time[output_order(local, mask)].sum())
-
-
 def checkpoint_forward(local: LocalBlock) -> np.ndarray:
     """Forward ops computing only the block's output from its input (local ids, graph order)."""
     return _forward_order(local.tensor_output, local.n_forward, local.in_ptr, local.in_idx,
@@ -529,7 +528,8 @@ def _replay_parts(local: LocalBlock, forward: np.ndarray, backward: np.ndarray) 
 
 
 def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
-    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time):
+    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time,
+    output recompute time):
     an option's forward in a recomputation pass computes what the kept set and the output
     need; in the first forward every op of the block runs. One compiled loop over the masks."""
     masks = np.asarray(list(masks), dtype=np.int64)
@@ -540,8 +540,8 @@ def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
         local.candidate_idx)
     if not ok:
         raise AssertionError("a block's backward reads a tensor its block cannot compute")
-    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb))
-            for m, (a, k, b, f), (t, tb) in zip(masks, ints.tolist(), floats.tolist())]
+    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out))
+            for m, (a, k, b, f), (t, tb, out) in zip(masks, ints.tolist(), floats.tolist())]
 
 
 def block_options(local: LocalBlock) -> BlockOptions:
@@ -561,7 +561,7 @@ def block_options(local: LocalBlock) -> BlockOptions:
     return BlockOptions(
         masks=masks, forward_peak=column(1, np.int64), kept=column(2, np.int64), backward_peak=column(3, np.int64),
         time=column(4, np.float64), first_forward_peak=column(5, np.int64), backward_time=column(6, np.float64),
-        output_time=np.array([_output_time(local, int(m)) for m in masks], dtype=np.float64),
+        output_time=column(7, np.float64),
         checkpoint_forward_peak=int(checkpoint[0]), checkpoint_forward_time=float(checkpoint[3]),
         first_forward_time=float(local.op_time[: local.n_forward].sum()),
         first_checkpoint_peak=int(first_checkpoint[0]))
@@ -576,11 +576,11 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
     masks = [full, forced]
     for start, removing in ((full, True), (forced, False)):
         mask = start
-        _, _, kept_now, _, time_now, _, _ = evaluate_all(local, [mask])[0]
+        _, _, kept_now, _, time_now, _, _, _ = evaluate_all(local, [mask])[0]
         while (mask != forced) if removing else (mask != full):
             trials = [mask ^ (1 << i) for i in range(c) if bool(mask >> i & 1) == removing]
             best, best_score = None, None
-            for trial, _, kept, _, time, _, _ in evaluate_all(local, trials):
+            for trial, _, kept, _, time, _, _, _ in evaluate_all(local, trials):
                 saved = (kept_now - kept) if removing else (kept - kept_now)
                 extra = (time - time_now) if removing else (time_now - time)
                 score = extra / max(saved, 1) if removing else -extra / max(saved, 1)
@@ -592,14 +592,15 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
 
 
 def _pareto(rows: list[tuple]) -> list[tuple]:
-    """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time)
-    no other row beats or ties on all of the peaks, kept memory and time; at most ``MAX_OPTIONS``: first those no other beats on
+    """Rows no other row beats or ties on all of the peaks, kept memory, time, backward time (what
+    a block costs in the first forward, where its forward is paid anyway) and the time to
+    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: first those no other beats on
     kept memory and time together, then others spread over the rest."""
     rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
     front: list[tuple] = []
     for row in rows:
         if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] and f[5] <= row[5]
-                   for f in front):
+                   and f[6] <= row[6] and f[7] <= row[7] for f in front):
             front.append(row)
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
         by_time = sorted(front, key=lambda r: (r[4], r[2]))

@@ -38,6 +38,9 @@ from planner.graph import Phase, TrainingGraph
 MAX_BLOCK_OPS = 16  # non-view forward ops of a region cut further
 MERGE_BLOCK_OPS = 8  # adjacent regions are merged while together they hold at most this many
 TINY_BLOCK_OPS = 2  # a region this small joins a neighbour unless that makes it over-long
+# where a tiny region goes: give up the cut more bytes cross, or the one wasting more bytes the
+# backward does not read (no rule suits every model; hierarchical planning tries both)
+TINY_MERGE_POLICIES = ("fewest bytes", "least waste")
 MAX_CHAIN_BLOCKS = 96  # more blocks than this: both sizes above double, until the chain is shorter
 LONG_RANGE = 48  # a storage read this many non-view ops after it is made does not block a clean cut
 
@@ -90,10 +93,11 @@ class BlockChain:
         return len(self.blocks) - 1
 
 
-def partition(graph: TrainingGraph) -> BlockChain:
-    """Cut ``graph`` into blocks (see the module docstring) and classify what crosses them."""
+def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0]) -> BlockChain:
+    """Cut ``graph`` into blocks (see the module docstring), merging tiny regions by ``policy``
+    (one of ``TINY_MERGE_POLICIES``), and classify what crosses the cuts."""
     model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
-    cuts = _cut_positions(graph, model_forward)
+    cuts = _cut_positions(graph, model_forward, policy)
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
     for b, end in enumerate(cuts):
@@ -156,7 +160,7 @@ def _storage_spans(graph: TrainingGraph, model_forward: list[int]):
     return made_at, last_read, np.concatenate(([0], np.cumsum(counted)))
 
 
-def _cut_positions(graph: TrainingGraph, model_forward: list[int]) -> list[int]:
+def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str) -> list[int]:
     """Block ends (exclusive positions into ``model_forward``), the last one ``n``."""
     n = len(model_forward)
     if n == 0:
@@ -200,14 +204,14 @@ def _cut_positions(graph: TrainingGraph, model_forward: list[int]) -> list[int]:
     waste = np.cumsum(waste)
     scale = 1
     while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
-        ends = _sized_ends(clean, crossing, counted, waste, MAX_BLOCK_OPS * scale, MERGE_BLOCK_OPS * scale)
+        ends = _sized_ends(clean, crossing, counted, waste, MAX_BLOCK_OPS * scale, MERGE_BLOCK_OPS * scale, policy)
         if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
             return ends
         scale *= 2
 
 
 def _sized_ends(clean: list[int], crossing: np.ndarray, counted: np.ndarray, waste: np.ndarray, max_ops: int,
-                merge_ops: int) -> list[int]:
+                merge_ops: int, policy: str) -> list[int]:
     """Block ends from the clean cuts: over-long regions split, small ones merged."""
     ends: list[int] = []
     start = 0
@@ -217,7 +221,7 @@ def _sized_ends(clean: list[int], crossing: np.ndarray, counted: np.ndarray, was
         else:
             ends.append(end)
         start = end
-    return _merge_small(ends, counted, waste, max_ops, merge_ops)
+    return _merge_small(ends, counted, crossing, waste, max_ops, merge_ops, policy)
 
 
 @numba.njit(cache=True)
@@ -249,16 +253,25 @@ def _split_dp(crossing, counted, start, end, limit):
     return np.array(cuts, dtype=np.int64)
 
 
-def _merge_small(ends: list[int], counted: np.ndarray, waste: np.ndarray, max_ops: int, merge_ops: int) -> list[int]:
+def _merge_small(ends: list[int], counted: np.ndarray, crossing: np.ndarray, waste: np.ndarray, max_ops: int,
+                 merge_ops: int, policy: str) -> list[int]:
     """Merge tiny regions (at most ``TINY_BLOCK_OPS`` counted ops: a ReLU after a residual add,
     a LayerNorm after one) into a neighbour, then each region into the one before while
     together they hold at most ``merge_ops``; no merge makes a region longer than ``max_ops``.
 
-    A tiny region gives up the cut beside it that wastes more: whose crossing bytes the
-    backward does not read anyway (``waste``). So a ReLU stays with the add before it (the add's
-    output is not saved, the ReLU's is), and a LayerNorm, whose input and output are both saved,
-    goes with the block after it, where its output can be recomputed from the checkpoint.
+    A tiny region gives up one of the two cuts beside it. By "fewest bytes": the one more bytes
+    cross (its checkpoint would cost more), then the one wasting more, then the later one; so a
+    DenseNet layer's new features, not its wider ReLU output, cross between blocks. By "least
+    waste": the one wasting more bytes the backward does not read anyway (``waste``), then the
+    later one; so a ReLU stays with the residual add before it (the add's output is not saved),
+    and a LayerNorm, whose input and output are both saved, goes with the block after it, where
+    its output can be recomputed from the checkpoint.
     """
+    def key(cut: int) -> tuple:
+        if policy == "least waste":
+            return (int(waste[cut]), cut)
+        return (int(crossing[cut - 1]), int(waste[cut]), cut)
+
     bounds = [0] + list(ends)
     j = 0
     while j < len(bounds) - 1 and len(bounds) > 2:
@@ -266,11 +279,11 @@ def _merge_small(ends: list[int], counted: np.ndarray, waste: np.ndarray, max_op
         if size > TINY_BLOCK_OPS:
             j += 1
             continue
-        options = []  # (waste of the cut given up, position: the later on ties), index of that bound
+        options = []  # (what giving the cut up saves, index of that bound)
         if j > 0 and counted[bounds[j + 1]] - counted[bounds[j - 1]] <= max_ops:
-            options.append(((waste[bounds[j]], bounds[j]), j))
+            options.append((key(bounds[j]), j))
         if j + 2 < len(bounds) and counted[bounds[j + 2]] - counted[bounds[j]] <= max_ops:
-            options.append(((waste[bounds[j + 1]], bounds[j + 1]), j + 1))
+            options.append((key(bounds[j + 1]), j + 1))
         if not options:
             j += 1
             continue

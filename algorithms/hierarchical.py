@@ -25,7 +25,7 @@ import numpy as np
 from planner.algorithms.block_options import (
     BlockOptions, LocalBlock, block_options, checkpoint_forward, local_block, orders, output_order,
 )
-from planner.algorithms.blocks import BlockChain, partition
+from planner.algorithms.blocks import TINY_MERGE_POLICIES, BlockChain, partition
 from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
 from planner.algorithms.result import rank
 from planner.cost import CostModel
@@ -33,7 +33,7 @@ from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulate import SimResult, simulate
 
-LIMIT_SEARCH_STEPS = 12
+LIMIT_SEARCH_STEPS = 10
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
 LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
 
@@ -131,11 +131,24 @@ class Hierarchy:
         return Schedule.from_order(self.graph, self.order(solution))
 
 
-def prepare(graph: TrainingGraph, cost_model: CostModel) -> Hierarchy:
-    """Partition ``graph`` and compute every distinct block's options."""
+def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERGE_POLICIES[0]) -> Hierarchy:
+    """Partition ``graph`` (tiny regions merged by ``policy``) and compute every distinct block's
+    options."""
+    return _prepare(graph, cost_model, partition(graph, policy))
+
+
+def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
+    """One hierarchy per distinct partition the tiny-region policies give."""
+    chains: dict[tuple, BlockChain] = {}
+    for policy in TINY_MERGE_POLICIES:
+        chain = partition(graph, policy)
+        chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
+    return [_prepare(graph, cost_model, chain) for chain in chains.values()]
+
+
+def _prepare(graph: TrainingGraph, cost_model: CostModel, chain: BlockChain) -> Hierarchy:
     times = cost_model.op_times(graph)
     workspace = cost_model.workspace_bytes(graph)
-    chain = partition(graph)
     locals_ = [local_block(graph, chain, block, times, workspace) for block in chain.blocks]
     by_key: dict[str, BlockOptions] = {}
     for local in locals_:
@@ -209,20 +222,31 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
 
 
 def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
-    """Hierarchical planning (module docstring): the fastest schedule found within the budget,
-    else the one of least peak, reordered where that lowers it further."""
+    """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``):
+    the fastest schedule found within the budget, else the one of least peak, reordered where
+    that lowers it further."""
     from planner.algorithms.reorder import reorder_schedule
 
-    hierarchy = prepare(graph, cost_model)
+    found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
+    found = [f for f in found if f is not None]
+    if not found:
+        return graph.store_all()
+    schedule, result = min(found, key=lambda f: rank(f[1], budget_bytes))
+    return schedule if result.peak_bytes <= budget_bytes else reorder_schedule(graph, schedule, cost_model)
+
+
+def _plan(hierarchy: Hierarchy, cost_model: CostModel, budget_bytes: int) -> tuple[Schedule, SimResult] | None:
+    """The fastest fitting schedule of one hierarchy, else its least-peak one: tight, in that a
+    search just under that peak finds nothing lower."""
     found = search(hierarchy, cost_model, budget_bytes)
     if found is not None and found[1].peak_bytes <= budget_bytes:
-        return found[0]
+        return found
     lowest = least_memory(hierarchy, cost_model)
     if lowest is not None and (found is None or lowest[1].peak_bytes < found[1].peak_bytes):
         found = lowest
-    while found is not None:  # a search just under the lowest peak may still find a lower one
+    while found is not None:
         lower = search(hierarchy, cost_model, found[1].peak_bytes - 1)
         if lower is None or lower[1].peak_bytes >= found[1].peak_bytes:
             break
         found = lower
-    return reorder_schedule(graph, found[0], cost_model) if found is not None else graph.store_all()
+    return found

@@ -17,7 +17,7 @@ SECTIONS = [
     ("Schedules and the simulator", ["Schedule", "Compute", "Free", "simulate", "SimResult"]),
     ("Cost models", ["CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec"]),
     ("Measuring", ["MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step"]),
-    ("Units", ["parse_budget", "format_bytes"]),
+    ("Units", ["parse_budget", "format_bytes", "reserved_budget"]),
     ("Errors", ["PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
                 "PlanMismatchError", "RankMismatchError", "InfeasibleBudgetError", "InvalidBudgetError"]),
 ]

@@ -19,13 +19,14 @@ from planner.measure import MeasuredStep, MemoryMeter, measure_step, measure_tra
 from planner.schedule import Compute, Free, Schedule
 from planner.simulate import SimResult, simulate
 from planner.units import format_bytes, parse_budget
+from planner.allocator import reserved_budget
 
 __all__ = [
     "plan", "Plan", "PlannedModule", "plan_blocks", "BlockPlan", "backend", "capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase",
     "Schedule", "Compute", "Free", "simulate", "SimResult",
     "CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec", "PRESETS",
     "MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step",
-    "parse_budget", "format_bytes",
+    "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
     "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError",
 ]

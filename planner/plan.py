@@ -15,7 +15,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from planner.capture import LossFn, capture
-from planner.cost import PRESETS, CostModel, RooflineCostModel, default_cost_model
+from planner.cost import CostModel, choose_cost_model, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
@@ -102,18 +102,18 @@ class Plan:
         return graph
 
     def _check_predictions(self, graph: TrainingGraph) -> None:
-        """A re-applied plan's recorded peak and time must be its schedule's under its roofline
-        preset, so that an edited or damaged file never prints numbers the step will not meet
-        (plans made with other cost models: only the schedule is checked, by the executor)."""
-        preset = self.cost_model.removeprefix("roofline:")
-        if not self.cost_model.startswith("roofline:") or preset not in PRESETS:
+        """A re-applied plan's recorded predictions must be its schedule's, so that an edited or
+        damaged file never prints numbers the step will not meet: what its cost model's name lets
+        us recompute (``planner.cost.recomputable``); the executor checks the schedule itself."""
+        checker, check_time = recomputable(self.cost_model)
+        if checker is None:
             return
         try:
-            result = simulate(graph, self.schedule, RooflineCostModel(preset))
+            result = simulate(graph, self.schedule, checker)
         except InvalidScheduleError:
             return  # the executor refuses an invalid schedule, saying why, before anything runs
-        if result.peak_bytes != self.predicted_peak_bytes or not math.isclose(result.time, self.predicted_time,
-                                                                               rel_tol=1e-9):
+        if result.peak_bytes != self.predicted_peak_bytes or (
+                check_time and not math.isclose(result.time, self.predicted_time, rel_tol=1e-9)):
             raise InvalidScheduleError(
                 f"the plan's recorded predictions (peak {self.predicted_peak_bytes} bytes, {self.predicted_time:.6g} s) "
                 f"are not its schedule's ({result.peak_bytes} bytes, {result.time:.6g} s): the file was edited or "
@@ -156,7 +156,7 @@ class Plan:
     def __str__(self) -> str:
         rows = [
             ("algorithm", f"{self.algorithm} ({self.status}" + (f", gap {self.gap:.2%})" if self.gap is not None else ")")),
-            ("cost model", self.cost_model),
+            ("cost model", describe(self.cost_model)),
             ("budget", format_bytes(self.budget_bytes)),
             ("store-all peak", format_bytes(self.store_all_peak_bytes)),
             ("predicted peak", f"{format_bytes(self.predicted_peak_bytes)} "
@@ -210,10 +210,13 @@ def plan(
         proven ``gap`` (``"feasible"``); never a plan slower than fast mode's (``"fallback"``
         says the MILP found nothing better, and ``message`` why).
     algorithm: one name from ``planner.algorithms.ALGORITHMS`` instead of a mode.
-    time_limit: seconds for exact mode, from the end of capture to the answer (default 60);
-        fast mode does not use it.
-    cost_model: a ``CostModel``, a preset name (``"cpu"``, ``"v100"``, ``"a100"``, ``"h100"``), or
-        None for the preset matching the graph's device.
+    time_limit: seconds for exact mode, from the end of capture (and of profiling the captured
+        step) to the answer (default 60); fast mode does not use it.
+    cost_model: a ``CostModel``, a roofline preset name (``"cpu"``, ``"v100"``, ``"a100"``,
+        ``"h100"``), ``"profiled"``, or None: op times measured on this machine inside a running
+        step (``ProfiledCostModel``) for a model with real tensors on CPU or CUDA, the roofline
+        preset of the graph's device for a ``TrainingGraph`` or meta/fake tensors
+        (``planner.cost.choose_cost_model``).
     progress: exact mode calls ``progress(incumbent_seconds, bound_seconds, elapsed)`` whenever
         the solver improves its plan (predicted step times); returning True stops the solver,
         which keeps the best plan found so far.
@@ -246,9 +249,7 @@ def plan(
         if inputs is None:
             raise TypeError("plan(model, budget, inputs): inputs (an example batch) are required for a model")
         graph, source = capture(model, inputs, loss_fn, targets=targets), model
-    if isinstance(cost_model, str):
-        cost_model = RooflineCostModel(cost_model)
-    cost_model = cost_model or default_cost_model(graph)
+    cost_model = choose_cost_model(graph, cost_model, source, inputs, targets)
 
     stock = graph
     reference = simulate(stock, stock.store_all(), cost_model)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import planner
-from planner import PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel
+from planner import PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel, cost
+from planner.cost import choose_cost_model
 
 from conftest import Case, TinyCNN
 
@@ -117,7 +118,8 @@ def test_profiled_cache_is_reused(tiny: Case, tmp_path: Path) -> None:
     cost = ProfiledCostModel.profile(g, tiny.model, tiny.inputs, cache_path=cache)
     non_view = np.array([not op.is_view for op in g.ops])
     assert np.all(cost.op_times(g)[non_view] == 1.25)
-    assert np.all(cost.workspace_bytes(g)[non_view] == 7)
+    # on CPU the workspace is what ops declare (the meter's view); measured scratch is CUDA's
+    assert not cost.workspace_bytes(g).any()
     assert np.all(cost.op_times(g)[~non_view] == 0)
     assert json.loads(cache.read_text()) == entries  # nothing new to add
 
@@ -140,3 +142,89 @@ def test_profiled_model_refuses_unprofiled_graph(tiny: Case, tmp_path: Path) -> 
     other = planner.capture(TinyCNN().train(), torch.randn(3, 3, 8, 8))
     with pytest.raises(KeyError, match="not profiled"):
         cost.op_times(other)
+
+
+# ---- the default: measured on the machine that plans ------------------------------------------------
+
+def test_plan_of_a_model_measures_op_times_by_default(tiny: Case) -> None:
+    chosen = planner.plan(tiny.model, "100%", tiny.inputs)
+    assert chosen.cost_model.startswith("profiled:cpu")
+    assert "measured in a running step" in str(chosen)
+    from_graph = planner.plan(tiny.graph, "100%")  # a graph alone: the roofline of its device
+    assert from_graph.cost_model == "roofline:cpu" and "not measured" in str(from_graph)
+    named = planner.plan(tiny.model, "100%", tiny.inputs, cost_model="h100")
+    assert named.cost_model == "roofline:h100"
+
+
+def test_meta_tensors_get_the_roofline_and_profiled_needs_a_model(tiny: Case) -> None:
+    meta = TinyCNN().to("meta").train()
+    x = torch.randn(2, 3, 8, 8, device="meta")
+    graph = planner.capture(meta, x)
+    assert choose_cost_model(graph, None, meta, x).name == "roofline:a100"  # not a CPU: the default GPU preset
+    assert choose_cost_model(tiny.graph, None, tiny.model, tiny.inputs).name.startswith("profiled:cpu")
+    with pytest.raises(ValueError, match="real tensors"):
+        planner.plan(tiny.graph, "100%", cost_model="profiled")
+
+
+def test_profiling_leaves_the_model_and_the_rng_as_they_were(tiny: Case) -> None:
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.model.state_dict().items())
+    assert all(p.grad is None for p in tiny.model.parameters())
+
+
+@pytest.fixture
+def no_profiles(monkeypatch) -> None:
+    """Nothing measured yet in this process."""
+    monkeypatch.setattr(cost, "_PROCESS_CACHE", {})
+    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+
+
+def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch, no_profiles) -> None:
+    """A graph profiled before is not run again; a new graph whose signatures are all known is run
+    once (to find them), untimed; the times are the same."""
+    first = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    timed, runs = [], []
+    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: timed.append(key))
+    initial_env = planner.runtime.initial_env
+    monkeypatch.setattr(planner.runtime, "initial_env", lambda *a: (runs.append(1), initial_env(*a))[1])
+    again = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    assert not timed and not runs and np.array_equal(first, again)
+    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+    once_more = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
+    assert not timed and len(runs) == 1 and np.array_equal(first, once_more)
+
+
+def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch, no_profiles) -> None:
+    """Each timed run times every non-view op where it runs in the step (new signatures only)."""
+    timed = []
+    stop = cost._OpClock.stop
+    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: (timed.append(key), stop(self, key, started)))
+    ProfiledCostModel.for_model(tiny.model, tiny.inputs, runs=2).op_times(tiny.graph)
+    assert len(timed) == 2 * sum(not op.is_view for op in tiny.graph.ops)
+
+
+def test_low_memory_profiling_when_store_all_does_not_fit(tiny: Case, monkeypatch, no_profiles) -> None:
+    g = tiny.graph
+    store_all = cost._profiling_schedule(g, 10**12)
+    assert store_all == g.store_all()
+    tight = cost._profiling_schedule(g, 0)
+    assert tight != store_all and tight.recomputed_ops()
+    assert planner.simulate(g, tight).peak_bytes < planner.simulate(g, store_all).peak_bytes
+    monkeypatch.setattr(cost, "_available_bytes", lambda device: 0)  # profile with the recomputing schedule
+    times = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(g)
+    assert all(times[op.id] > 0 for op in g.ops if not op.is_view)
+
+
+def test_a_graph_with_variants_is_profiled_on_first_use(tiny: Case) -> None:
+    from planner.variants import apply_variants, variant_sites
+
+    cost_model = ProfiledCostModel.for_model(tiny.model, tiny.inputs)
+    rewritten = apply_variants(tiny.graph, variant_sites(tiny.graph))
+    assert rewritten.variants and any(op.workspace_bytes for op in rewritten.ops)
+    times, workspace = cost_model.op_times(rewritten), cost_model.workspace_bytes(rewritten)
+    assert all(times[op.id] > 0 for op in rewritten.ops if not op.is_view)
+    assert np.array_equal(workspace, [op.workspace_bytes for op in rewritten.ops])  # CPU: what ops declare

@@ -82,7 +82,8 @@ def test_variants_never_cost_more(name: str, request) -> None:
 
 def test_planned_step_with_variants_is_bitwise_eager_and_peak_is_predicted(transformer: Workload) -> None:
     model = transformer.fresh_copy()
-    chosen = planner.plan(model, "64%", transformer.x)  # below the stock minimum, 65.4%
+    # below the stock minimum under the roofline, 65.4% (measured times move the stock plans' peaks)
+    chosen = planner.plan(model, "64%", transformer.x, cost_model="cpu")
     assert chosen.variants
     planned = chosen.apply(model)
     assert_same_step(planned_step(model, planned, transformer.x, transformer.loss, seed=3),

@@ -48,7 +48,9 @@ def saved(tmp_path_factory) -> tuple[nn.Module, torch.Tensor, torch.Tensor, plan
     torch.manual_seed(0)
     model = ResidualMLP().train()
     x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
-    chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y)
+    # the roofline, whose peak and time a re-applied plan is checked against (a profiled plan's
+    # time cannot be recomputed without measuring: test_edited_peak_of_a_profiled_plan_is_refused)
+    chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y, cost_model="cpu")
     path = tmp_path_factory.mktemp("plans") / "mlp.plan.json"
     chosen.save(path)
     return model, x, y, chosen, json.loads(path.read_text())
@@ -282,6 +284,23 @@ def test_edited_plan_file_is_refused_before_anything_runs(saved, tmp_path: Path,
 
 
 # ---- reproducibility -----------------------------------------------------------------------------
+def test_edited_peak_of_a_profiled_plan_is_refused(tmp_path: Path) -> None:
+    """A plan profiled on CPU (the default for a model) keeps its peak checkable at apply time."""
+    torch.manual_seed(0)
+    model = ResidualMLP().train()
+    x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
+    chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y)
+    assert chosen.cost_model.startswith("profiled:cpu")
+    path = tmp_path / "profiled.plan.json"
+    chosen.save(path)
+    planner.Plan.load(path).apply(copy.deepcopy(model), F.cross_entropy)  # unedited: accepted
+    data = json.loads(path.read_text())
+    data["plan"]["predicted_peak_bytes"] -= 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(InvalidScheduleError, match="plan again"):
+        planner.Plan.load(path).apply(copy.deepcopy(model), F.cross_entropy)
+
+
 def test_same_plan_json_byte_for_byte_in_two_processes(tmp_path: Path) -> None:
     """The CLI plans the same model twice in fresh interpreters (different hash seeds)."""
     outputs = []
