@@ -2,6 +2,7 @@
 simulator and eager PyTorch, and the fallbacks (solver failure, no time, no highspy, stopped)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 import time
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 import planner
 from planner import InfeasibleBudgetError
 from planner.algorithms import milp
-from planner.algorithms.milp import exact_search, formulate, solve_highs, solve_scipy
+from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lp_bound, solve_highs, solve_scipy
 from planner.algorithms.staging import build_problem
 
 from _random_dags import build_dag, dag_specs
@@ -57,18 +58,21 @@ def test_staged_store_all_is_store_all(name: str, request: pytest.FixtureRequest
     assert staged.time == pytest.approx(reference.time, rel=1e-12)
 
 
-# ---- the MILP equals brute force, and its memory rows bound the simulator ------------------------------
+# ---- the MILP equals brute force, and its memory rows count what the simulator does ---------------------
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0))
-def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
+@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0), block_order=st.booleans())
+def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: bool) -> None:
     """Every recomputation pattern, each with the least holding it needs (memory only grows with
-    what is held), is checked against the rows; the best feasible one must be what HiGHS proves
-    optimal. Each feasible pattern's decoded schedule must fit the budget in the simulator and cost
-    exactly the MILP's objective."""
+    what is held), is checked against the rows: the peak the memory rows count is the simulator's
+    peak of the decoded schedule, to the byte (the unit is one byte on these graphs), so the rows
+    accept a pattern exactly when its schedule fits. The best feasible one must be what HiGHS
+    proves optimal, and no bound it reports (root, final, the LP relaxation, exact mode's) may be
+    above it. In the hierarchy's backward order (what exact mode solves) and in graph order."""
     graph = build_dag(spec).graph
     budget = _budget(graph, fraction)
-    problem = build_problem(graph, CPU)
+    problem = exact_problem(graph, CPU) if block_order else build_problem(graph, CPU)
     form = formulate(problem, budget)
+    assert form.unit == 1
     free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
             if form.col_upper[form.recompute_index[k, f]] > 0]
     assume(len(free) <= BRUTE_FORCE_COLUMNS)
@@ -80,10 +84,13 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
         keep = problem.minimal_keep(recompute)
         assert not (keep & (form.keep_index < 0)).any(), "a needed group has no variable at that stage"
         x = form.vector(keep, recompute)
-        if form.violation(x) > 1e-9 or form.constant_violation:
-            continue
         result = planner.simulate(graph, problem.schedule(recompute), CPU)
-        assert result.peak_bytes <= budget, f"rows accept a schedule that peaks at {result.peak_bytes} > {budget}"
+        assert form.peak_bytes(x) == result.peak_bytes, "the memory rows count another peak than the simulator"
+        fits = result.peak_bytes <= budget
+        assert (form.violation(x) <= 1e-9) == fits, "the rows reject a schedule that fits" if fits else \
+            "the rows accept a schedule over the budget"
+        if not fits:
+            continue
         assert result.time == pytest.approx(form.objective(x), rel=1e-9)
         best = form.objective(x) if best is None else min(best, form.objective(x))
     if form.constant_violation:
@@ -92,9 +99,71 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
     outcome = solve_highs(form, 30.0, gap=0.0)
     if best is None:
         assert outcome.x is None
-    else:
-        assert outcome.optimal
-        assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+        return
+    assert outcome.optimal
+    assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    for bound in (outcome.root_bound, outcome.bound, lp_bound(form, 30.0)):
+        assert milp._seconds(form, bound) <= best * (1 + 1e-9)
+    if block_order:
+        found = exact_search(graph, CPU, budget, time_limit=20.0)
+        assert found.optimal and found.start_time is not None
+        assert found.time == pytest.approx(best, rel=2e-4)
+        assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("name,fraction", [("resnet18", 0.5), ("transformer", 0.5), ("transformer", 0.33)])
+def test_fast_mode_plan_enters_the_solver(name: str, fraction: float, request: pytest.FixtureRequest) -> None:
+    """The warm start: fast mode's plan, as the staged schedule it maps to, satisfies every row
+    whenever that schedule fits (its rows count the simulator's peak, up to rounding each group
+    to the memory unit), and exact mode starts from it, so its answer is never slower."""
+    graph = request.getfixturevalue(name).graph
+    budget = _budget(graph, fraction)
+    fast = planner.plan(graph, budget, cost_model=CPU, op_variants=False)
+    problem = exact_problem(graph, CPU)
+    form = formulate(problem, budget)
+    x = encode(problem, form, fast.schedule)
+    assert x is not None
+    image = planner.simulate(graph, problem.schedule(form.recompute_of(x)), CPU)
+    assert image.peak_bytes <= form.peak_bytes(x) <= image.peak_bytes + form.unit * (len(problem.groups) + 1)
+    assert image.time == pytest.approx(form.objective(x), rel=1e-9)
+    assert form.peak_bytes(x) <= budget, "the premise: fast mode's staged image fits this budget"
+    assert form.violation(x) <= 1e-9, "the MILP's own rows reject a schedule that fits"
+    found = exact_search(graph, CPU, budget, time_limit=3.0, starts=[fast.schedule])
+    assert found.start_time is not None and found.start_time <= image.time * (1 + 1e-9)
+    assert found.schedule is not None and found.time <= found.start_time * (1 + 1e-9)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=dag_specs(min_ops=5, max_ops=8), fraction=st.floats(0.0, 0.8))
+def test_exact_plans_of_random_models_execute_like_eager(spec, fraction: float) -> None:
+    """Decoded MILP schedules pass the simulator and run with eager's loss and gradients, bitwise."""
+    case = build_dag(spec)
+    floor = formulate(exact_problem(case.graph, CPU), None)  # what every schedule holds at its fullest step
+    floor_bytes = case.graph.resident_bytes + floor.unit * int(floor.memory_fixed.max())
+    store_all = planner.simulate(case.graph, case.graph.store_all(), CPU).peak_bytes
+    budget = floor_bytes + int(fraction * (store_all - floor_bytes))
+    found = exact_search(case.graph, CPU, budget, time_limit=10.0)
+    assume(found.schedule is not None)
+    result = planner.simulate(case.graph, found.schedule, CPU)  # raises on an invalid schedule
+    assert result.peak_bytes <= budget and result.time == pytest.approx(found.time, rel=1e-12)
+
+    def step(module) -> dict:
+        torch.manual_seed(1)
+        outputs = module(case.x)
+        loss = sum(o.sum() * o.sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,)))
+        loss.backward()
+        return {"loss": loss.detach()} | {n: p.grad for n, p in model_of(module).named_parameters()}
+
+    eager = copy.deepcopy(case.model)
+    model_of = lambda module: module if module is eager else planned  # noqa: E731
+    planned = copy.deepcopy(case.model)
+    want = step(eager)
+    got = step(planner.PlannedModule(planned, case.graph, found.schedule))
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert (value is None) == (got[key] is None), key
+        assert value is None or torch.equal(value, got[key]), key
 
 
 def test_scipy_backend_agrees_with_highspy(transformer: Workload) -> None:
