@@ -554,6 +554,11 @@ SEED_SHRINK = (1.0, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
 
 
+# what "optimal" and the bound are over (``Plan.message`` says it)
+SCHEDULE_CLASS = ("staged schedules: the forward once in graph order, the backward in the hierarchy's block "
+                  "order, whole nodes recomputed right before the backward op that reads them")
+
+
 @dataclass(frozen=True)
 class ExactResult:
     """The MILP's answer, checked by the simulator. ``schedule`` is None when it found none."""
@@ -568,6 +573,18 @@ class ExactResult:
     columns: int = 0
     binaries: int = 0
     rows: int = 0
+    store_all_time: float = 0.0  # the step without recomputation (seconds), for overheads
+
+    def summary(self) -> str:
+        """Incumbent, start, root and final bounds as overheads on store-all, and the size."""
+        def overhead(seconds: float | None) -> str:
+            if seconds is None or not np.isfinite(seconds) or self.store_all_time <= 0:
+                return "none"
+            return f"{seconds / self.store_all_time - 1:+.2%}"
+
+        return (f"incumbent {overhead(self.time)} (start {overhead(self.start_time)}), root bound "
+                f"{overhead(self.root_bound)}, final bound {overhead(self.lower_bound)}; {self.binaries} binaries, "
+                f"{self.rows} rows")
 
 
 def exact_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
@@ -628,7 +645,8 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     deadline = began + time_limit
     problem = exact_problem(graph, cost_model)
     form = formulate(problem, budget_bytes)
-    size = dict(columns=form.n_columns, binaries=form.n_binaries, rows=len(form.row_lower))
+    size = dict(columns=form.n_columns, binaries=form.n_binaries, rows=len(form.row_lower),
+                store_all_time=problem.base_time)
     if form.constant_violation:
         return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {form.constant_violation}", **size)
     start = _best_start(graph, cost_model, budget_bytes, problem, form, starts, deadline)
