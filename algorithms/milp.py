@@ -81,7 +81,24 @@ class Expr:
         return Expr(self.terms + other.terms, self.const + other.const)
 
     def scaled(self, factor: float) -> "Expr":
+        if factor == 1.0:
+            return self
         return Expr(tuple((c, v * factor) for c, v in self.terms), self.const * factor)
+
+    def minus(self, other: "Expr", factor: float) -> "Expr":
+        """``factor * (self - other)`` in one pass."""
+        return Expr(tuple((c, v * factor) for c, v in self.terms) + tuple((c, -v * factor) for c, v in other.terms),
+                    (self.const - other.const) * factor)
+
+    @staticmethod
+    def total(exprs) -> "Expr":
+        """The sum of ``exprs``, in time linear in their terms (``+`` copies)."""
+        terms: list[tuple[int, float]] = []
+        const = 0.0
+        for expr in exprs:
+            terms.extend(expr.terms)
+            const += expr.const
+        return Expr(tuple(terms), const)
 
     def is_constant(self, value: float) -> bool:
         return not self.terms and self.const == value
@@ -235,9 +252,15 @@ class _Builder:
         self.memory_labels.append(label)
 
 
-def formulate(problem: StagedProblem, budget_bytes: int | None, phases: bool = True) -> Formulation:
+class BuildTimeout(Exception):
+    """The deadline passed while the MILP was being built."""
+
+
+def formulate(problem: StagedProblem, budget_bytes: int | None, phases: bool = True,
+              deadline: float | None = None) -> Formulation:
     """Build the sparse MILP for ``problem`` under ``budget_bytes``, or minimising the peak when
-    it is None (the units then span the store-all peak). Complexity: O(non-zeros)."""
+    it is None (the units then span the store-all peak). Raises ``BuildTimeout`` once
+    ``time.perf_counter()`` passes ``deadline`` (checked per stage). Complexity: O(non-zeros)."""
     n_stages, groups, nodes = problem.n_stages, problem.groups, problem.nodes
     if budget_bytes is None:
         scale = float(max(problem.stage_fixed_during.max(initial=0), 1) + sum(g.size for g in groups))
@@ -293,6 +316,8 @@ def formulate(problem: StagedProblem, budget_bytes: int | None, phases: bool = T
             if n_stages else Expr()
         b.memory_row(expr, units(fixed + sum(groups[g].size for g in held)), f"forward op {position}")
     for k in range(n_stages):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise BuildTimeout
         if phases:
             _phase_rows(b, problem, k, keep_index, recompute_index, size, units)
         reads = set(problem.stage_reads[k])
@@ -353,14 +378,10 @@ def _phase_rows(b: _Builder, problem: StagedProblem, k: int, keep_index: np.ndar
     previous, memory, changed = None, Expr(), set()
     for q in rows:
         if previous is None:
-            expr = Expr()
-            for g, term in terms.items():
-                expr = expr + term(q).scaled(float(size[g]))
+            expr = Expr.total(term(q).scaled(float(size[g])) for g, term in terms.items())
         else:
             changed = {g for e in range(previous, q) for g in events.get(e, ())}
-            expr = memory
-            for g in changed:
-                expr = expr + (terms[g](q) + terms[g](previous).scaled(-1.0)).scaled(float(size[g]))
+            expr = Expr.total([memory] + [terms[g](q).minus(terms[g](previous), float(size[g])) for g in changed])
         if previous is None or changed:
             memory = _memory_column(b, expr)
         node = int(problem.position_node[q])
@@ -644,7 +665,11 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     began = time.perf_counter()
     deadline = began + time_limit
     problem = exact_problem(graph, cost_model)
-    form = formulate(problem, budget_bytes)
+    try:
+        form = formulate(problem, budget_bytes, deadline=deadline)
+    except BuildTimeout:
+        return ExactResult(None, None, -np.inf, False, "the time limit ended while the MILP was being built",
+                           store_all_time=problem.base_time)
     size = dict(columns=form.n_columns, binaries=form.n_binaries, rows=len(form.row_lower),
                 store_all_time=problem.base_time)
     if form.constant_violation:

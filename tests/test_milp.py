@@ -175,7 +175,12 @@ def test_scipy_backend_agrees_with_highspy(transformer: Workload) -> None:
 
 
 # ---- exact plans run like eager PyTorch -----------------------------------------------------------------
-@pytest.mark.parametrize("name,fraction", [("resnet18", 0.65), ("transformer", 0.5)])
+@pytest.fixture(scope="module")
+def unet() -> Workload:
+    return build_workload("unet")
+
+
+@pytest.mark.parametrize("name,fraction", [("resnet18", 0.65), ("transformer", 0.5), ("unet", 0.5)])
 def test_exact_schedule_executes_like_eager(name: str, fraction: float, request: pytest.FixtureRequest) -> None:
     work: Workload = request.getfixturevalue(name)
     budget = _budget(work.graph, fraction)
@@ -229,7 +234,7 @@ def test_time_limit_is_respected() -> None:
     graph = planner.capture(model, torch.randn(8, 3, 64, 64))
     began = time.perf_counter()
     chosen = planner.plan(graph, _budget(graph, 0.33), mode="exact", time_limit=3, cost_model=CPU)
-    assert time.perf_counter() - began <= 3 + 2.5
+    assert time.perf_counter() - began <= 3 + 2.0
     assert chosen.status in ("feasible", "fallback", "optimal")
     if chosen.status == "feasible":
         assert chosen.gap is not None and 0 <= chosen.gap < 1
