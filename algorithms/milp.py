@@ -46,7 +46,7 @@ import math
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -125,6 +125,7 @@ class Formulation:
     memory: sparse.csr_matrix  # the plan-dependent part of each memory row, in units
     memory_fixed: np.ndarray  # and its fixed part
     memory_labels: tuple[str, ...]
+    memory_phase: np.ndarray  # per memory row: the stage whose recomputation phase it follows, -1 if none
     unit: int  # bytes per memory unit
     time_unit: float  # seconds per objective unit
     capacity: int  # units available beyond resident memory (budget mode)
@@ -178,6 +179,11 @@ class Formulation:
         """The step time of a point, in seconds."""
         return self.problem.base_time + self.time_unit * float(self.time_cost @ x)
 
+    def phases_over_budget(self, x: np.ndarray) -> set[int]:
+        """The stages whose recomputation-phase memory rows ``x`` breaks (budget mode)."""
+        over = self.memory @ x + self.memory_fixed > self.capacity + 1e-9
+        return {int(k) for k in self.memory_phase[over] if k >= 0}
+
     def peak_bytes(self, x: np.ndarray) -> int:
         """The peak the memory rows count for a point (resident memory included)."""
         units = float(np.max(self.memory @ x + self.memory_fixed, initial=0.0))
@@ -202,6 +208,7 @@ class _Builder:
         self.memory: tuple[list, list, list] = ([], [], [])
         self.memory_fixed: list[float] = []
         self.memory_labels: list[str] = []
+        self.memory_phase: list[int] = []
         self.derived: list[tuple[int, tuple[Expr, ...]]] = []
         self.covers: dict[Expr, frozenset[Expr]] = {}  # a derived column -> the expressions it is at least
 
@@ -242,8 +249,10 @@ class _Builder:
         self.covers[made] = frozenset({made}).union(*(self.covers.get(b, {b}) for b in bounds))
         return made
 
-    def memory_row(self, expr: Expr, fixed_units: float, label: str) -> None:
+    def memory_row(self, expr: Expr, fixed_units: float, label: str, phase: int = -1) -> None:
+        """A memory row; ``phase``: the stage whose recomputation phase it follows, -1 if none."""
         index = len(self.memory_fixed)
+        self.memory_phase.append(phase)
         for col, coef in expr.terms:
             self.memory[0].append(index)
             self.memory[1].append(col)
@@ -256,10 +265,12 @@ class BuildTimeout(Exception):
     """The deadline passed while the MILP was being built."""
 
 
-def formulate(problem: StagedProblem, budget_bytes: int | None, phases: bool = True,
+def formulate(problem: StagedProblem, budget_bytes: int | None, phases: Collection[int] | None = None,
               deadline: float | None = None) -> Formulation:
     """Build the sparse MILP for ``problem`` under ``budget_bytes``, or minimising the peak when
-    it is None (the units then span the store-all peak). Raises ``BuildTimeout`` once
+    it is None (the units then span the store-all peak). ``phases``: the stages whose
+    recomputation phases get memory rows (None: every stage; fewer: a relaxation, whose bounds
+    are bounds of the whole problem; see ``exact_search``). Raises ``BuildTimeout`` once
     ``time.perf_counter()`` passes ``deadline`` (checked per stage). Complexity: O(non-zeros)."""
     n_stages, groups, nodes = problem.n_stages, problem.groups, problem.nodes
     if budget_bytes is None:
@@ -318,7 +329,7 @@ def formulate(problem: StagedProblem, budget_bytes: int | None, phases: bool = T
     for k in range(n_stages):
         if deadline is not None and time.perf_counter() > deadline:
             raise BuildTimeout
-        if phases:
+        if phases is None or k in phases:
             _phase_rows(b, problem, k, keep_index, recompute_index, size, units)
         reads = set(problem.stage_reads[k])
         after = [g for g in np.flatnonzero(keep_index[k + 1] >= 0)]
@@ -386,7 +397,7 @@ def _phase_rows(b: _Builder, problem: StagedProblem, k: int, keep_index: np.ndar
             memory = _memory_column(b, expr)
         node = int(problem.position_node[q])
         b.memory_row(memory + Expr.of(int(recompute_index[k, node]), float(units(problem.position_transient[q]))),
-                     room, f"recomputing {problem.graph.ops[problem.positions[q]].name} before stage {k}")
+                     room, f"recomputing {problem.graph.ops[problem.positions[q]].name} before stage {k}", k)
         previous = q
 
 
@@ -447,6 +458,7 @@ def _assemble(b: _Builder, problem: StagedProblem, keep_index, recompute_index, 
         row_upper=np.concatenate(upper), col_lower=np.array(b.lower), col_upper=np.array(b.upper),
         keep_index=keep_index, recompute_index=recompute_index, integrality=np.array(b.integer, dtype=np.int64),
         derived=tuple(b.derived), memory=memory, memory_fixed=fixed, memory_labels=tuple(b.memory_labels),
+        memory_phase=np.array(b.memory_phase, dtype=np.int64),
         unit=unit, time_unit=time_unit, capacity=capacity, peak_column=peak_column,
         constant_violation=violations[0] if violations else "")
 
@@ -465,9 +477,11 @@ class SolveOutcome:
 
 
 def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None = None,
-                progress: Progress | None = None, gap: float = 1e-4) -> SolveOutcome:
+                progress: Progress | None = None, gap: float = 1e-4,
+                screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
     """HiGHS through highspy: MIP start, time limit, relative gap (absolute gap 0: see the module
-    docstring), progress callbacks, the root node's bound."""
+    docstring), progress callbacks, the root node's bound. ``screen`` sees every improving point;
+    once it returns True the solve ends as soon as the root node is done (its bound kept)."""
     import highspy
 
     with silenced(1):  # the constructor prints a banner
@@ -492,19 +506,23 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
         h.setSolution(_highs_solution(highspy, start))
     root: list[float] = []
     stop: list[bool] = []
+    screened_out: list[bool] = []
 
     def watch(event) -> None:
         out = event.data_out
         if not root and out.mip_node_count > 0 and np.isfinite(out.mip_dual_bound):
             root.append(float(out.mip_dual_bound))
-        if stop:
+        if stop or (screened_out and out.mip_node_count > 0):
             event.interrupt()
 
     h.cbMipInterrupt += watch
-    if progress is not None:
+    if progress is not None or screen is not None:
         def report(event) -> None:
             out = event.data_out
-            if progress(_seconds(form, out.mip_primal_bound), _seconds(form, out.mip_dual_bound), out.running_time):
+            if screen is not None and screen(form.rounded(np.asarray(out.mip_solution))):
+                screened_out.append(True)
+            if progress is not None and progress(_seconds(form, out.mip_primal_bound),
+                                                 _seconds(form, out.mip_dual_bound), out.running_time):
                 stop.append(True)
 
         h.cbMipImprovingSolution += report
@@ -558,13 +576,13 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
 
 
 def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
-          progress: Progress | None = None) -> SolveOutcome:
-    """The fallback ladder: highspy (with the MIP start), else SciPy's HiGHS."""
+          progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
+    """The fallback ladder: highspy (with the MIP start and ``screen``), else SciPy's HiGHS."""
     try:
         import highspy  # noqa: F401
     except ImportError:
         return solve_scipy(form, time_limit)
-    return solve_highs(form, time_limit, start, progress)
+    return solve_highs(form, time_limit, start, progress, screen=screen)
 
 
 # ---- exact mode ---------------------------------------------------------------------------------
@@ -656,45 +674,101 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
     return best[0] if best else None
 
 
+def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
+    """The point of ``form`` for a recomputation pattern at its least holding."""
+    return form.vector(problem.minimal_keep(recompute), recompute)
+
+
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
                  progress: Progress | None = None, starts: Sequence[Schedule] = ()) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
     seeding included), starting from the fastest of ``starts`` (schedules of ``graph``) and the
     hierarchical seeds that its rows accept. Never raises for a solver failure: the message
-    says what happened."""
+    says what happened.
+
+    Row generation over the recomputation phases (their rows are most of the model, and the LP
+    over all of them does not finish its root in 60 s on ResNet-50): solve with the phase rows of
+    no stage, check the answer against every row, add the phases it breaks, solve again. Each
+    round is a relaxation of the whole problem, so its proven bound is a bound of the whole
+    problem; an answer that satisfies every row is an incumbent, and when a round proves its
+    answer optimal and that answer satisfies every row, it is optimal for the whole problem.
+    """
     began = time.perf_counter()
     deadline = began + time_limit
     problem = exact_problem(graph, cost_model)
     try:
-        form = formulate(problem, budget_bytes, deadline=deadline)
+        full = formulate(problem, budget_bytes, deadline=deadline)
     except BuildTimeout:
         return ExactResult(None, None, -np.inf, False, "the time limit ended while the MILP was being built",
                            store_all_time=problem.base_time)
-    size = dict(columns=form.n_columns, binaries=form.n_binaries, rows=len(form.row_lower),
+    size = dict(columns=full.n_columns, binaries=full.n_binaries, rows=len(full.row_lower),
                 store_all_time=problem.base_time)
-    if form.constant_violation:
-        return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {form.constant_violation}", **size)
-    start = _best_start(graph, cost_model, budget_bytes, problem, form, starts, deadline)
-    start_time = form.objective(start) if start is not None else None
-    remaining = deadline - time.perf_counter()
-    if remaining <= 0:
-        return ExactResult(None, None, -np.inf, False, "the time limit ended before the solver started",
+    if full.constant_violation:
+        return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {full.constant_violation}", **size)
+    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline)
+    start_time = full.objective(incumbent) if incumbent is not None else None
+    bound, root, optimal, stopped, rounds = -np.inf, None, False, [], 0
+    message = "the time limit ended before the solver started"
+    active: set[int] = set()
+    while not optimal and not stopped and deadline - time.perf_counter() > 0:
+        try:
+            form = full if len(active) == problem.n_stages else formulate(problem, budget_bytes, active, deadline)
+        except BuildTimeout:
+            break
+
+        def relayed(_incumbent: float, round_bound: float, _elapsed: float) -> bool | None:
+            answer = progress(full.objective(incumbent) if incumbent is not None else np.inf,
+                              max(bound, round_bound), time.perf_counter() - began)
+            if answer:
+                stopped.append(True)
+            return answer
+
+        def screen(x: np.ndarray) -> bool:
+            """Keep a round's point that satisfies every row; True once one breaks a new phase."""
+            nonlocal incumbent
+            point = _staged_point(problem, full, form.recompute_of(x))
+            if full.violation(point) <= 1e-9:
+                if incumbent is None or full.objective(point) < full.objective(incumbent):
+                    incumbent = point
+                return False
+            pending.update(full.phases_over_budget(point) - active)
+            return bool(pending)
+
+        pending: set[int] = set()
+        hint = form.vector(full.keep_of(incumbent), full.recompute_of(incumbent)) if incumbent is not None else None
+        try:
+            outcome = solve(form, deadline - time.perf_counter(), hint, relayed if progress is not None else None,
+                            screen if len(active) < problem.n_stages else None)
+        except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
+            message = f"the MILP solver failed ({type(error).__name__}: {error})"
+            break
+        rounds += 1
+        message = f"{outcome.solver}: {outcome.message}"
+        bound = max(bound, _seconds(form, outcome.bound))
+        root = _seconds(form, outcome.root_bound) if root is None else root
+        if outcome.x is None:
+            break
+        point = _staged_point(problem, full, form.recompute_of(outcome.x))
+        broken = full.phases_over_budget(point) | pending
+        if full.violation(point) <= 1e-9:
+            if incumbent is None or full.objective(point) < full.objective(incumbent):
+                incumbent = point
+            optimal = outcome.optimal
+        elif not broken - active:
+            message += "; a round's answer breaks a row outside the recomputation phases (please report this)"
+            break
+        active |= broken
+    message += f" ({rounds} rounds, phase rows of {len(active)} of {problem.n_stages} stages)"
+    root = -np.inf if root is None else root
+    if incumbent is None:
+        return ExactResult(None, None, bound, False, f"{message}, no schedule found", root_bound=min(root, bound),
                            start_time=start_time, **size)
-    try:
-        outcome = solve(form, remaining, start, progress)
-    except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
-        return ExactResult(None, None, -np.inf, False, f"the MILP solver failed ({type(error).__name__}: {error})",
-                           start_time=start_time, **size)
-    bound, root = _seconds(form, outcome.bound), _seconds(form, outcome.root_bound)
-    if outcome.x is None:
-        return ExactResult(None, None, bound, False, f"{outcome.solver}: {outcome.message}, no schedule found",
-                           root_bound=root, start_time=start_time, **size)
-    schedule = problem.schedule(form.recompute_of(outcome.x))
+    schedule = problem.schedule(full.recompute_of(incumbent))
     result = simulate(graph, schedule, cost_model)
     if result.peak_bytes > budget_bytes:  # the rows bound the simulator's count; never trust a miss
         return ExactResult(None, None, bound, False, f"the MILP's schedule peaks at {result.peak_bytes} bytes, "
-                           f"over the budget: discarded (please report this)", root_bound=root,
+                           f"over the budget: discarded (please report this)", root_bound=min(root, bound),
                            start_time=start_time, **size)
     bound = min(bound, result.time)  # HiGHS's bound can pass its own optimum by rounding
-    return ExactResult(schedule, result.time, bound, outcome.optimal, f"{outcome.solver}: {outcome.message}",
-                       root_bound=min(root, bound), start_time=start_time, **size)
+    return ExactResult(schedule, result.time, bound, optimal, message, root_bound=min(root, bound),
+                       start_time=start_time, **size)
