@@ -772,3 +772,43 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     bound = min(bound, result.time)  # HiGHS's bound can pass its own optimum by rounding
     return ExactResult(schedule, result.time, bound, optimal, message, root_bound=min(root, bound),
                        start_time=start_time, **size)
+
+
+@dataclass(frozen=True)
+class LowestPeak:
+    """Exact mode's lowest feasible budget: the staged schedule of least peak found, and a proven
+    lower bound on the peak of every staged schedule."""
+
+    schedule: Schedule | None
+    peak_bytes: int | None  # simulated peak of ``schedule``
+    lower_bound_bytes: int  # no staged schedule peaks lower (resident memory included)
+    optimal: bool
+    message: str
+
+
+def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: float,
+                       starts: Sequence[Schedule] = ()) -> LowestPeak:
+    """Minimise the peak itself over staged schedules (``formulate`` without a budget), from the
+    least-peak point of ``starts`` and checkpoint-all. The rows round each size up to the memory
+    unit, so the proven bound in bytes gives back one unit per term of the fullest row."""
+    from planner.algorithms import ALGORITHMS
+
+    began = time.perf_counter()
+    problem = exact_problem(graph, cost_model)
+    try:
+        form = formulate(problem, None, deadline=began + time_limit)
+    except BuildTimeout:
+        return LowestPeak(None, None, graph.resident_bytes, False, "the time limit ended while the MILP was being built")
+    points = [encode(problem, form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
+    points = [x for x in points if x is not None]
+    start = min(points, key=lambda x: form.cost @ x) if points else None
+    outcome = solve(form, began + time_limit - time.perf_counter(), start)
+    slack = form.unit * (int(np.diff(form.memory.indptr).max(initial=0)) + 1) if form.unit > 1 else 0
+    bound = graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack) \
+        if np.isfinite(outcome.bound) else graph.resident_bytes
+    if outcome.x is None:
+        return LowestPeak(None, None, bound, False, f"{outcome.solver}: {outcome.message}, no schedule found")
+    schedule = problem.schedule(form.recompute_of(outcome.x))
+    peak = simulate(graph, schedule, cost_model).peak_bytes
+    return LowestPeak(schedule, peak, min(bound, peak), outcome.optimal and slack == 0,
+                      f"{outcome.solver}: {outcome.message}")

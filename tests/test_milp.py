@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import planner
 from planner import InfeasibleBudgetError
 from planner.algorithms import milp
-from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lp_bound, solve_highs, solve_scipy
+from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lowest_peak_search, lp_bound, solve_highs, solve_scipy
 from planner.algorithms.staging import build_problem
 
 from _random_dags import build_dag, dag_specs
@@ -67,7 +67,8 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
     peak of the decoded schedule, to the byte (the unit is one byte on these graphs), so the rows
     accept a pattern exactly when its schedule fits. The best feasible one must be what HiGHS
     proves optimal, and no bound it reports (root, final, the LP relaxation, exact mode's) may be
-    above it. In the hierarchy's backward order (what exact mode solves) and in graph order."""
+    above it; exact mode's least-peak search must find the least peak of all patterns. In the
+    hierarchy's backward order (what exact mode solves) and in graph order."""
     graph = build_dag(spec).graph
     budget = _budget(graph, fraction)
     problem = exact_problem(graph, CPU) if block_order else build_problem(graph, CPU)
@@ -76,7 +77,7 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
     free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
             if form.col_upper[form.recompute_index[k, f]] > 0]
     assume(len(free) <= BRUTE_FORCE_COLUMNS)
-    best = None
+    best, peaks = None, []
     for pattern in itertools.product((False, True), repeat=len(free)):
         recompute = np.zeros(form.recompute_index.shape, dtype=bool)
         for (k, f), on in zip(free, pattern):
@@ -85,6 +86,7 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
         assert not (keep & (form.keep_index < 0)).any(), "a needed group has no variable at that stage"
         x = form.vector(keep, recompute)
         result = planner.simulate(graph, problem.schedule(recompute), CPU)
+        peaks.append(result.peak_bytes)
         assert form.peak_bytes(x) == result.peak_bytes, "the memory rows count another peak than the simulator"
         fits = result.peak_bytes <= budget
         assert (form.violation(x) <= 1e-9) == fits, "the rows reject a schedule that fits" if fits else \
@@ -93,6 +95,10 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
             continue
         assert result.time == pytest.approx(form.objective(x), rel=1e-9)
         best = form.objective(x) if best is None else min(best, form.objective(x))
+    if block_order:  # exact mode's lowest feasible budget is the least peak of any pattern
+        lowest = lowest_peak_search(graph, CPU, time_limit=20.0)
+        assert lowest.optimal and lowest.peak_bytes == min(peaks)
+        assert lowest.lower_bound_bytes <= lowest.peak_bytes
     if form.constant_violation:
         assert best is None
         return
@@ -210,6 +216,9 @@ def test_exact_mode_is_never_slower_than_fast_mode(resnet18: Workload, fraction:
     if fast is not None:
         assert exact.predicted_time <= fast.predicted_time
     assert exact.status in ("optimal", "feasible", "fallback")
+    if exact.status in ("optimal", "feasible"):  # the message says what was proven, and over which schedules
+        assert "incumbent" in exact.message and "root bound" in exact.message and "final bound" in exact.message
+        assert milp.SCHEDULE_CLASS in exact.message
     if exact.status == "optimal":
         assert exact.gap == 0.0 and exact.lower_bound <= exact.predicted_time * (1 + 1e-9)
     if exact.status == "fallback":
