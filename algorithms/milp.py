@@ -33,6 +33,9 @@ decoded schedule's recompute time exactly. "Optimal" therefore means: no staged 
 once in graph order, backward ops in the problem's order, whole nodes recomputed before stages)
 is faster.
 
+The phase rows are most of the model: ``exact_search`` adds them by rounds, only for the stages
+an answer broke (each round a relaxation, so its bound is the whole problem's; see there).
+
 The objective is scaled to ``TIME_SCALE`` units per step time and HiGHS's absolute gap is zero:
 in seconds a small graph's recompute times are ~1e-8, below HiGHS's default absolute gap (1e-6),
 which stopped it at the first incumbent.
