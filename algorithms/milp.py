@@ -560,6 +560,8 @@ def solve_scipy(form: Formulation, time_limit: float, gap: float = 1e-4) -> Solv
     """``scipy.optimize.milp`` (HiGHS inside SciPy): no MIP start, no progress; the fallback."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    if form.n_columns == 0:  # nothing to decide (SciPy rejects an empty model)
+        return SolveOutcome(np.zeros(0), 0.0, 0.0, True, "scipy", "nothing to decide")
     result = milp(form.cost, integrality=form.integrality, bounds=Bounds(form.col_lower, form.col_upper),
                   constraints=LinearConstraint(form.matrix, form.row_lower, form.row_upper),
                   options={"time_limit": max(float(time_limit), 0.0), "mip_rel_gap": gap, "disp": False})
@@ -572,6 +574,8 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
     """The LP relaxation's optimum, in objective units: a lower bound (-inf if not solved)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    if form.n_columns == 0:  # nothing to decide: no stage reads the forward
+        return 0.0
     result = milp(form.cost, integrality=np.zeros(form.n_columns), bounds=Bounds(form.col_lower, form.col_upper),
                   constraints=LinearConstraint(form.matrix, form.row_lower, form.row_upper),
                   options={"time_limit": max(float(time_limit), 0.0)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import sys
 import time
 
@@ -19,7 +20,7 @@ from planner.algorithms import milp
 from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lowest_peak_search, lp_bound, solve_highs, solve_scipy
 from planner.algorithms.staging import build_problem
 
-from _random_dags import build_dag, dag_specs
+from _random_dags import DagSpec, build_dag, dag_specs
 from _workloads import Workload, assert_same_step, build_workload, planned_step
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
@@ -31,6 +32,15 @@ BRUTE_FORCE_COLUMNS = 12  # 4096 recomputation patterns
 def _budget(graph, fraction: float) -> int:
     store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
     return graph.resident_bytes + int(fraction * (store_all - graph.resident_bytes))
+
+
+def _budget_above_floor(graph, fraction: float) -> int:
+    """``fraction`` of the way from what every staged schedule holds at its fullest step (on small
+    random graphs most budgets below that) to store-all's peak."""
+    floor = formulate(exact_problem(graph, CPU), None)
+    floor_bytes = graph.resident_bytes + floor.unit * int(floor.memory_fixed.max())
+    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    return floor_bytes + int(fraction * (store_all - floor_bytes))
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +80,65 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
     above it; exact mode's least-peak search must find the least peak of all patterns. In the
     hierarchy's backward order (what exact mode solves) and in graph order."""
     graph = build_dag(spec).graph
-    budget = _budget(graph, fraction)
+    budget = _budget_above_floor(graph, fraction)
     problem = exact_problem(graph, CPU) if block_order else build_problem(graph, CPU)
     form = formulate(problem, budget)
+    searched = _brute_force(graph, problem, form, budget)
+    assume(searched is not None)
+    best, peaks = searched
+    if block_order:  # exact mode's lowest feasible budget is the least peak of any pattern
+        lowest = lowest_peak_search(graph, CPU, time_limit=20.0)
+        assert lowest.optimal and lowest.peak_bytes == min(peaks)
+        assert lowest.lower_bound_bytes <= lowest.peak_bytes
+    if form.constant_violation:
+        assert best is None
+        return
+    outcome = solve_highs(form, 30.0, gap=0.0)
+    if best is None:
+        assert outcome.x is None
+        return
+    assert outcome.optimal
+    assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    for bound in (outcome.root_bound, outcome.bound, lp_bound(form, 30.0)):
+        assert milp._seconds(form, bound) <= best * (1 + 1e-9)
+    if block_order:
+        found = exact_search(graph, CPU, budget, time_limit=20.0)
+        assert found.optimal
+        assert found.time == pytest.approx(best, rel=2e-4)
+        assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
+
+
+# a graph whose recomputation phases bind at its floor budget: the optimum without phase rows
+# breaks one, and no staged schedule fits (found by searching random DAGs)
+PHASES_BIND = DagSpec(d=4, batch=6, ops=(("linear", 0, 0), ("relu", 1, 1), ("relu", 2, 2), ("linear", 3, 3),
+                                         ("relu", 4, 4), ("linear", 5, 5), ("relu", 5, 5)), extra_output=None)
+
+
+def test_row_generation_never_answers_a_schedule_that_breaks_a_phase() -> None:
+    """The first round's answer breaks a phase row: exact mode must add it and solve again, and
+    report no schedule, since brute force finds none that fits."""
+    graph = build_dag(PHASES_BIND).graph
+    budget = _budget_above_floor(graph, 0.0)
+    problem = exact_problem(graph, CPU)
+    full, relaxed = formulate(problem, budget), formulate(problem, budget, phases=set())
+    first = solve_highs(relaxed, 30.0, gap=0.0)
+    assert first.optimal
+    assert full.phases_over_budget(milp._staged_point(problem, full, relaxed.recompute_of(first.x))), \
+        "the premise: without phase rows the optimum breaks one"
+    assert _brute_force(graph, problem, full, budget)[0] is None, "the premise: no staged schedule fits"
+    found = exact_search(graph, CPU, budget, time_limit=20.0)
+    assert found.schedule is None and "no schedule found" in found.message
+    assert int(re.search(r"(\d+) rounds", found.message).group(1)) >= 2
+
+
+def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[int]] | None:
+    """Every recomputation pattern at its least holding, each checked against the simulator: the
+    fastest fitting one's time and every pattern's peak (None: too many patterns)."""
     assert form.unit == 1
     free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
             if form.col_upper[form.recompute_index[k, f]] > 0]
-    assume(len(free) <= BRUTE_FORCE_COLUMNS)
+    if len(free) > BRUTE_FORCE_COLUMNS:
+        return None
     best, peaks = None, []
     for pattern in itertools.product((False, True), repeat=len(free)):
         recompute = np.zeros(form.recompute_index.shape, dtype=bool)
@@ -95,26 +157,7 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
             continue
         assert result.time == pytest.approx(form.objective(x), rel=1e-9)
         best = form.objective(x) if best is None else min(best, form.objective(x))
-    if block_order:  # exact mode's lowest feasible budget is the least peak of any pattern
-        lowest = lowest_peak_search(graph, CPU, time_limit=20.0)
-        assert lowest.optimal and lowest.peak_bytes == min(peaks)
-        assert lowest.lower_bound_bytes <= lowest.peak_bytes
-    if form.constant_violation:
-        assert best is None
-        return
-    outcome = solve_highs(form, 30.0, gap=0.0)
-    if best is None:
-        assert outcome.x is None
-        return
-    assert outcome.optimal
-    assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
-    for bound in (outcome.root_bound, outcome.bound, lp_bound(form, 30.0)):
-        assert milp._seconds(form, bound) <= best * (1 + 1e-9)
-    if block_order:
-        found = exact_search(graph, CPU, budget, time_limit=20.0)
-        assert found.optimal and found.start_time is not None
-        assert found.time == pytest.approx(best, rel=2e-4)
-        assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
+    return best, peaks
 
 
 @pytest.mark.parametrize("name,fraction", [("resnet18", 0.5), ("transformer", 0.5), ("transformer", 0.33)])
@@ -145,10 +188,7 @@ def test_fast_mode_plan_enters_the_solver(name: str, fraction: float, request: p
 def test_exact_plans_of_random_models_execute_like_eager(spec, fraction: float) -> None:
     """Decoded MILP schedules pass the simulator and run with eager's loss and gradients, bitwise."""
     case = build_dag(spec)
-    floor = formulate(exact_problem(case.graph, CPU), None)  # what every schedule holds at its fullest step
-    floor_bytes = case.graph.resident_bytes + floor.unit * int(floor.memory_fixed.max())
-    store_all = planner.simulate(case.graph, case.graph.store_all(), CPU).peak_bytes
-    budget = floor_bytes + int(fraction * (store_all - floor_bytes))
+    budget = _budget_above_floor(case.graph, fraction)
     found = exact_search(case.graph, CPU, budget, time_limit=10.0)
     assume(found.schedule is not None)
     result = planner.simulate(case.graph, found.schedule, CPU)  # raises on an invalid schedule
