@@ -90,7 +90,7 @@ def _budget(graph, reference, percent: str, time_limit: float) -> int:
     """``percent`` of store-all's peak; ``min``: the least budget both fast mode and some staged
     schedule fit (fast mode's smallest, raised to the least staged peak found when above it)."""
     if percent != "min":
-        return int(reference.peak_bytes * int(percent) / 100)
+        return int(reference.peak_bytes * float(percent) / 100)
     fast = _fast_lowest(graph)
     plan = planner.plan(graph, fast, op_variants=False)
     staged = lowest_peak_search(graph, default_cost_model(graph), time_limit, starts=[plan.schedule]).peak_bytes
