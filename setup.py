@@ -27,17 +27,20 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "highspy>=1.7",  # exact mode's MILP solver (MIP start, callbacks); SciPy's HiGHS is the fallback
-        "networkx>=3.2",
         "numba>=0.60",
         "matplotlib>=3.8",  # the CLI's pictures
         "tqdm>=4.66",  # the CLI's progress bars
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13.6"],
+        # TrainingGraph.to_networkx, its only user
+        "networkx": ["networkx>=3.2"],
         # Hugging Face models (tests/test_transformers.py, preset:gpt2, benchmarks/hf_transformers.py)
         "transformers": ["transformers>=5.20,<6"],
         # timm: the zoo of architectures in tests/test_zoo_fidelity.py (its tiny test_* models, verified on 1.0.31)
-        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2"],
+        # networkx: to_networkx's test; import-linter: the layer contracts (.importlinter, .ci/lint-layers)
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2", "networkx>=3.2",
+                 "import-linter>=2.17,<3"],
     },
     entry_points={"console_scripts": ["planner=planner.cli:main"]},
 )

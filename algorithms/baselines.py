@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 
-from planner.cost import PRESETS, CostModel
+from planner.cost import DEVICE_PRESETS, CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.algorithms.keepset import articulation_ops, model_forward_ops, op_output_bytes, schedule_keeping
 from planner.algorithms.result import rank
 
@@ -96,7 +96,7 @@ def recompute_cheap(graph: TrainingGraph, cost_model: CostModel, budget_bytes: i
     (from the op's FLOPs and bytes against the preset's rates; cpu rates when the cost model has
     no preset). O(ops + edges).
     """
-    spec = getattr(cost_model, "spec", PRESETS["cpu"])
+    spec = getattr(cost_model, "spec", DEVICE_PRESETS["cpu"])
     kept = [op for op in model_forward_ops(graph)
             if graph.ops[op].flops / spec.fp32_flops > (graph.ops[op].bytes_read + graph.ops[op].bytes_written) / spec.bandwidth]
     return schedule_keeping(graph, kept)

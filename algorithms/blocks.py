@@ -42,6 +42,10 @@ TINY_BLOCK_OPS = 2  # a region this small joins a neighbour unless that makes it
 # backward does not read (no rule suits every model; hierarchical planning tries both)
 TINY_MERGE_POLICIES = ("fewest bytes", "least waste")
 MAX_CHAIN_BLOCKS = 96  # more blocks than this: both sizes above double, until the chain is shorter
+# block sizes (multiples of the two above) hierarchical planning partitions with: small blocks give
+# the chain DP fine cuts; blocks twice as large hold a transformer layer whole, whose residual input
+# is otherwise read two blocks on, long-lived and never recomputed (no size suits every model)
+BLOCK_SCALES = (1, 2)
 LONG_RANGE = 48  # a storage read this many non-view ops after it is made does not block a clean cut
 
 # storage classes
@@ -93,11 +97,12 @@ class BlockChain:
         return len(self.blocks) - 1
 
 
-def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0]) -> BlockChain:
+def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0]) -> BlockChain:
     """Cut ``graph`` into blocks (see the module docstring), merging tiny regions by ``policy``
-    (one of ``TINY_MERGE_POLICIES``), and classify what crosses the cuts."""
+    (one of ``TINY_MERGE_POLICIES``), with block sizes ``scale`` times the defaults, and classify
+    what crosses the cuts."""
     model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
-    cuts = _cut_positions(graph, model_forward, policy)
+    cuts = _cut_positions(graph, model_forward, policy, scale)
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
     for b, end in enumerate(cuts):
@@ -160,7 +165,7 @@ def _storage_spans(graph: TrainingGraph, model_forward: list[int]):
     return made_at, last_read, np.concatenate(([0], np.cumsum(counted)))
 
 
-def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str) -> list[int]:
+def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, scale: int) -> list[int]:
     """Block ends (exclusive positions into ``model_forward``), the last one ``n``."""
     n = len(model_forward)
     if n == 0:
@@ -202,7 +207,6 @@ def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str) 
     np.add.at(waste, made[unsaved] + 1, graph.storage_bytes[live][unsaved])
     np.add.at(waste, read[unsaved] + 1, -graph.storage_bytes[live][unsaved])
     waste = np.cumsum(waste)
-    scale = 1
     while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
         ends = _sized_ends(clean, crossing, counted, waste, MAX_BLOCK_OPS * scale, MERGE_BLOCK_OPS * scale, policy)
         if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:

@@ -28,8 +28,9 @@ import numpy as np
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.algorithms.keepset import model_forward_ops, schedule_keeping
+from planner.algorithms.reorder import reorder_schedule
 from planner.algorithms.result import rank
 
 MEMORY_BUCKETS = 256
@@ -329,8 +330,6 @@ def dp(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedu
 
 def dp_reorder(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
     """The DP checkpoint search, judging each candidate after greedy reordering: fast mode's core."""
-    from planner.algorithms.reorder import reorder_schedule
-
     return search(graph, cost_model, budget_bytes, polish=reorder_schedule)
 
 

@@ -25,13 +25,14 @@ import numpy as np
 from planner.algorithms.block_options import (
     BlockOptions, LocalBlock, block_options, checkpoint_forward, local_block, orders, output_order,
 )
-from planner.algorithms.blocks import TINY_MERGE_POLICIES, BlockChain, partition
+from planner.algorithms.blocks import BLOCK_SCALES, TINY_MERGE_POLICIES, BlockChain, partition
 from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
+from planner.algorithms.reorder import reorder_schedule
 from planner.algorithms.result import rank
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 
 LIMIT_SEARCH_STEPS = 10
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
@@ -138,10 +139,12 @@ def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERG
 
 
 def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
-    """One hierarchy per distinct partition the tiny-region policies give."""
+    """One hierarchy per distinct partition: small blocks with either tiny-region policy, and
+    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP)."""
     chains: dict[tuple, BlockChain] = {}
-    for policy in TINY_MERGE_POLICIES:
-        chain = partition(graph, policy)
+    for scale, policy in [(BLOCK_SCALES[0], policy) for policy in TINY_MERGE_POLICIES] + \
+            [(scale, TINY_MERGE_POLICIES[0]) for scale in BLOCK_SCALES[1:]]:
+        chain = partition(graph, policy, scale)
         chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
     return [_prepare(graph, cost_model, chain) for chain in chains.values()]
 
@@ -225,8 +228,6 @@ def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int)
     """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``):
     the fastest schedule found within the budget, else the one of least peak, reordered where
     that lowers it further."""
-    from planner.algorithms.reorder import reorder_schedule
-
     found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
     found = [f for f in found if f is not None]
     if not found:

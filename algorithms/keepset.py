@@ -49,11 +49,14 @@ def close_over_views(graph: TrainingGraph, kept: Iterable[int]) -> set[int]:
 
 def schedule_keeping(graph: TrainingGraph, kept_ops: Iterable[int]) -> Schedule:
     """The schedule that keeps the outputs of ``kept_ops`` (forward op ids) for the backward and
-    recomputes every other forward tensor the backward needs.
+    recomputes every other forward tensor the backward needs. The model's outputs are always kept:
+    the caller's loss holds them (an MSE loss's backward reads them), and a recomputation there
+    would put model ops inside the loss, which ``execute.lower`` refuses.
 
     Complexity: O(ops + edges).
     """
-    kept = close_over_views(graph, kept_ops)
+    outputs = (graph.tensors[t].producer for t in graph.model_outputs)
+    kept = close_over_views(graph, [*kept_ops, *(op for op in outputs if op is not None)])
     valid: set[int] = set()  # forward tensors usable in the backward without recomputation
     for op in graph.forward_ops:
         if op in kept or graph.ops[op].in_loss:

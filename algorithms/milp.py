@@ -59,7 +59,7 @@ from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.quiet import silenced
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 
 SCALED_BUDGET = 2 ** 22  # the budget in units is at most this: coefficients stay well inside double precision
 TIME_SCALE = 2 ** 20  # objective units per store-all step time

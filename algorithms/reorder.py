@@ -21,7 +21,7 @@ from collections import defaultdict
 from planner.cost import CostModel, default_cost_model
 from planner.graph import TrainingGraph
 from planner.schedule import Compute, Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 
 
 class _InstanceGraph:

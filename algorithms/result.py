@@ -15,7 +15,7 @@ from typing import Iterable
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 
 
 def rank(simulated: SimResult, budget_bytes: int) -> tuple:

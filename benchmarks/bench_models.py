@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIZES = ("small", "cpu", "gpu")
+SIZES = ("small", "cpu", "gpu", "deep")  # deep: more layers, a small vocabulary (activations dominate)
 
 
 @dataclass
@@ -64,7 +64,8 @@ def gpt2(size: str) -> BenchModel:
     import transformers
 
     layers, width, heads, sequence, batch, vocab = {"small": (2, 32, 2, 32, 2, 128), "cpu": (12, 256, 4, 256, 4, 2048),
-                                                    "gpu": (12, 768, 12, 1024, 8, 50257)}[size]
+                                                    "gpu": (12, 768, 12, 1024, 8, 50257),
+                                                    "deep": (16, 128, 4, 1024, 2, 256)}[size]
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=sequence,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
@@ -82,7 +83,7 @@ def llama(size: str) -> BenchModel:
 
     layers, width, ffn, heads, sequence, batch, vocab = {
         "small": (2, 32, 64, 4, 32, 2, 128), "cpu": (8, 256, 688, 4, 256, 4, 2048),
-        "gpu": (8, 1024, 2816, 16, 1024, 8, 32000)}[size]
+        "gpu": (8, 1024, 2816, 16, 1024, 8, 32000), "deep": (16, 128, 344, 4, 1024, 2, 256)}[size]
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
                                       num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=vocab,

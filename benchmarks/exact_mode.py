@@ -35,7 +35,7 @@ from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.milp import exact_search, lowest_peak_search
 from planner.cost import default_cost_model
 from planner.errors import InfeasibleBudgetError
-from planner.simulate import simulate
+from planner.simulator import simulate
 from plan_quality import MODELS
 from report import command_line, environment_line, publish
 

@@ -55,7 +55,7 @@ PLANNER_SOURCE = checkout.use_checkout()
 import torch  # noqa: E402
 
 from planner.allocator import allocated_peak  # noqa: E402
-from planner.cost import choose_cost_model  # noqa: E402
+from planner.profiled_cost import choose_cost_model  # noqa: E402
 from planner.units import format_bytes  # noqa: E402
 
 import cost_fidelity  # noqa: E402

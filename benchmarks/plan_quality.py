@@ -59,6 +59,9 @@ from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.keepset import schedule_keeping
 from planner.cost import default_cost_model
 from planner.graph import Phase, TrainingGraph
+from _compile_internals import (
+    activation_memory_budget, aot_module_simplified, is_parameter_or_buffer, min_cut_rematerialization_partition,
+)
 from report import ANALYSIS_HEADING, command_line, environment_line, kept_analysis, write_section
 
 SECTION_HEADING = "## Plan quality (issue 4)"
@@ -170,7 +173,7 @@ class _Partitioned(Exception):
 
 def _planner_op_nodes(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     """(name, target) of the joint-graph nodes that become ops of a planner graph."""
-    from planner.capture import _BOUNDARY
+    from planner.capturing import _BOUNDARY
 
     return [(n.name, str(n.target)) for n in graph.nodes
             if n.op == "call_function" and n.target is not operator.getitem and n.target is not _BOUNDARY]
@@ -186,7 +189,7 @@ def _forward_sources(node: torch.fx.Node, forward_ops: set[str]) -> tuple[list[s
     ``transpose`` of a forward value or of a weight): a planner schedule runs backward ops in the
     backward only, so such a value is replaced by the forward ops it is computed from.
     """
-    from planner.capture import _BOUNDARY
+    from planner.capturing import _BOUNDARY
 
     sources, remapped, pending, seen = [], False, [node], set()
     while pending:
@@ -215,17 +218,13 @@ def compile_partitioner_choices(spec: ModelSpec, model: torch.nn.Module, inputs:
     per setting, the names of the saved values' producing ops, resident saves, CSE merges and the
     partitioner's wall time.
     """
-    from torch._functorch import config as functorch_config
-    from torch._functorch._aot_autograd import descriptors
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
     from planner import _aot
-    from planner.capture import _TrainingStep
+    from planner.capturing import _TrainingStep
 
     def partition(joint: torch.fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **_kwargs):
         primals = [n for n in joint.graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]
         static = [i for i, n in enumerate(primals)
-                  if isinstance(n.meta.get("desc"), (descriptors.ParamAOTInput, descriptors.BufferAOTInput))]
+                  if is_parameter_or_buffer(n.meta.get("desc"))]
         op_nodes = _planner_op_nodes(joint.graph)
         forward_names = {n.name for n in joint.graph.nodes if n.meta.get("partitioner_tag") == _aot.FORWARD_TAG}
         forward_op_names = forward_names & {name for name, _ in op_nodes}
@@ -233,7 +232,7 @@ def compile_partitioner_choices(spec: ModelSpec, model: torch.nn.Module, inputs:
         choices = []
         for setting in settings:
             working = torch.fx.GraphModule(joint, copy.deepcopy(joint.graph))
-            with functorch_config.patch(activation_memory_budget=setting, activation_memory_budget_solver=solver):
+            with activation_memory_budget(setting, solver):
                 start = time.perf_counter()
                 forward, backward = min_cut_rematerialization_partition(
                     working, joint_inputs, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static)

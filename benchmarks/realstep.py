@@ -32,7 +32,7 @@ def common_arguments(description: str, models: Sequence[str], rounds: int) -> ar
     """The options every measured benchmark takes: models, size, rounds, device, threads, outputs."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=list(models))
-    parser.add_argument("--size", default="cpu", choices=["small", "cpu", "gpu"])
+    parser.add_argument("--size", default="cpu", choices=["small", "cpu", "gpu", "deep"])
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
 import planner
+from planner._torch import dispatch_modes
 from planner.measure import MemoryMeter, steady_state_tensors
 from planner.units import format_bytes
 
+from _compile_internals import activation_memory_budget, inductor_partitioned_backend
 from bench_models import BUILDERS, BenchModel, build
 from realstep import (Timing, common_arguments, difference, difference_cell, gradients, interleaved, measure_peak,
                       paired_ratio, parsed, to_json)
@@ -117,7 +117,7 @@ class _CompiledGraphMeter:
 
         def run(args):
             meter = self.meter
-            if meter is None or meter in _get_current_dispatch_mode_stack():
+            if meter is None or meter in dispatch_modes():
                 return run_graph(args)
             with meter:
                 return run_graph(args)
@@ -128,23 +128,15 @@ class _CompiledGraphMeter:
 
 def compiled(model: torch.nn.Module, budget: float, device: str) -> tuple[Callable, _CompiledGraphMeter | None]:
     """``torch.compile(model)`` under ``activation_memory_budget=budget`` (see the module docstring)."""
-    import torch._functorch.config as functorch_config
-
     if device.startswith("cuda"):
         backend, graphs = "inductor", None
     else:
-        from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-        from torch._inductor.compile_fx import select_decomp_table
-
         graphs = _CompiledGraphMeter()
-        backend = aot_autograd(fw_compiler=graphs.compiler, bw_compiler=graphs.compiler,
-                               decompositions=select_decomp_table(),
-                               partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"))
+        backend = inductor_partitioned_backend(graphs.compiler, graphs.compiler)
     function = torch.compile(model, backend=backend, fullgraph=graphs is not None)  # CPU: nothing eager escapes the meter
 
     def call(*inputs):
-        with functorch_config.patch(activation_memory_budget=budget):
+        with activation_memory_budget(budget):
             return function(*inputs)
 
     return call, graphs

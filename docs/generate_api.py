@@ -12,14 +12,15 @@ import planner
 import planner.algorithms
 
 SECTIONS = [
-    ("Planning", ["plan", "Plan", "PlannedModule", "backend", "plan_blocks", "BlockPlan"]),
+    ("Planning", ["plan", "Plan", "PlannedModule", "backend", "Call", "plan_blocks", "BlockPlan"]),
     ("Capture and the graph", ["capture", "TrainingGraph", "OpInfo", "TensorInfo", "TensorKind", "Phase"]),
     ("Schedules and the simulator", ["Schedule", "Compute", "Free", "simulate", "SimResult"]),
     ("Cost models", ["CostModel", "RooflineCostModel", "ProfiledCostModel", "DeviceSpec"]),
     ("Measuring", ["MemoryMeter", "MeasuredStep", "measure_step", "measure_training_step"]),
     ("Units", ["parse_budget", "format_bytes", "reserved_budget"]),
     ("Errors", ["PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
-                "PlanMismatchError", "RankMismatchError", "InfeasibleBudgetError", "InvalidBudgetError"]),
+                "PlanMismatchError", "RankMismatchError", "InfeasibleBudgetError", "InvalidBudgetError",
+                "BackwardError"]),
 ]
 
 

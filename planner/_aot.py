@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch._functorch._aot_autograd import descriptors as _desc
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import CaptureError
@@ -106,7 +107,7 @@ def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     tuple of them) and ``meta['partitioner_tag']``; placeholders and the output carry descriptors.
     """
     try:
-        with _tracing_state(), _eager_kernels():
+        with _tracing_state(), _eager_kernels(), _meta_as_cpu(module, args) as args:
             aot_module_simplified(
                 module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
                 partition_fn=_keep_joint_graph,
@@ -115,6 +116,27 @@ def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
         return captured.graph
     raise CaptureError("the traced step produces no parameter gradient: does the loss depend on a "
                        "parameter with requires_grad=True?")
+
+
+@contextlib.contextmanager
+def _meta_as_cpu(module: torch.nn.Module, args: tuple):
+    """A step on the meta device (a model planned without allocating it) is traced as on the CPU:
+    fake tensors with the meta tensors' shapes and a CPU device, so that every op dispatches to the
+    decomposition and autograd formula it has on a real device (on meta, ``nll_loss`` reaches a
+    meta kernel without one, and the loss's backward vanished from the graph)."""
+    named = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    if not any(t.device.type == "meta" for t in (*named.values(), *args)):
+        yield args
+        return
+    mode, cpu = FakeTensorMode(), torch.device("cpu")
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            return mode.from_tensor(t)
+        return mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)  # memoized: tied names stay tied
+
+    with torch.nn.utils.stateless._reparametrize_module(module, {name: fake(t) for name, t in named.items()}):
+        yield tuple(fake(a) for a in args)
 
 
 def _strip(name: str, prefix: str) -> str:

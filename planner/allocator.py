@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from planner.budgets import parse_budget
 from planner.cost import CUDA_BLOCK_BYTES, CostModel
 from planner.errors import InvalidBudgetError
 from planner.graph import StorageInfo, TrainingGraph
 from planner.schedule import Schedule
-from planner.units import parse_budget
+from planner.simulator import simulate
 
 #: fraction of a reserved-memory budget held back by default for the allocator's rounding and
 #: fragmentation. Provisional: no GPU has measured it yet (benchmarks/gpu_check.py reports the
@@ -52,8 +53,6 @@ def allocator_view(graph: TrainingGraph) -> TrainingGraph:
 def allocated_peak(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> int:
     """The ``torch.cuda.max_memory_allocated`` a step of ``schedule`` should reach (resident
     memory included), but for whole-block reuse and persistent library workspaces."""
-    from planner.simulate import simulate
-
     return simulate(allocator_view(graph), schedule, cost_model).peak_bytes
 
 

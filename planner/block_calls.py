@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from planner.capture import capture
+from planner._torch import TreeSpec, tree_flatten, tree_flatten_with_path, tree_unflatten
+from planner.capturing import capture
 from planner.errors import CaptureError
 from planner.graph import TrainingGraph
 

@@ -19,13 +19,17 @@ from typing import Collection, Sequence
 import torch
 
 from planner.block_calls import Block, BlockCall, BlockStep, capture_block, find_blocks, original_forward, record_calls
-from planner.capture import LossFn, _as_tuple
+from planner.budgets import parse_budget
+from planner.calls import as_tuple
+from planner.capturing import LossFn
 from planner.cost import CostModel, RooflineCostModel, default_cost_model
 from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError
+from planner.execute import PlannedModule
+from planner.fsdp import FSDPLayout, check_ranks_agree, sharded_step
 from planner.graph import TrainingGraph
-from planner.plan import Plan, plan
+from planner.planning import Plan, plan
 from planner.step_model import BlockProfile, OuterStep, StepPrediction, capture_outer, profile_block, whole_step
-from planner.units import format_bytes, parse_budget
+from planner.units import format_bytes
 
 _STATE = "_remat_planned_block"  # the attribute of a planned block holding its plan
 BISECTION_STEPS = 8  # share of the budget, to 1/256 of each block's activations
@@ -125,9 +129,7 @@ def plan_blocks(
     InfeasibleBudgetError: no candidate fits; ``min_feasible_bytes`` is the whole step's lowest peak.
     RankMismatchError: ranks planned differently (different shapes, model or library versions).
     """
-    from planner.fsdp import FSDPLayout, check_ranks_agree
-
-    inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
+    inputs, targets = as_tuple(inputs, "inputs"), as_tuple(targets, "targets")
     _refuse_sharded(model)
     for module in model.modules():
         _uninstall(module)
@@ -275,8 +277,6 @@ class _Planner:
             accumulators = sum(g.grad_accumulator_bytes for g in (plans[i].graph for i in range(len(plans))))
             step: StepPrediction = whole_step(self.outer, profiles, accumulators, self.cost_model)
             return _Prediction((step.peak_bytes,), step.time)
-        from planner.fsdp import sharded_step
-
         steps = [sharded_step(self.outer, profiles, self.layout, rank, self.cost_model)
                  for rank in range(self.layout.world_size)]
         return _Prediction(tuple(s.peak_bytes for s in steps), steps[0].time)
@@ -312,8 +312,6 @@ class _PlannedBlock:
                                     "a gradient: plan_blocks again with the model as it trains")
         self._check_parameters(block)
         if self._planned is None or self._planned_for is not type(block):
-            from planner.execute import PlannedModule
-
             # made again when the block's class changes: fully_shard swaps in a subclass of its own
             self._planned = PlannedModule(BlockStep(block, self.call), self.graph, self.plan.schedule)
             self._planned_for = type(block)

@@ -16,8 +16,19 @@ from typing import Any, Sequence
 
 import torch
 
+from planner.budgets import parse_budget
+from planner.capturing import capture
+from planner.cost import RooflineCostModel, default_cost_model
 from planner.errors import CaptureError, InfeasibleBudgetError, PlanMismatchError, PlannerError
+from planner.execute import lower
+from planner.measure import measure_step
+from planner.planning import Plan, plan
+from planner.plots import sweep_png, timeline_png
+from planner.search import DEFAULT_TIME_LIMIT
+from planner.simulator import simulate
 from planner.units import format_bytes
+from planner.variants import apply_variant_names
+from planner.zoo import load_workload
 
 EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_CANNOT_PLAN = 2, 3, 4
 SWEEP_ALGORITHMS = ("fast", "checkpoint_all", "chen_sqrt", "chen_greedy", "chen_sqrt_linear", "chen_greedy_linear")
@@ -32,8 +43,6 @@ def _progress(iterable, total: int | None = None, desc: str = "", quiet: bool = 
 
 
 def _cost(args: argparse.Namespace):
-    from planner.cost import RooflineCostModel
-
     return RooflineCostModel(args.device_preset) if args.device_preset else None
 
 
@@ -50,8 +59,6 @@ def _positive(text: str) -> int:
 
 
 def _capture(spec: dict, quiet: bool = False):
-    from planner.capture import capture
-    from planner.zoo import load_workload
 
     torch.manual_seed(0)
     work = load_workload(spec["model"], spec["batch_size"], spec.get("image_size"))
@@ -63,10 +70,6 @@ def _capture(spec: dict, quiet: bool = False):
 
 def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
           quiet: bool = True):
-    from planner.plan import plan
-    from planner.search import DEFAULT_TIME_LIMIT
-    from planner.simulate import simulate
-
     op_variants = _OP_VARIANTS[variants_choice]
     if algorithm == "fast":
         return plan(graph, budget, mode="fast", cost_model=cost_model, op_variants=op_variants)
@@ -96,8 +99,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ---- plan -----------------------------------------------------------------------------------------
 def _breakdown(graph, result) -> dict[str, int]:
     """What the predicted peak is made of (the workspace: of the op running at the peak)."""
-    from planner.simulate import simulate
-
     summary = graph.summary()
     simulated = simulate(graph, result.schedule)
     workspace = int(simulated.peak_bytes - simulated.timeline[simulated.peak_step])
@@ -111,8 +112,6 @@ def _breakdown(graph, result) -> dict[str, int]:
 
 
 def _plan_payload(result, graph, capture_seconds: float, plan_seconds: float) -> dict:
-    from planner.execute import lower
-
     lowered = lower(graph, result.schedule)
     kept_bytes = sum(graph.storages[s].nbytes for s in {graph.tensors[t].storage for t in lowered.carried})
     return {
@@ -172,10 +171,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # ---- run ------------------------------------------------------------------------------------------
 def _run(work, result, steps: int) -> dict:
     """Execute planned steps for real; compare peak with the prediction and grads with eager."""
-    from planner.measure import measure_step
-
     reference = copy.deepcopy(work.model)
-    planned = result.apply(work.model, work.loss_fn)
+    planned = result.apply(work.model, work.loss_fn, replan=False)  # run exactly this plan
     loss_fn = work.loss_fn or (lambda out: out.sum())
     def stepper(module):
         calls = iter(range(10**9))
@@ -217,8 +214,6 @@ def _run_text(run: dict) -> str:
 
 
 def _load_plan_with_workload(path: Path):
-    from planner.plan import Plan
-
     if not path.exists():
         raise FileNotFoundError(f"no plan file {path}")
     result = Plan.load(path)
@@ -238,10 +233,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---- show -----------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
-    from planner.cost import default_cost_model
-    from planner.plots import timeline_png
-    from planner.variants import apply_variant_names
-
     result = _load_plan_with_workload(Path(args.plan))
     _, graph = _capture(result.workload)
     graph = apply_variant_names(graph, result.variants)
@@ -263,8 +254,6 @@ def _parse_budgets(text: str) -> list[str]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from planner.units import parse_budget
-
     budgets = _parse_budgets(args.budgets)
     algorithms = args.algorithms.split(",") if args.algorithms else list(SWEEP_ALGORITHMS)
     _, graph = _capture(_workload_spec(args))
@@ -281,8 +270,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             rows.append({"algorithm": algorithm, "budget": budget, "budget_fraction": fraction,
                          "overhead": None, "peak_bytes": None})
     if args.png:
-        from planner.plots import sweep_png
-
         sweep_png(rows, args.png, f"{args.model}, batch {args.batch_size}")
     table = _table(["algorithm", *budgets], [
         [a, *[(f"{r['overhead']:+.1%}" if r["overhead"] is not None else "—")
@@ -295,8 +282,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # ---- max-batch ------------------------------------------------------------------------------------
 def cmd_max_batch(args: argparse.Namespace) -> int:
-    from planner.units import parse_budget
-
     memory = parse_budget(args.memory)
     algorithms = args.algorithms.split(",") if args.algorithms else list(MAX_BATCH_ALGORITHMS)
     cost_model = _cost(args)

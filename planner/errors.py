@@ -1,6 +1,8 @@
 """Typed errors. Each message says what went wrong and what to do about it."""
 from __future__ import annotations
 
+from planner.units import format_bytes
+
 
 class PlannerError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -48,11 +50,14 @@ class InfeasibleBudgetError(PlannerError):
     def __init__(self, budget_bytes: int, min_feasible_bytes: int, detail: str = ""):
         self.budget_bytes = budget_bytes
         self.min_feasible_bytes = min_feasible_bytes
-        from planner.units import format_bytes
-
         message = (
             f"budget {format_bytes(budget_bytes)} is below the smallest peak found, "
             f"{format_bytes(min_feasible_bytes)} ({min_feasible_bytes} bytes): raise the budget to at "
             f"least that, or reduce the batch size"
         )
         super().__init__(message + (f"; {detail}" if detail else ""))
+
+
+class BackwardError(PlannerError, RuntimeError):
+    """A backward pass a planned step cannot run as asked (a second one without
+    ``retain_graph=True``, higher-order gradients); the message says what to do."""

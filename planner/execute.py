@@ -14,20 +14,29 @@ What makes recomputation safe:
   computed and discarded when recomputed, so statistics update exactly once;
 - random ops that are recomputed replay the RNG state saved before their first run (saved per
   forward call, so several forwards may precede one backward).
+
+The planned module is a drop-in for the model: ``planner.guards`` checks on every call that the
+state (modes, autocast, parameters, the call) is the one planned, runs the model eagerly in eval
+mode or without grad, and plans new states. Parameters and buffers are bound by name at every
+forward and backward. Under ``torch.autograd.grad`` gradients are returned instead of accumulated;
+``retain_graph=True`` keeps what the backward would free, so it can run again.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils._pytree import tree_unflatten
 
-from planner.errors import InvalidScheduleError, PlanMismatchError
+from planner._torch import backward_retains_graph
+from planner.calls import as_tuple, call_arguments, split_call
+from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
-from planner.runtime import initial_env, invoke, store_outputs
+from planner.guards import CachedStep, PlanCache, Replan, model_state, step_key
+from planner.runtime import initial_env, invoke, store_outputs, torch_dtype
 from planner.schedule import Compute, Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 
 
 @dataclass(frozen=True)
@@ -122,47 +131,52 @@ class StepRunner:
                                        "or edited plan?): plan again") from error
         self.graph = graph
         self.lowered = lower(graph, schedule)
-        parameters = dict(model.named_parameters(remove_duplicate=False))
-        buffers = dict(model.named_buffers(remove_duplicate=False))
-        missing = (set(graph.parameters) - set(parameters)) | (set(graph.buffers) - set(buffers))
+        missing = (set(graph.parameters) | set(graph.buffers)) - set(model_state(model)[3])
         if missing:
             raise PlanMismatchError(f"the model has no {sorted(missing)[:3]}: this plan is for another model")
         self.model = model
+        self.segments = _segments(graph, self.lowered.backward)
+        self.device_type = torch.device(graph.device).type
 
-    def new_env(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
-        return initial_env(self.graph, self.model, tuple(inputs), tuple(targets))
+    def new_env(self, named: dict, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> list:
+        return initial_env(self.graph, named, tuple(inputs), tuple(targets))
 
-    def run(self, steps: Sequence[_Run | _Drop], env: list, rng_states: dict[int, Any], keep=()) -> None:
+    def run(self, steps: Sequence[_Run | _Drop], env: list, rng_states: dict[int, Any], keep=(),
+            on_gradient: Callable[[int, torch.Tensor], None] | None = None) -> None:
         """Execute ``steps``; ``rng_states`` carries saved RNG states from one section to a later
-        one; tensors in ``keep`` stay in ``env`` for the caller (dropped by the caller after use)."""
+        one; tensors in ``keep`` stay in ``env`` for the caller (dropped by the caller after use);
+        ``on_gradient(parameter, gradient)`` receives each parameter gradient when produced."""
         graph = self.graph
-        for step in steps:
-            if isinstance(step, _Drop):
-                if step.tensor not in keep:
-                    env[step.tensor] = None
-                continue
-            op = graph.ops[step.op]
-            call = graph.calls[step.op]
-            if step.replay_rng:
-                with torch.random.fork_rng(devices=self._rng_devices()):
-                    self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
+        with self.explicit_dtypes():
+            for step in steps:
+                if isinstance(step, _Drop):
+                    if step.tensor not in keep:
+                        env[step.tensor] = None
+                    continue
+                op = graph.ops[step.op]
+                call = graph.calls[step.op]
+                if step.replay_rng:
+                    with torch.random.fork_rng(devices=self._rng_devices()):
+                        self._set_rng(rng_states[step.op])  # every recomputation replays the same draw
+                        result = invoke(call, env)
+                else:
+                    if step.save_rng:
+                        rng_states[step.op] = self._get_rng()
                     result = invoke(call, env)
-            else:
-                if step.save_rng:
-                    rng_states[step.op] = self._get_rng()
-                result = invoke(call, env)
-            store_outputs(call, result, env)
-            del result
-            for tensor in op.outputs:
-                if tensor in graph.gradients:  # its parameter as bound when this section began
-                    self._accumulate(env[graph.gradients[tensor]], env[tensor])
-                elif tensor in graph.buffer_updates and step.first:
-                    env[graph.buffer_updates[tensor]].copy_(env[tensor])
+                store_outputs(call, result, env)
+                del result
+                for tensor in op.outputs:
+                    if tensor in graph.gradients:
+                        on_gradient(graph.gradients[tensor], env[tensor])
+                    elif tensor in graph.buffer_updates and step.first:
+                        env[graph.buffer_updates[tensor]].copy_(env[tensor])
 
-    def _accumulate(self, parameter: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add ``grad`` into ``parameter.grad`` exactly as eager autograd does, hooks included. The
-        parameter is the one the model holds when the section runs (FSDP2 swaps in unsharded ones)."""
-        torch.autograd.backward([parameter], [grad])
+    def explicit_dtypes(self):
+        """Autocast off: a graph traced under autocast holds its casts as ops, and one traced
+        without it must not be cast again."""
+        if self.device_type == "meta":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, enabled=False)
 
     def _rng_devices(self) -> list:
         device = torch.device(self.graph.device)
@@ -179,64 +193,151 @@ class StepRunner:
         else:
             torch.set_rng_state(state)
 
-    def run_step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    def run_step(self, named: dict, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The whole step in one call (forward, loss, backward); returns the detached loss."""
-        env = self.new_env(inputs, targets)
+        env = self.new_env(named, inputs, targets)
         lowered, rng_states = self.lowered, {}
+        accumulate = _accumulator(env)
         with torch.no_grad():
             self.run(lowered.forward, env, rng_states)
             loss_box: list[torch.Tensor] = []
-            self._run_capturing_loss(lowered.loss, env, loss_box, rng_states)
+            self._run_capturing_loss(lowered.loss, env, loss_box, rng_states, accumulate)
             if not loss_box:  # the model returns its loss: no loss section
                 loss_box.append(env[self.graph.loss])
-            self.run(lowered.backward, env, rng_states)
+            self.run(lowered.backward, env, rng_states, on_gradient=accumulate)
         return loss_box[0]
 
-    def _run_capturing_loss(self, steps, env, loss_box: list, rng_states: dict) -> None:
+    def _run_capturing_loss(self, steps, env, loss_box: list, rng_states: dict, accumulate) -> None:
         loss = self.graph.loss
         for step in steps:
             if isinstance(step, _Drop) and step.tensor == loss:
                 loss_box.append(env[loss])
-            self.run((step,), env, rng_states)
+            self.run((step,), env, rng_states, on_gradient=accumulate)
 
 
-class _PlannedFunction(torch.autograd.Function):
-    """Model forward and backward of a plan; the loss between them is the user's own code."""
+def _accumulator(env: list) -> Callable[[int, torch.Tensor], None]:
+    """Add each gradient into its parameter's ``.grad`` exactly as eager autograd does (hooks
+    included): through the parameter's own AccumulateGrad node."""
+    return lambda parameter, grad: torch.autograd.backward([env[parameter]], [grad])
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Backward steps up to and including the ops that produce the gradients of ``parameters``
+    (and the frees right after them)."""
+
+    steps: tuple[_Run | _Drop, ...]
+    parameters: tuple[int, ...]  # parameter tensor ids, in the order their gradients are returned
+
+
+def _segments(graph: TrainingGraph, backward: Sequence[_Run | _Drop]) -> tuple[_Segment, ...]:
+    """The model backward cut after every op producing a parameter gradient: each piece becomes
+    one autograd node with edges to those parameters, so the engine accumulates each gradient
+    the moment its piece returns (hooks, DDP's reducer), and ``torch.autograd.grad`` and
+    ``backward(inputs=...)`` reach the parameters as in eager. Trailing steps join the last piece."""
+    segments: list[_Segment] = []
+    steps: list = []
+    parameters: list[int] = []
+    for step in backward:
+        if isinstance(step, _Run) and parameters:
+            segments.append(_Segment(tuple(steps), tuple(parameters)))
+            steps, parameters = [], []
+        steps.append(step)
+        if isinstance(step, _Run):
+            parameters += [graph.gradients[t] for t in graph.ops[step.op].outputs if t in graph.gradients]
+    if parameters or not segments:
+        segments.append(_Segment(tuple(steps), tuple(parameters)))
+    else:
+        last = segments.pop()
+        segments.append(_Segment(last.steps + tuple(steps), last.parameters))
+    return tuple(segments)
+
+
+@dataclass
+class _Pending:
+    """One planned forward, for its backward: the tensors carried across, the RNG states of
+    recomputed random ops, and, while a backward runs, its slot table."""
+
+    runner: StepRunner
+    box: list  # where _HandOver leaves the gradients of the outputs
+    inputs: tuple
+    carried: dict
+    rng_states: dict
+    saved: tuple = ()  # model outputs the backward reads (their autograd-saved copies)
+    env: list | None = None
+    done: bool = False  # a backward ran without retain_graph and released what it kept
+
+
+class _PlannedSegment(torch.autograd.Function):
+    """One piece of the plan's backward as an autograd node. The pieces form a chain from the
+    model's inputs to its outputs: piece 0 returns the outputs, so the engine runs it first, then
+    piece 1, ... (the forward itself ran before, in ``PlannedModule.forward``). Each piece's
+    autograd inputs are the previous piece's token (the last piece: the model's inputs), then the
+    parameters whose gradients it returns."""
 
     @staticmethod
-    def forward(ctx, runner: StepRunner, anchor: torch.Tensor, box: list, *inputs: torch.Tensor):
-        lowered = runner.lowered
-        ctx.box = box  # where _HandOver leaves the gradients of the outputs
-        env = runner.new_env(inputs)
-        ctx.rng_states = {}
-        runner.run(lowered.forward, env, ctx.rng_states)
-        ctx.runner = runner
-        ctx.inputs = inputs  # the backward reads them (e.g. the first layer's weight gradient)
-        ctx.carried = {t: env[t] for t in lowered.carried}
-        ctx.save_for_backward(*(env[t] for t in lowered.saved_outputs))
-        ctx.n_inputs = len(inputs)
-        outputs = tuple(env[t] for t in runner.graph.model_outputs)
-        env.clear()
-        return outputs
+    def forward(ctx, pending: _Pending, index: int, n_upstream: int, *tensors: torch.Tensor):
+        ctx.pending, ctx.index, ctx.n_upstream = pending, index, n_upstream
+        ctx.set_materialize_grads(False)  # an output the loss ignores gets no gradient, not zeros
+        if index == 0:
+            graph = pending.runner.graph
+            ctx.save_for_backward(*pending.saved)
+            pending.saved = ()
+            return tuple(pending.env[t] for t in graph.model_outputs)
+        return torch.empty(())  # a token: the next piece's backward runs after this one's
 
     @staticmethod
-    def backward(ctx, *placeholders: torch.Tensor):
-        del placeholders  # the real gradients of the outputs are in the box
-        runner: StepRunner = ctx.runner
-        graph, lowered = runner.graph, runner.lowered
-        env: list = [None] * len(graph.tensors)
-        # every value is put into env by _put, whose loop variables die with it: a loop variable
-        # left here would hold its last tensor through the whole backward
-        _put(env, ctx.carried.keys(), ctx.carried.values())
-        ctx.carried = None  # the env now owns them: each is dropped after its last use
-        _put(env, lowered.saved_outputs, ctx.saved_tensors)
-        _put(env, range(len(graph.tensors)), runner.new_env(ctx.inputs))  # parameters, buffers, inputs, tangent
-        ctx.inputs = None
-        _put(env, graph.output_grads, ctx.box.pop())  # after the tangent: a model returning its loss gets its gradient
+    def backward(ctx, *grads: torch.Tensor):
+        pending: _Pending = ctx.pending
+        runner = pending.runner
+        graph, segment = runner.graph, runner.segments[ctx.index]
+        if ctx.index == 0:
+            _check_backward(pending)
+            _begin_backward(pending, ctx.saved_tensors)
+        env = pending.env
+        returned: dict[int, torch.Tensor] = {}
+
+        def collect(parameter: int, grad: torch.Tensor) -> None:
+            returned[parameter] = grad if parameter not in returned else returned[parameter] + grad
+
+        last = ctx.index == len(runner.segments) - 1
         with torch.no_grad():
-            runner.run(lowered.backward, env, ctx.rng_states, keep=graph.input_gradients)
-        input_grads = {tensor: env[grad] for grad, tensor in graph.input_gradients.items()}
-        return (None, None, None) + tuple(input_grads.get(tensor) for tensor in graph.inputs)
+            runner.run(segment.steps, env, pending.rng_states, keep=graph.input_gradients, on_gradient=collect)
+        upstream: tuple = (None,) * ctx.n_upstream
+        if last:
+            input_grads = {tensor: env[grad] for grad, tensor in graph.input_gradients.items()}
+            upstream = tuple(input_grads.get(tensor) for tensor in graph.inputs)
+            pending.env = None
+        parameter_grads = tuple(returned.pop(p, None) for p in segment.parameters)
+        return (None, None, None) + upstream + parameter_grads
+
+
+def _check_backward(pending: _Pending) -> None:
+    if torch.is_grad_enabled():
+        raise BackwardError("create_graph=True (higher-order gradients, e.g. a gradient penalty) cannot run "
+                            "through a planned step, whose backward is not differentiable: compute that loss "
+                            "with the model itself (planned.model)")
+    if pending.done:
+        raise BackwardError("the planned step's backward already ran and freed what it kept, as eager PyTorch "
+                            "frees its saved tensors: pass retain_graph=True to the first backward to run "
+                            "it again")
+
+
+def _begin_backward(pending: _Pending, saved: tuple) -> None:
+    """The slot table of a backward: carried tensors, saved outputs, the model's parameters and
+    buffers by name now (FSDP swaps them between forward and backward), the outputs' gradients."""
+    runner = pending.runner
+    graph, lowered = runner.graph, runner.lowered
+    env: list = [None] * len(graph.tensors)
+    # every value is put into env by _put, whose loop variables die with it: a loop variable
+    # left here would hold its last tensor through the whole backward
+    _put(env, pending.carried.keys(), pending.carried.values())
+    _put(env, lowered.saved_outputs, saved)
+    _put(env, range(len(graph.tensors)), runner.new_env(model_state(runner.model)[3], pending.inputs))
+    if not backward_retains_graph():  # the env owns them now
+        pending.carried, pending.inputs, pending.done = {}, (), True
+    _put_output_grads(env, graph, pending.box.pop())  # after the tangent: a model returning its loss gets its gradient
+    pending.env = env
 
 
 def _put(env: list, tensors, values) -> None:
@@ -245,25 +346,65 @@ def _put(env: list, tensors, values) -> None:
             env[tensor] = value
 
 
+def _put_output_grads(env: list, graph: TrainingGraph, grads: tuple) -> None:
+    """Each output's gradient where the plan's backward starts. An output the loss left out gets
+    zeros; one the plan's loss ignored cannot start any backward op: a loss that uses it is refused."""
+    for index, (grad_tensor, grad) in enumerate(zip(graph.output_grads, grads)):
+        if grad_tensor is None:
+            if grad is not None:
+                raise PlanMismatchError(
+                    f"the loss uses the model's output tensor {index} ({graph.tensors[graph.model_outputs[index]].name}),"
+                    " which the loss the plan was made with does not: plan with this loss (loss_fn=...)")
+            continue
+        if grad is None:
+            info = graph.tensors[grad_tensor]
+            grad = torch.zeros(info.shape, dtype=torch_dtype(info.dtype), device=graph.device)
+        env[grad_tensor] = grad
+
+
+def _planned_forward(runner: StepRunner, named: dict, inputs: tuple) -> tuple:
+    """Run the plan's forward section, then chain its backward pieces to it: ``(box, *outputs)``
+    for ``_HandOver``. One box per call: several forwards may precede their backwards."""
+    graph, lowered = runner.graph, runner.lowered
+    env = runner.new_env(named, inputs)
+    rng_states: dict = {}
+    with torch.no_grad():
+        runner.run(lowered.forward, env, rng_states)
+    box: list = []
+    # the backward reads the inputs (e.g. the first layer's weight gradient)
+    pending = _Pending(runner, box, inputs, {t: env[t] for t in lowered.carried}, rng_states,
+                       tuple(env[t] for t in lowered.saved_outputs), env)
+    upstream = inputs
+    for index in reversed(range(len(runner.segments))):
+        parameters = tuple(named[graph.tensors[p].name] for p in runner.segments[index].parameters)
+        upstream = _PlannedSegment.apply(pending, index, len(upstream), *upstream, *parameters)
+        upstream = upstream if index == 0 else (upstream,)
+    pending.env = None  # the outputs hold what they need
+    env.clear()
+    return (box, *upstream)
+
+
 class _HandOver(torch.autograd.Function):
     """Stands between the plan's outputs and the user's loss, to free each output's gradient at
     its last use in the plan's backward, where the simulator frees it.
 
     The autograd engine holds the gradients it passes to a node until that node's backward
-    returns: for ``_PlannedFunction`` that is the whole model backward, and a large output's
+    returns: for the plan's first backward piece that is up to the first parameter gradient, and a large output's
     gradient (a language model's logits) would stay for all of it. This node's backward returns
     at once: it leaves the gradients in a box that the plan's backward takes over, and passes on
-    one-element placeholders, expanded to the outputs' shapes.
+    one-element placeholders, expanded to the outputs' shapes (``None`` for an output the loss
+    does not use).
     """
 
     @staticmethod
     def forward(ctx, box: list, *outputs: torch.Tensor):
+        ctx.set_materialize_grads(False)
         ctx.box = box
         return tuple(output.detach() for output in outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        placeholders = tuple(grad.new_zeros(()).expand(grad.shape) for grad in grads)
+        placeholders = tuple(None if grad is None else grad.new_zeros(()).expand(grad.shape) for grad in grads)
         ctx.box.append(grads)
         del grads
         return (None,) + placeholders
@@ -271,43 +412,48 @@ class _HandOver(torch.autograd.Function):
 
 class PlannedModule(torch.nn.Module):
     """``model`` whose forward and backward follow a plan. Use it as the model itself:
-    ``loss_fn(planned(x), y).backward()`` then any optimizer step.
+    ``loss_fn(planned(x), y).backward()`` then any optimizer step; call it as the model is called
+    (``planned(**batch)``).
 
-    Inputs must have the shapes and dtypes the plan was made for.
+    Every call checks the state the plan assumed (``planner.guards``): in eval mode or without
+    grad the model runs eagerly; another training state is planned again by ``replanner`` (what
+    ``Plan.apply`` gives), or raises ``PlanMismatchError`` without one. ``plans`` lists the plans
+    in use, least recently used first.
     """
 
-    def __init__(self, model: torch.nn.Module, graph: TrainingGraph, schedule: Schedule):
+    def __init__(self, model: torch.nn.Module, graph: TrainingGraph, schedule: Schedule, *,
+                 plan=None, replanner: Replan | None = None):
         super().__init__()
         self.model = model
         self.runner = StepRunner(graph, schedule, model)
-        self._output_spec = graph.output_spec
-        # an input that requires grad makes autograd call our backward; the parameters are not
-        # Function inputs (their gradients reach them through the engine as they are produced)
-        self._anchor = torch.empty(0, requires_grad=True)
+        self.cache = PlanCache(model, CachedStep(self.runner, plan), replanner, StepRunner)
 
-    def forward(self, *inputs: torch.Tensor):
-        if self._output_spec is None:
-            raise PlanMismatchError("the model returns values other than tensors that require grad "
-                                    "(e.g. integer tensors or constants), or outputs the loss does not "
-                                    "use; the planned module cannot hand its output to autograd: use "
-                                    "training_step(inputs, targets) instead, or return only what the loss uses")
-        _check_inputs(self.runner.graph, inputs)
-        box: list = []  # one per call: several forwards may precede their backwards
-        outputs = _HandOver.apply(box, *_PlannedFunction.apply(self.runner, self._anchor, box, *inputs))
-        return tree_unflatten(list(outputs), self._output_spec)
+    @property
+    def plans(self) -> tuple:
+        return self.cache.plans
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # no backward to plan for: eager's results
+            return self.model(*args, **kwargs)
+        form, tensors = split_call(args, kwargs)
+        key, named = step_key(self.model, form, tensors, self.runner.device_type)
+        step = self.cache.step_for(key, args, kwargs) if key.differentiable else None
+        if step is None:
+            return self.model(*args, **kwargs)
+        graph = step.runner.graph
+        outputs = _HandOver.apply(*_planned_forward(step.runner, named, tensors))
+        if graph.output_form.dropped:
+            self.cache.warn_once("dropped", f"the model returns {', '.join(graph.output_form.dropped)}, not tensors: "
+                                 "the planned module returns None in its place (as transformers does with gradient "
+                                 "checkpointing); pass use_cache=False to a transformers model to silence this")
+        return graph.output_form.fill(outputs)
 
     def training_step(self, inputs, targets=()) -> torch.Tensor:
-        """Forward, loss and backward as one planned call; returns the loss (detached)."""
-        inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        targets = targets if isinstance(targets, (tuple, list)) else (targets,)
-        _check_inputs(self.runner.graph, tuple(inputs) + tuple(targets), include_targets=True)
-        return self.runner.run_step(inputs, targets)
-
-
-def _check_inputs(graph: TrainingGraph, values: Sequence[torch.Tensor], include_targets: bool = False) -> None:
-    specs = graph.input_specs if include_targets else graph.input_specs[: len(graph.inputs)]
-    got = [(tuple(v.shape), str(v.dtype), str(v.device)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
-    want = [(s.shape, s.dtype, s.device) for s in specs]
-    if got != want:
-        raise PlanMismatchError(f"this plan was made for inputs {want} but got {got}: "
-                                "plan again for this input shape (plans are shape-specific)")
+        """Forward, loss and backward as one planned call; returns the loss (detached). ``inputs``
+        as for ``plan``: a tensor, a tuple, or a dict of keyword arguments."""
+        args, kwargs = call_arguments(inputs)
+        targets = as_tuple(targets, "targets")
+        form, tensors = split_call(args, kwargs)
+        key, named = step_key(self.model, form, tensors, self.runner.device_type)
+        step = self.cache.step_for(key, args, kwargs, targets)
+        return step.runner.run_step(named, tensors, targets)

@@ -29,11 +29,13 @@ class TensorKind(str, enum.Enum):
     BUFFER = "buffer"
     INPUT = "input"  # model inputs and loss targets
     TANGENT = "tangent"  # d(loss)/d(loss), the seed of the backward
+    CONSTANT = "constant"  # a tensor the forward builds from constants, bound to its traced value
     ACTIVATION = "activation"  # anything an operator produces, except parameter gradients
     GRADIENT = "gradient"  # a parameter's gradient, accumulated into .grad when produced
 
 
-RESIDENT_KINDS = frozenset({TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.INPUT, TensorKind.TANGENT})
+RESIDENT_KINDS = frozenset({TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.INPUT, TensorKind.TANGENT,
+                            TensorKind.CONSTANT})
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,20 @@ class TrainingGraph:
     targets: tuple[int, ...]  # extra arguments of the loss function
     tangent: int
     loss: int
-    model_outputs: tuple[int, ...]  # flattened model outputs (what the loss consumes)
-    output_grads: tuple[int, ...]  # d(loss)/d(model output), where the model's backward starts
+    model_outputs: tuple[int, ...]  # the tensors the model returns, in its output's pytree order
+    # d(loss)/d(model output) for each, where the model's backward starts (None: the loss ignores it)
+    output_grads: tuple[int | None, ...]
     gradients: dict[int, int]  # gradient tensor id -> parameter tensor id
     buffer_updates: dict[int, int]  # tensor holding a new value -> the buffer (or input) it is written into
     input_gradients: dict[int, int]  # gradient tensor id -> input tensor id (inputs that require grad)
     input_specs: tuple[InputSpec, ...]  # model inputs then targets, to re-capture at apply time
     device: str
-    # pytree structure of the model's output, when every leaf is a tensor that requires grad
-    output_spec: Any = field(default=None, repr=False)
+    constants: dict[int, Any] = field(default_factory=dict, repr=False)  # CONSTANT tensor id -> its value
+    # how the model is called and what it returns (planner.calls.PytreeForm), and the state the
+    # trace assumed (planner.guards.StepKey): set by capture
+    call_form: Any = field(default=None, repr=False)
+    output_form: Any = field(default=None, repr=False)
+    assumptions: Any = field(default=None, repr=False)
     # low-memory operator variants applied by planner.variants ("relu_packed@relu_3", ...)
     variants: tuple[str, ...] = ()
 
@@ -208,8 +215,13 @@ class TrainingGraph:
 
     # ---- analysis --------------------------------------------------------------------------
     def to_networkx(self):
-        """A ``networkx.DiGraph`` over op ids; edges carry the tensor id and its bytes."""
-        import networkx as nx
+        """A ``networkx.DiGraph`` over op ids; edges carry the tensor id and its bytes.
+
+        networkx is an optional extra, used here alone: imported on call, so the planner runs without it."""
+        try:
+            import networkx as nx
+        except ImportError as error:
+            raise ImportError("TrainingGraph.to_networkx needs networkx: pip install 'remat-planner[networkx]'") from error
 
         dag = nx.DiGraph()
         for op in self.ops:

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_flatten
 
 from planner._aot import storage_key, storage_ref
+from planner._torch import FakeTensor, TorchDispatchMode, is_traceable_wrapper_subclass, schema_name, tree_flatten
+from planner.calls import as_tuple
+from planner.capturing import default_loss
 from planner.gpu._registry import BODIES
 
 
@@ -35,7 +36,16 @@ class MemoryMeter(TorchDispatchMode):
     """Context manager measuring live tensor bytes: ``current_bytes`` and ``peak_bytes``.
 
     Storages that exist before entering are not counted unless passed to ``include``.
+
+    ``torch.compile`` runs compiled code under the meter (``ignore_compile_internals``: dynamo
+    compiles with the meter off and runs the compiled code with it on), so a model compiled with
+    ``planner.backend`` is measured as it runs; code another backend compiles into fused kernels
+    allocates outside ATen's dispatcher, where the meter cannot see it.
     """
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self, include: Iterable[torch.Tensor] = ()):
         super().__init__()
@@ -100,13 +110,13 @@ class MemoryMeter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = BODIES.get(func._schema.name)
+        body = BODIES.get(schema_name(func))
         if body is not None:  # a variant op: run its body in view, so its temporaries count too
             with self:
                 return body(*args, **(kwargs or {}))
         result = func(*args, **(kwargs or {}))
-        for value in tree_flatten(result)[0]:
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        for value in tree_flatten(result)[0]:  # a step planned again inside the meter traces fake tensors
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and not isinstance(value, FakeTensor):
                 self._count(value)
         return result
 
@@ -140,8 +150,7 @@ def measure_step(model: torch.nn.Module, step: Callable[[], object], held: Seque
 
 def measure_training_step(model: torch.nn.Module, inputs, loss_fn=None, targets=()) -> MeasuredStep:
     """Measure one plain eager step, ``loss_fn(model(*inputs), *targets).backward()``."""
-    from planner.capture import _as_tuple, _default_loss
 
-    inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
-    loss_fn = loss_fn or _default_loss
+    inputs, targets = as_tuple(inputs, "inputs"), as_tuple(targets, "targets")
+    loss_fn = loss_fn or default_loss
     return measure_step(model, lambda: loss_fn(model(*inputs), *targets).backward(), [*inputs, *targets])

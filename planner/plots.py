@@ -9,7 +9,7 @@ import numpy as np
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
-from planner.simulate import simulate
+from planner.simulator import simulate
 from planner.units import format_bytes
 
 _GIB = 2.0**30

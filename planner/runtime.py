@@ -4,9 +4,18 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch.utils._pytree import tree_map
 
+from planner._torch import tree_map
+from planner.calls import as_tuple
 from planner.graph import OpCall, TensorRef
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A graph's dtype name, ``"torch.float32"``, as ``torch.float32``; ``ValueError`` for anything that is not a dtype."""
+    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return value
 
 
 def bind(value: Any, env: Sequence[torch.Tensor | None]) -> Any:
@@ -74,17 +83,16 @@ def signature(call: OpCall, env: Sequence[torch.Tensor | None]) -> str:
                                             is_leaf=lambda v: isinstance(v, TensorRef))))
 
 
-def initial_env(graph, model: torch.nn.Module, inputs, targets=()) -> list[torch.Tensor | None]:
-    """A tensor slot per graph tensor, with the resident ones bound to the model's real tensors."""
-    from planner.capture import _as_tuple
-
+def initial_env(graph, named: dict[str, torch.Tensor], inputs, targets=()) -> list[torch.Tensor | None]:
+    """A tensor slot per graph tensor, with the resident ones bound: parameters and buffers to the
+    model's tensors of those names (``planner.guards.model_state``), constants to their values."""
     env: list[torch.Tensor | None] = [None] * len(graph.tensors)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
     for name, tensor_id in {**graph.parameters, **graph.buffers}.items():
         env[tensor_id] = named[name]
-    for tensor_id, value in zip(graph.inputs + graph.targets, _as_tuple(inputs, "inputs") + _as_tuple(targets, "targets")):
+    for tensor_id, value in graph.constants.items():
+        env[tensor_id] = value
+    for tensor_id, value in zip(graph.inputs + graph.targets, as_tuple(inputs, "inputs") + as_tuple(targets, "targets")):
         env[tensor_id] = value
     tangent = graph.tensors[graph.tangent]
-    env[graph.tangent] = torch.ones(tangent.shape, dtype=getattr(torch, tangent.dtype.split(".")[1]), device=graph.device)
+    env[graph.tangent] = torch.ones(tangent.shape, dtype=torch_dtype(tangent.dtype), device=graph.device)
     return env

@@ -18,7 +18,6 @@ from planner.errors import InvalidScheduleError, PlanMismatchError
 from planner.graph import TrainingGraph
 
 FORMAT_VERSION = 1
-_LEGACY_IMPL = "default"  # files written before low-memory variants became graph rewrites
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class Schedule:
         steps: list[Step] = []
         try:
             for row in data["steps"]:
-                if row[0] == "c" and (len(row) == 2 or (len(row) == 3 and row[2] == _LEGACY_IMPL)):
+                if row[0] == "c" and len(row) == 2:
                     steps.append(Compute(_step_id(row[1])))
                 elif row[0] == "f" and len(row) == 2:
                     steps.append(Free(_step_id(row[1])))

@@ -23,16 +23,16 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_unflatten
 
+from planner._torch import tree_unflatten
 from planner.block_calls import Block, TensorSpec
-from planner.capture import LossFn, capture
+from planner.capturing import LossFn, capture
 from planner.cost import CostModel
 from planner.errors import CaptureError
 from planner.execute import lower
 from planner.graph import OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorKind, TrainingGraph
 from planner.schedule import Free, Schedule
-from planner.simulate import SimResult, simulate
+from planner.simulator import SimResult, simulate
 
 _FORWARD_OP = "remat_planner.block_forward.default"
 _BACKWARD_OP = "remat_planner.block_backward.default"

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten
 
+from planner._torch import tree_flatten
 from planner.errors import PlanMismatchError
 from planner.graph import OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorRef, TrainingGraph
 from planner.gpu import _bits, _cuda
@@ -42,6 +42,7 @@ from planner.gpu import dropout as _dropout
 from planner.gpu import maxpool as _maxpool
 from planner.gpu import relu as _relu
 from planner.gpu._checks import FLOAT_DTYPES
+from planner.runtime import torch_dtype
 
 #: the variants whose gradients are bitwise stock (``batch_norm_inverted`` is within a tolerance);
 #: ``plan(op_variants=True)`` chooses among these
@@ -419,7 +420,7 @@ def _rewrite_norm(rw: _Rewrite, site: VariantSite) -> None:
     fallback = rw.new_tensor(f"{name}.fallback", (shape[0], 0, *shape[2:]), graph.tensors[x.id].dtype, 0,
                              site.forward_op)
     channels = rw.new_tensor(f"{name}.fallback_channels", (0,), _INT64, 0, site.forward_op)
-    itemsize = getattr(torch, graph.tensors[x.id].dtype.removeprefix("torch.")).itemsize
+    itemsize = torch_dtype(graph.tensors[x.id].dtype).itemsize
     forward_ws, backward_ws = _batchnorm.workspace_bytes(_numel(graph, x.id), itemsize, shape[1], rw.kernels)
     rw.set_call(site.forward_op, _ops.batch_norm_inverted.default,
                 (x, weight, bias, running_mean, running_var, momentum, eps),

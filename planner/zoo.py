@@ -94,7 +94,7 @@ def _transformer(layers: int, width: int, heads: int, sequence: int, batch_size:
     return Workload(model.train(), (torch.randn(batch_size, sequence, width),), (), None)
 
 
-PRESETS: dict[str, Callable[[int], Workload]] = {
+MODEL_PRESETS: dict[str, Callable[[int], Workload]] = {
     "transformer": lambda batch: _transformer(6, 512, 8, 128, batch),
     "transformer-tiny": lambda batch: _transformer(2, 64, 4, 32, batch),
     "unet": lambda batch: _unet(32, 4, 128, batch),
@@ -134,7 +134,7 @@ def load_workload(spec: str, batch_size: int, image_size: int | None = None) -> 
     if source == "torchvision":
         return _torchvision(name, batch_size, image_size)
     if source == "preset":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
-        return PRESETS[name](batch_size)
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(MODEL_PRESETS)}")
+        return MODEL_PRESETS[name](batch_size)
     return _user_factory(spec, batch_size, image_size)

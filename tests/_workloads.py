@@ -43,6 +43,14 @@ def one_intra_op_thread():
     torch.set_num_threads(previous)
 
 
+def projection_loss(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A fixed random projection of the output: a loss with real signal (the gradient reaching the
+    output is ``weights``) whose backward allocates exactly what the graph's does. A squared error
+    would do too, but eager's ``pow`` backward holds temporaries inside its autograd node that the
+    traced ops free earlier, and on this small encoder the peak falls in the loss's backward."""
+    return (output * weights).sum()
+
+
 def make_transformer(dropout: float = 0.1) -> nn.TransformerEncoder:
     """d_model 32, 4 heads, feed-forward 64, 2 layers, batch-first, nested tensors off."""
     layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=dropout, batch_first=True)
@@ -51,8 +59,10 @@ def make_transformer(dropout: float = 0.1) -> nn.TransformerEncoder:
 
 @dataclass(frozen=True)
 class Spec:
-    """How to build one workload: a model factory, its input shape, and whether it is a classifier
-    (cross-entropy on random labels) or uses the planner's default loss (sum of the output)."""
+    """How to build one workload: a model factory, its input shape, and its loss: cross-entropy on
+    random labels for a classifier, else a fixed random projection of the output
+    (``projection_loss``; not the output's sum: a post-norm encoder's output sums to ~0 whatever
+    the weights, so its gradients would be float noise)."""
 
     factory: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
@@ -85,14 +95,10 @@ SPECS: dict[str, Spec] = {
     "inception_v3": Spec(lambda: tv.inception_v3(aux_logits=False, init_weights=False), (2, 3, 75, 75)),
     "vgg16": Spec(lambda: tv.vgg16(), (1, 3, 32, 32), algorithms=VGG_ALGORITHMS),
     "transformer": Spec(make_transformer, (2, 16, 32), classifier=False),
-    "unet": Spec(lambda: zoo.UNet(3, 2, width=8, depth=2), (2, 3, 32, 32), classifier=False),
+    # 3 classes: the output keeps the input's shape, as the projection loss needs
+    "unet": Spec(lambda: zoo.UNet(3, 3, width=8, depth=2), (2, 3, 32, 32), classifier=False),
     "stem_heavy": Spec(StemHeavy, (4, 3, 64, 64)),
 }
-
-
-def sum_loss(output: torch.Tensor) -> torch.Tensor:
-    """The planner's default loss for a single-tensor output."""
-    return output.sum()
 
 
 @dataclass
@@ -103,7 +109,7 @@ class Workload:
     name: str
     model: nn.Module
     x: torch.Tensor
-    y: Optional[torch.Tensor]
+    y: torch.Tensor  # class labels (cross-entropy) or the projection's weights
     graph: TrainingGraph
     cost_model: planner.CostModel
     algorithms: tuple[str, ...]
@@ -115,19 +121,19 @@ class Workload:
     # -- loss ------------------------------------------------------------------------------------
     @property
     def loss_fn(self):
-        """What ``capture``/``plan`` get: cross-entropy for classifiers, None (default sum) otherwise."""
-        return F.cross_entropy if self.y is not None else None
+        """What ``capture``/``plan`` get: cross-entropy for classifiers, else the projection."""
+        return projection_loss if self.y.is_floating_point() else F.cross_entropy
 
     @property
     def targets(self) -> tuple:
-        return (self.y,) if self.y is not None else ()
+        return (self.y,)
 
     @property
     def held(self) -> list[torch.Tensor]:
         return [self.x, *self.targets]
 
     def loss(self, output: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, self.y) if self.y is not None else sum_loss(output)
+        return self.loss_fn(output, self.y)
 
     # -- planning ----------------------------------------------------------------------------------
     @property
@@ -180,9 +186,8 @@ def build_workload(name: str, cost_model: planner.CostModel | None = None, batch
     torch.manual_seed(0)
     model = spec.factory().train()
     x = torch.randn(shape)
-    y = torch.randint(0, NUM_CLASSES, (shape[0],)) if spec.classifier else None
-    loss_fn = F.cross_entropy if spec.classifier else None
-    graph = planner.capture(model, x, loss_fn, targets=y)
+    y = torch.randint(0, NUM_CLASSES, (shape[0],)) if spec.classifier else torch.randn(shape)  # encoders keep the shape
+    graph = planner.capture(model, x, F.cross_entropy if spec.classifier else projection_loss, targets=y)
     return Workload(name, model, x, y, graph, cost_model or planner.RooflineCostModel("cpu"), spec.algorithms)
 
 

@@ -4,6 +4,8 @@ Each model is captured once (module-scoped, parametrized fixture) and checked by
 """
 from __future__ import annotations
 
+import re
+import sys
 from typing import Callable
 
 import numpy as np
@@ -189,6 +191,13 @@ def test_networkx_export(case: Case) -> None:
     import networkx as nx
 
     assert nx.is_directed_acyclic_graph(dag)
+
+
+def test_networkx_is_optional(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without networkx installed, only to_networkx fails, naming the extra that installs it."""
+    monkeypatch.setitem(sys.modules, "networkx", None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=re.escape("pip install 'remat-planner[networkx]'")):
+        case.graph.to_networkx()
 
 
 def test_capture_with_loss_and_targets() -> None:

@@ -20,7 +20,7 @@ def mlp() -> nn.Module:
 
 @pytest.mark.parametrize("bad", [
     [1, 2],
-    (torch.randn(2, 16), 3),
+    (torch.randn(2, 16), object()),
     np.zeros((8, 16), dtype=np.float32),
     "x",
 ])
@@ -29,13 +29,19 @@ def test_non_tensor_inputs_raise_type_error(mlp: nn.Module, bad: object) -> None
         planner.capture(mlp, bad)
 
 
+def test_constant_the_model_does_not_take_is_a_capture_error(mlp: nn.Module) -> None:
+    """Constants are passed to the model (``model(x, 3)``); one it does not accept fails its trace."""
+    with pytest.raises(CaptureError, match="TypeError"):
+        planner.capture(mlp, (torch.randn(2, 16), 3))
+
+
 def test_non_tensor_targets_raise_type_error(mlp: nn.Module) -> None:
     with pytest.raises(TypeError, match="targets"):
         planner.capture(mlp, torch.randn(8, 16), nn.functional.mse_loss, targets=[0.5])
 
 
 def test_missing_inputs_raise_type_error(mlp: nn.Module) -> None:
-    with pytest.raises(TypeError, match="inputs are required"):
+    with pytest.raises(TypeError, match="hold no tensor"):
         planner.capture(mlp, ())
 
 

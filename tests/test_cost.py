@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import planner
-from planner import PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel, cost
-from planner.cost import choose_cost_model
+from planner import DEVICE_PRESETS, DeviceSpec, ProfiledCostModel, RooflineCostModel, profiled_cost
+from planner.profiled_cost import choose_cost_model
 
 from conftest import Case, TinyCNN
 
@@ -27,7 +27,7 @@ def test_roofline_times(preset: str, resnet18_case: Case) -> None:
             assert times[op.id] == 0, op.name
         else:
             assert times[op.id] > 0, op.name
-            assert times[op.id] >= PRESETS[preset].launch_overhead
+            assert times[op.id] >= DEVICE_PRESETS[preset].launch_overhead
     workspace = model.workspace_bytes(g)
     assert workspace.shape == (len(g.ops),) and not workspace.any()
 
@@ -179,8 +179,8 @@ def test_profiling_leaves_the_model_and_the_rng_as_they_were(tiny: Case) -> None
 @pytest.fixture
 def no_profiles(monkeypatch) -> None:
     """Nothing measured yet in this process."""
-    monkeypatch.setattr(cost, "_PROCESS_CACHE", {})
-    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+    monkeypatch.setattr(profiled_cost, "_PROCESS_CACHE", {})
+    monkeypatch.setattr(profiled_cost, "_GRAPH_CACHE", {})
 
 
 def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch, no_profiles) -> None:
@@ -188,12 +188,12 @@ def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch, no_profil
     once (to find them), untimed; the times are the same."""
     first = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
     timed, runs = [], []
-    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: timed.append(key))
-    initial_env = planner.runtime.initial_env
-    monkeypatch.setattr(planner.runtime, "initial_env", lambda *a: (runs.append(1), initial_env(*a))[1])
+    monkeypatch.setattr(profiled_cost._OpClock, "stop", lambda self, key, started: timed.append(key))
+    initial_env = profiled_cost.initial_env
+    monkeypatch.setattr(profiled_cost, "initial_env", lambda *a: (runs.append(1), initial_env(*a))[1])
     again = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
     assert not timed and not runs and np.array_equal(first, again)
-    monkeypatch.setattr(cost, "_GRAPH_CACHE", {})
+    monkeypatch.setattr(profiled_cost, "_GRAPH_CACHE", {})
     once_more = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(tiny.graph)
     assert not timed and len(runs) == 1 and np.array_equal(first, once_more)
 
@@ -201,20 +201,20 @@ def test_known_signatures_are_not_timed_again(tiny: Case, monkeypatch, no_profil
 def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch, no_profiles) -> None:
     """Each timed run times every non-view op where it runs in the step (new signatures only)."""
     timed = []
-    stop = cost._OpClock.stop
-    monkeypatch.setattr(cost._OpClock, "stop", lambda self, key, started: (timed.append(key), stop(self, key, started)))
+    stop = profiled_cost._OpClock.stop
+    monkeypatch.setattr(profiled_cost._OpClock, "stop", lambda self, key, started: (timed.append(key), stop(self, key, started)))
     ProfiledCostModel.for_model(tiny.model, tiny.inputs, runs=2).op_times(tiny.graph)
     assert len(timed) == 2 * sum(not op.is_view for op in tiny.graph.ops)
 
 
 def test_low_memory_profiling_when_store_all_does_not_fit(tiny: Case, monkeypatch, no_profiles) -> None:
     g = tiny.graph
-    store_all = cost._profiling_schedule(g, 10**12)
+    store_all = profiled_cost._profiling_schedule(g, 10**12)
     assert store_all == g.store_all()
-    tight = cost._profiling_schedule(g, 0)
+    tight = profiled_cost._profiling_schedule(g, 0)
     assert tight != store_all and tight.recomputed_ops()
     assert planner.simulate(g, tight).peak_bytes < planner.simulate(g, store_all).peak_bytes
-    monkeypatch.setattr(cost, "_available_bytes", lambda device: 0)  # profile with the recomputing schedule
+    monkeypatch.setattr(profiled_cost, "_available_bytes", lambda device: 0)  # profile with the recomputing schedule
     times = ProfiledCostModel.for_model(tiny.model, tiny.inputs).op_times(g)
     assert all(times[op.id] > 0 for op in g.ops if not op.is_view)
 

@@ -14,6 +14,7 @@ own shard of the batch.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import json
 import os
 import socket
@@ -46,48 +47,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, worker, port: int, out_dir: str) -> None:
+    """One rank: its process group, ``worker(rank, out_dir)``, and a fault log (``faulthandler``)
+    so that a rank killed by a signal leaves its Python stacks for the failure message."""
+    fault_log = open(Path(out_dir, f"fault{rank}.log"), "w")
+    faulthandler.enable(fault_log, all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)  # the same initial model on every rank
-        model = ResidualNet().train()
-        torch.manual_seed(100 + rank)  # each rank its own shard
-        x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
-        chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y)
-        planned_model, eager_model = copy.deepcopy(model), copy.deepcopy(model)
-        planned = nn.parallel.DistributedDataParallel(chosen.apply(planned_model, F.cross_entropy))
-        eager = nn.parallel.DistributedDataParallel(eager_model)
-        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (planned_model, eager_model)]
-        same_grads, same_losses = [], []
-        for _ in range(STEPS):  # a second step checks that DDP's reducer is reset properly
-            losses = []
-            for ddp, optimizer in zip((planned, eager), optimizers):
-                optimizer.zero_grad()
-                loss = F.cross_entropy(ddp(x), y)
-                loss.backward()
-                losses.append(loss.detach())
-            grads = [[p.grad.clone() for p in m.parameters()] for m in (planned_model, eager_model)]
-            same_grads.append(all(torch.equal(a, b) for a, b in zip(*grads)))
-            if not same_losses:
-                first_step = torch.cat([g.flatten() for g in grads[0]])
-            same_losses.append(bool(torch.equal(*losses)))
-            for optimizer in optimizers:
-                optimizer.step()
-        # the gradients are all-reduced: equal on every rank
-        flat = torch.cat([p.grad.flatten() for p in planned_model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
-        dist.all_gather(gathered, flat)
-        result = {
-            "recomputations": chosen.recomputations,
-            "same_grads": same_grads, "same_losses": same_losses,
-            "grads_equal_across_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
-            "local_grads_differ_from_average": not torch.equal(first_step, _local_grads(model, x, y)),
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        worker(rank, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(worker, out_dir: Path) -> list[dict]:
+    """Run ``worker`` on ``WORLD`` gloo ranks; each writes ``rank{r}.json``, returned in rank order."""
+    try:
+        mp.spawn(_rank_main, args=(worker, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as error:
+        logs = "\n".join(f"--- rank {r} ---\n{Path(out_dir, f'fault{r}.log').read_text()}" for r in range(WORLD)
+                         if Path(out_dir, f"fault{r}.log").exists())
+        raise AssertionError(f"{error}\nfault logs of the ranks:\n{logs}") from error
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)  # the same initial model on every rank
+    model = ResidualNet().train()
+    torch.manual_seed(100 + rank)  # each rank its own shard
+    x, y = torch.randn(256, 16), torch.randint(0, 5, (256,))
+    chosen = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y)
+    planned_model, eager_model = copy.deepcopy(model), copy.deepcopy(model)
+    planned = nn.parallel.DistributedDataParallel(chosen.apply(planned_model, F.cross_entropy))
+    eager = nn.parallel.DistributedDataParallel(eager_model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (planned_model, eager_model)]
+    same_grads, same_losses = [], []
+    for _ in range(STEPS):  # a second step checks that DDP's reducer is reset properly
+        losses = []
+        for ddp, optimizer in zip((planned, eager), optimizers):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+        grads = [[p.grad.clone() for p in m.parameters()] for m in (planned_model, eager_model)]
+        same_grads.append(all(torch.equal(a, b) for a, b in zip(*grads)))
+        if not same_losses:
+            first_step = torch.cat([g.flatten() for g in grads[0]])
+        same_losses.append(bool(torch.equal(*losses)))
+        for optimizer in optimizers:
+            optimizer.step()
+    # the gradients are all-reduced: equal on every rank
+    flat = torch.cat([p.grad.flatten() for p in planned_model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    result = {
+        "recomputations": chosen.recomputations,
+        "same_grads": same_grads, "same_losses": same_losses,
+        "grads_equal_across_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
+        "local_grads_differ_from_average": not torch.equal(first_step, _local_grads(model, x, y)),
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def _local_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,8 +120,7 @@ def _local_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_planned_ddp_gradients_equal_unplanned_ddp(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    results = _spawn(_ddp_worker, tmp_path)
     for rank, result in enumerate(results):
         assert result["recomputations"] > 0, f"rank {rank}: the plan recomputes nothing"
         assert result["same_grads"] == [True] * STEPS, f"rank {rank}: all-reduced grads differ from DDP's"
@@ -182,16 +201,10 @@ def _ddp_blocks_results(rank: int) -> dict:
     return {"ddp_recomputations": chosen.recomputations, "ddp_same_grads": same, "mismatch": mismatch}
 
 
-def _blocks_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        ids, labels = token_batch(100 + rank)  # each rank its own shard of the batch
-        result = {**_fsdp_results(rank, ids, labels), **_ddp_blocks_results(rank)}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def _blocks_worker(rank: int, out_dir: str) -> None:
+    ids, labels = token_batch(100 + rank)  # each rank its own shard of the batch
+    result = {**_fsdp_results(rank, ids, labels), **_ddp_blocks_results(rank)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +213,7 @@ def blocks_results(tmp_path_factory) -> list[dict]:
         pytest.skip("needs torch.distributed with gloo")
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("blocks")
-    mp.spawn(_blocks_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return _spawn(_blocks_worker, out)
 
 
 def test_fsdp2_planned_layers_give_unplanned_fsdp2_loss_and_gradients(blocks_results) -> None:

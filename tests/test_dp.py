@@ -1,6 +1,7 @@
-"""The DP checkpoint search ("fast mode"): the DP against brute force on random DAG models, the
-schedules it and ``plan`` return, the memory lower bound, executed fast plans against eager
-PyTorch, the DP against the baselines on resnet18, and determinism.
+"""The DP checkpoint search ("fast mode"): the DP against brute force on random DAG models (its own
+objective, and fast mode against every segmentation judged by the simulator), the memory lower
+bound, executed fast plans against eager PyTorch, the DP against the baselines on resnet18, and
+determinism.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from hypothesis import strategies as st
 
 import planner
 from planner import InfeasibleBudgetError
-from planner.algorithms import ALGORITHMS, BASELINES
+from planner.algorithms import ALGORITHMS
 from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.dp import (
-    best_cuts, dp, dp_memory, evaluate_cuts, segment_tables,
+    best_cuts, dp, dp_memory, evaluate_cuts, kept_ops_for_cuts, segment_tables,
 )
-from planner.algorithms.keepset import model_forward_ops
+from planner.algorithms.keepset import model_forward_ops, schedule_keeping
 
 from _random_dags import MAX_FORWARD_OPS, DagSpec, build_dag, dag_specs
 from _workloads import Workload, assert_same_step, build_workload, planned_step
@@ -100,37 +101,53 @@ def _budgets(graph) -> list[int]:
                   | {lower - 1, lower}, reverse=True)
 
 
+def _every_segmentation(graph) -> list[tuple[int, float]]:
+    """(simulated peak, time) of the schedule of every checkpoint segmentation of the model's
+    forward ops: the DP's whole search space, judged by the simulator instead of the DP's own
+    memory model. O(2^(n-1)) schedules, n <= MAX_FORWARD_OPS."""
+    tables = segment_tables(graph, CPU)
+    results = []
+    for cuts in _segmentations(len(tables.ops) - 1):
+        schedule = schedule_keeping(graph, kept_ops_for_cuts(tables, np.array(cuts, dtype=np.int64)))
+        result = planner.simulate(graph, schedule, CPU)
+        results.append((result.peak_bytes, result.time))
+    return results
+
+
 @PROPERTY
 @given(dag_specs())
 @example(CHAIN_WITH_SKIPS)
 @example(BRANCHES)
 def test_dp_schedules_and_fast_plans_on_random_models(spec: DagSpec) -> None:
+    """Fast mode against brute force over the DP's search space: whenever some segmentation's
+    schedule fits the budget in the simulator, fast mode finds a plan no slower than the fastest
+    of them (the DP alone misses it on a few graphs, its memory model being an estimate; then
+    another of fast mode's candidates must make up for it)."""
     graph = build_dag(spec).graph
     store_all = planner.simulate(graph, graph.store_all(), CPU)
     lower = memory_lower_bound(graph, CPU)
+    segmentations = _every_segmentation(graph)
     for budget in _budgets(graph):
         for name in DP_ALGORITHMS:
             planner.simulate(graph, ALGORITHMS[name](graph, CPU, budget), CPU)  # raises if invalid
-        baselines = {name: planner.simulate(graph, ALGORITHMS[name](graph, CPU, budget), CPU) for name in BASELINES}
+        fitting = [time for peak, time in segmentations if peak <= budget]
         try:
             chosen = planner.plan(graph, budget, mode="fast", cost_model=CPU, op_variants=False)
         except InfeasibleBudgetError as error:
             assert error.min_feasible_bytes >= lower
             assert error.min_feasible_bytes > budget
             assert store_all.peak_bytes > budget, "store-all fits this budget, yet fast mode found nothing"
-            fitting = [name for name, r in baselines.items() if r.peak_bytes <= budget]
-            assert not fitting, f"fast mode found nothing within {budget} bytes, yet {fitting} fit"
+            assert not fitting, f"fast mode found nothing within {budget} bytes, yet {len(fitting)} segmentations fit"
             continue
         assert budget >= lower, f"a plan within {budget} bytes, below the lower bound {lower}"
         assert chosen.predicted_peak_bytes <= budget
         result = planner.simulate(graph, chosen.schedule, CPU)
         assert result.peak_bytes == chosen.predicted_peak_bytes
-        for name, r in baselines.items():
-            if r.peak_bytes <= budget:
-                overhead = r.time / chosen.store_all_time - 1.0
-                assert chosen.overhead <= overhead + TIME_RTOL, (
-                    f"budget {budget}: fast mode ({chosen.algorithm}) overhead {chosen.overhead:.6g} > "
-                    f"{name}'s {overhead:.6g}, which fits")
+        if fitting:
+            best = min(fitting)
+            assert chosen.predicted_time <= best * (1 + TIME_RTOL), (
+                f"budget {budget}: fast mode ({chosen.algorithm}) takes {chosen.predicted_time:.6g} s, "
+                f"the best segmentation {best:.6g} s")
 
 
 # ---- 3. the memory lower bound ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import planner
 from planner import InfeasibleBudgetError, InvalidScheduleError, Plan, PlanMismatchError
 from planner.algorithms import ALGORITHMS
 
-from _workloads import Workload, assert_same_step, build_workload, planned_step, snapshot
+from _workloads import Workload, assert_same_step, build_workload, eager_step, planned_step, snapshot
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 CPU = planner.RooflineCostModel("cpu")  # what plan() uses for a CPU graph when given no cost model
@@ -124,7 +124,8 @@ def test_cost_model_preset_by_name(transformer: Workload) -> None:
 
 def test_plan_from_model_equals_plan_from_graph(transformer: Workload) -> None:
     # the same cost model for both (a model alone would be profiled: tests/test_cost.py)
-    from_model = planner.plan(transformer.model, "80%", transformer.x, cost_model="cpu")
+    from_model = planner.plan(transformer.model, "80%", transformer.x, loss_fn=transformer.loss_fn,
+                              targets=transformer.y, cost_model="cpu")
     from_graph = planner.plan(transformer.graph, "80%")
     assert from_model.graph.fingerprint == from_graph.graph.fingerprint
     assert from_model.schedule == from_graph.schedule
@@ -150,7 +151,7 @@ def test_apply_to_the_planned_model(resnet: Workload) -> None:
 def test_graph_plan_applies_to_a_model(transformer: Workload) -> None:
     chosen = planner.plan(transformer.graph, "80%")
     model = transformer.fresh_copy()
-    pm = chosen.apply(model)
+    pm = chosen.apply(model, transformer.loss_fn)
     assert_same_step(planned_step(model, pm, transformer.x, transformer.loss, seed=1), transformer.reference(seed=1))
 
 
@@ -192,27 +193,36 @@ def test_loaded_plan_refuses_another_model(saved_resnet_plan: tuple[Plan, Path],
         Plan.load(path).apply(model, loss_fn=F.cross_entropy)
 
 
-def test_plan_refuses_its_own_model_switched_to_eval(resnet: Workload) -> None:
+def test_plan_applied_to_its_own_model_switched_to_eval_runs_it_eagerly(resnet: Workload) -> None:
+    """Before issue 13 this was refused at apply; eval mode now runs the model eagerly (eager's
+    outputs, statistics untouched), and train mode the plan."""
     model = resnet.fresh_copy()
     chosen = planner.plan(model, _resnet_budget(resnet), resnet.x, loss_fn=F.cross_entropy, targets=resnet.y)
     model.eval()
-    with pytest.raises(PlanMismatchError):
-        chosen.apply(model, F.cross_entropy)
+    pm = chosen.apply(model, F.cross_entropy)
+    reference = resnet.fresh_copy().eval()
+    with torch.no_grad():
+        assert torch.equal(pm(resnet.x), reference(resnet.x))
+    model.train()
+    assert_same_step(planned_step(model, pm, resnet.x, resnet.loss, seed=1), resnet.reference(seed=1))
 
 
 @pytest.mark.parametrize("source", ["in-memory", "loaded"])
-def test_planned_module_refuses_another_input_shape(resnet: Workload, saved_resnet_plan: tuple[Plan, Path],
-                                                    source: str) -> None:
+def test_planned_module_plans_another_input_shape(resnet: Workload, saved_resnet_plan: tuple[Plan, Path],
+                                                  source: str) -> None:
+    """A batch of another size (the last, smaller one of an epoch) is planned again with the same
+    budget request, for a plan made in this process or loaded from a file (before issue 13:
+    PlanMismatchError)."""
     original, path = saved_resnet_plan
     chosen = original if source == "in-memory" else Plan.load(path)
     model = resnet.fresh_copy()
     pm = chosen.apply(model, F.cross_entropy)
-    for x in (resnet.x[:1], torch.randn(4, 3, 64, 64), torch.randn(2, 3, 96, 96)):
-        with pytest.raises(PlanMismatchError):
-            pm(x)
-    with pytest.raises(PlanMismatchError):
-        pm.training_step(resnet.x[:1], resnet.y[:1])
-    assert all(p.grad is None for p in model.parameters())
+    x, y = resnet.x[:1], resnet.y[:1]
+    got = planned_step(model, pm, x, lambda out: F.cross_entropy(out, y), seed=1)
+    want = eager_step(resnet.fresh_copy(), x, lambda out: F.cross_entropy(out, y), seed=1)
+    assert_same_step(got, want)
+    assert len(pm.plans) == 2 and pm.plans[-1].input_specs[0].shape == (1, 3, 64, 64)
+    assert pm.plans[-1].budget_bytes == original.budget_bytes  # a byte budget stays bytes
 
 
 # ---- damaged plan files ----------------------------------------------------------------------------
@@ -245,7 +255,7 @@ def test_plan_with_a_nonexistent_op_is_refused(resnet: Workload, saved_resnet_pl
     """Valid JSON and the right fingerprint, but a step names an op the graph does not have."""
     _, path = saved_resnet_plan
     data = json.loads(path.read_text())
-    data["schedule"]["steps"].insert(0, ["c", len(resnet.graph.ops) + 5, "default"])
+    data["schedule"]["steps"].insert(0, ["c", len(resnet.graph.ops) + 5])
     damaged = tmp_path / "damaged.plan.json"
     damaged.write_text(json.dumps(data))
     model = resnet.fresh_copy()

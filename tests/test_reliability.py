@@ -244,15 +244,15 @@ def _edits(data: dict, graph) -> dict[str, dict]:
         return copy_
 
     return {
-        "negative-op-id": edited(lambda d, s: s.insert(0, ["c", -1, "default"])),
-        "op-id-past-the-end": edited(lambda d, s: s.insert(0, ["c", len(graph.ops), "default"])),
+        "negative-op-id": edited(lambda d, s: s.insert(0, ["c", -1])),
+        "op-id-past-the-end": edited(lambda d, s: s.insert(0, ["c", len(graph.ops)])),
         "free-of-unknown-tensor": edited(lambda d, s: s.insert(0, ["f", len(graph.tensors) + 3])),
         "first-step-removed": edited(lambda d, s: s.pop(0)),
         "a-free-removed": edited(lambda d, s: s.pop(first_free)),
         "a-backward-op-removed": edited(lambda d, s: s.pop(first_backward)),
         "a-backward-op-twice": edited(lambda d, s: s.insert(first_backward, s[first_backward])),
         "consumer-before-producer": edited(lambda d, s: s.insert(0, s.pop(consumer))),
-        "op-id-not-a-number": edited(lambda d, s: s.__setitem__(0, ["c", "x", "default"])),
+        "op-id-not-a-number": edited(lambda d, s: s.__setitem__(0, ["c", "x"])),
         "op-id-fractional": edited(lambda d, s: s.__setitem__(0, ["c", s[0][1] + 0.5])),
         "op-id-infinite": edited(lambda d, s: s.__setitem__(0, ["f", float("inf")])),
         "newer-plan-format": edited(lambda d, s: d.__setitem__("format", 2)),

@@ -127,16 +127,16 @@ def test_json_round_trip(tiny_cnn_case: Case, tmp_path: Path) -> None:
     assert planner.simulate(g, loaded).peak_bytes == planner.simulate(g, schedule).peak_bytes
 
 
-def test_json_accepts_legacy_default_impl_and_refuses_others(tiny_cnn_case: Case) -> None:
-    """Steps are written ["c", op]; files from before variants moved into the graph carried a
-    third element, accepted when it is "default" (the only implementation there was)."""
+def test_json_steps_have_two_elements(tiny_cnn_case: Case) -> None:
+    """Steps are written ["c", op] and ["f", tensor]; a step with a third element (which
+    implementation to run, before variants moved into the graph) is refused: format 1 never had it."""
     data = tiny_cnn_case.graph.store_all().to_json()
     assert all(len(row) == 2 for row in data["steps"])
-    legacy = {**data, "steps": [row + ["default"] if row[0] == "c" else row for row in data["steps"]]}
-    assert Schedule.from_json(legacy) == tiny_cnn_case.graph.store_all()
-    legacy["steps"][0] = ["c", legacy["steps"][0][1], "lowmem_cupy"]
-    with pytest.raises(InvalidScheduleError, match="corrupted"):
-        Schedule.from_json(legacy)
+    assert Schedule.from_json(data) == tiny_cnn_case.graph.store_all()
+    for extra in ("default", "lowmem_cupy"):
+        steps = [row + [extra] if row[0] == "c" else row for row in data["steps"]]
+        with pytest.raises(InvalidScheduleError, match="corrupted"):
+            Schedule.from_json({**data, "steps": steps})
 
 
 def test_load_with_another_graph_raises_mismatch(tiny_cnn_case: Case, tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_wrong_format_raises(tiny_cnn_case: Case, tmp_path: Path) -> None:
     [],
     {"format": 1, "fingerprint": "abc"},
     {"format": 1, "fingerprint": "abc", "steps": [["x", 1]]},
-    {"format": 1, "fingerprint": "abc", "steps": [["c", "one", "default"]]},
+    {"format": 1, "fingerprint": "abc", "steps": [["c", "one"]]},
     {"format": 1, "fingerprint": "abc", "steps": [["f"]]},
     {"format": 1, "fingerprint": "abc", "steps": [[]]},
     {"format": 1, "fingerprint": "abc", "steps": 7},

@@ -32,7 +32,7 @@ from planner import PlanMismatchError  # noqa: E402
 from planner._aot import _tracing_state  # noqa: E402
 
 from conftest import make_transformer  # noqa: E402
-from _workloads import one_intra_op_thread  # noqa: E402,F401  (autouse fixture)
+from _workloads import one_intra_op_thread, projection_loss  # noqa: E402,F401  (autouse fixture)
 
 VOCAB, BATCH, SEQUENCE = 256, 4, 128
 PEAK_TOLERANCE = 0.01  # measured peak vs simulated, relative
@@ -122,7 +122,8 @@ def build_case(name: str) -> Case:
         return Case(llama().train(), (ids, labels), (), returned_loss, True)
     if name == "transformer_encoder":
         model = make_transformer(d_model=32, nhead=4, ff=64, layers=6, dropout=0.0)
-        return Case(model, (torch.randn(BATCH, SEQUENCE, 32),), (), lambda out: out.sum(), False)
+        shape = (BATCH, SEQUENCE, 32)  # a random projection: a post-norm output sums to ~0
+        return Case(model, (torch.randn(shape),), (torch.randn(shape),), projection_loss, False)
     raise KeyError(name)
 
 
@@ -171,10 +172,11 @@ def test_measured_peak_is_the_simulated_peak(planned) -> None:
     assert measured.peak_bytes < 0.51 * chosen.store_all_peak_bytes
 
 
-def test_model_output_the_loss_ignores_needs_training_step() -> None:
+def test_model_output_the_loss_ignores() -> None:
     """transformers' output object with ``.loss`` and ``.logits``, planned with ``loss_fn=lambda
-    out: out.loss``: the logits get no gradient, so the planned module cannot hand the output to
-    autograd (a typed error says so) but ``training_step`` runs the whole step, as eager does."""
+    out: out.loss``: the planned module returns both (the logits get no gradient, as the plan's
+    loss ignores them) and trains like eager; a loss that uses the logits after all is refused
+    at its backward, naming the fix; ``training_step`` runs the whole step too."""
 
     class FullOutput(nn.Module):
         def __init__(self, model: nn.Module):
@@ -188,13 +190,18 @@ def test_model_output_the_loss_ignores_needs_training_step() -> None:
     model = FullOutput(gpt2()).train()
     ids, labels = _token_batch()
     chosen = planner.plan(model, "60%", (ids, labels), loss_fn=lambda out: out.loss)
-    reference = copy.deepcopy(model)
+    reference, fused = copy.deepcopy(model), copy.deepcopy(model)
     pm = chosen.apply(model, lambda out: out.loss)
-    with pytest.raises(PlanMismatchError, match="training_step"):
-        pm(ids, labels)
-    loss = pm.training_step((ids, labels))
-    want = reference(ids, labels).loss
-    want.backward()
-    assert torch.equal(loss, want.detach())
+    out = pm(ids, labels)
+    out.loss.backward()
+    want = reference(ids, labels)
+    want.loss.backward()
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
     for got, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got.grad, ref.grad)
+    with pytest.raises(PlanMismatchError, match="loss_fn"):
+        pm(ids, labels).logits.sum().backward()
+    loss = chosen.apply(fused, lambda out: out.loss).training_step((ids, labels))
+    assert torch.equal(loss, want.loss.detach())
+    for got, ref in zip(fused.parameters(), reference.parameters(), strict=True):
         assert torch.equal(got.grad, ref.grad)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from planner import format_bytes, parse_budget
-from planner.units import ACCEPTED_FORMS
+from planner.budgets import ACCEPTED_FORMS
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -24,7 +24,7 @@ from planner.variants import (
 )
 from planner.zoo import load_workload
 
-from _workloads import Workload, assert_same_step, build_workload, planned_step
+from _workloads import Workload, assert_same_step, build_workload, planned_step, projection_loss
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 from conftest import TinyCNN
 
@@ -36,12 +36,15 @@ def resnet() -> Workload:
 
 @pytest.fixture(scope="module")
 def transformer() -> Workload:
-    """The CLI's transformer-tiny preset (2 layers, width 64, sequence 32, dropout 0.1), batch 2."""
+    """The CLI's transformer-tiny preset (2 layers, width 64, sequence 32, dropout 0.1), batch 2,
+    with a fixed random projection of its output as the loss (its sum would be ~0)."""
     torch.manual_seed(0)
     spec = load_workload("preset:transformer-tiny", 2)
     (x,) = spec.inputs
-    graph = planner.capture(spec.model, x)
-    return Workload("transformer-tiny", spec.model, x, None, graph, planner.RooflineCostModel("cpu"), ("store_all",))
+    weights = torch.randn(x.shape)
+    graph = planner.capture(spec.model, x, projection_loss, targets=weights)
+    return Workload("transformer-tiny", spec.model, x, weights, graph, planner.RooflineCostModel("cpu"),
+                    ("store_all",))
 
 
 def _rewritten(workload: Workload, keep=lambda site: True) -> Workload:
@@ -122,7 +125,7 @@ def test_variant_names_reapply_after_recapture(transformer: Workload) -> None:
     sites = variant_sites(transformer.graph)
     rewritten = apply_variants(transformer.graph, sites[::2][::-1])  # any order: the same graph
     assert rewritten.fingerprint == apply_variants(transformer.graph, sites[::2]).fingerprint
-    again = planner.capture(transformer.model, transformer.x)
+    again = planner.capture(transformer.model, transformer.x, projection_loss, targets=transformer.y)
     assert apply_variant_names(again, rewritten.variants).fingerprint == rewritten.fingerprint
     with pytest.raises(PlanMismatchError):
         apply_variant_names(again, ["relu_packed@no_such_op"])

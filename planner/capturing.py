@@ -12,11 +12,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import flop_registry
 
 from planner import _aot
+from planner._torch import OpOverload, schema_is_mutable, schema_returns, tree_flatten, tree_map, tree_unflatten
+from planner.calls import PytreeForm, Slot, as_tuple, call_arguments, split, split_call
 from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
+from planner.guards import step_key
 from planner.graph import (
     InputSpec, OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorKind, TensorRef, TrainingGraph,
 )
@@ -44,9 +46,12 @@ def _boundary_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
 
 _boundary.register_autograd(lambda ctx, grad: (_boundary(grad, ctx.index), None), setup_context=_boundary_setup)
 _BOUNDARY = torch.ops.remat_planner.boundary.default
+# kept by dead-code elimination when the loss ignores the output it marks (transformers' logits
+# beside its loss, a cache): the planned module still returns that output
+torch.fx.node.has_side_effect(_BOUNDARY)
 
 
-def _default_loss(output: Any) -> torch.Tensor:
+def default_loss(output: Any) -> torch.Tensor:
     leaves = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
     if not leaves:
         raise CaptureError("the model returns no floating-point tensor for the default loss (the sum of "
@@ -55,43 +60,34 @@ def _default_loss(output: Any) -> torch.Tensor:
 
 
 class _TrainingStep(torch.nn.Module):
-    """``loss_fn(model(*inputs), *targets)`` as one module, the shape AOT autograd traces."""
+    """``loss_fn(model(*args, **kwargs), *targets)`` as one module of tensors, the shape AOT
+    autograd traces; ``call_form`` rebuilds the model's arguments from the tensors."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, n_inputs: int):
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, call_form: PytreeForm):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn or _default_loss
-        self.n_inputs = n_inputs
-        self.output_spec = None
-        self.n_outputs = 0
+        self.loss_fn = loss_fn or default_loss
+        self.call_form = call_form
+        self.n_inputs = call_form.n_tensors
+        self.output_form: PytreeForm | None = None
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor]:
-        output = self.model(*args[: self.n_inputs])
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
+        args, kwargs = self.call_form.fill(tensors[: self.n_inputs])
+        output = self.model(*args, **kwargs)
         leaves, spec = tree_flatten(output)
-        if not any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves):
+        form, outputs = split(output, "the model's output", keep_objects=True)
+        if not any(t.requires_grad for t in outputs):
             raise CaptureError("the model's output does not depend on any trainable parameter: "
                                "nothing to differentiate (is requires_grad off everywhere?)")
-        marked = [isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves]
-        self.output_spec = spec if all(marked) else None
-        self.n_outputs = len(leaves)
-        leaves = [_boundary(leaf, i) if mark else leaf for i, (leaf, mark) in enumerate(zip(leaves, marked))]
-        loss = self.loss_fn(tree_unflatten(leaves, spec), *args[self.n_inputs:])
+        self.output_form = form
+        marked = [_boundary(t, i) for i, t in enumerate(outputs)]  # every tensor the model returns
+        leaves = [marked[slot.index] if isinstance(slot, Slot) else leaf for slot, leaf in zip(form.leaves, leaves)]
+        loss = self.loss_fn(tree_unflatten(leaves, spec), *tensors[self.n_inputs:])
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise CaptureError(f"loss_fn must return a scalar tensor, got {shape}: "
                                "reduce it with .mean() or .sum()")
         return (loss,)
-
-
-def _as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
-    if values is None:
-        return ()
-    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
-    for i, value in enumerate(values):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(value).__name__}; pass tensors "
-                            "(a tensor, or a tuple/list of tensors)")
-    return values
 
 
 def _check_arguments(model: torch.nn.Module, inputs: tuple, targets: tuple, input_grads: bool) -> torch.device:
@@ -141,7 +137,7 @@ def _refuse_distributed_wrappers(model: torch.nn.Module) -> None:
 
 def capture(
     model: torch.nn.Module,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: Any,
     loss_fn: LossFn | None = None,
     *,
     targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -152,7 +148,9 @@ def capture(
     Parameters
     ----------
     model: the module to train, in the mode it will train in (``model.train()`` normally).
-    inputs: an example batch: a tensor or a tuple of tensors, passed as ``model(*inputs)``.
+    inputs: an example batch: a tensor (``model(x)``), a tuple of them (``model(*inputs)``) or a
+        dict (``model(**inputs)``, a transformers batch); tuples, lists and dicts may nest and hold
+        constants (None, bool, int, float, str), which the graph assumes (``planner.calls``).
     loss_fn: ``loss_fn(output, *targets) -> scalar``; defaults to the sum of the output.
     targets: extra tensors for ``loss_fn`` (labels).
     input_grads: allow inputs that require grad and plan their gradients too (the
@@ -160,9 +158,9 @@ def capture(
 
     Raises
     ------
-    TypeError: inputs that are not tensors. CaptureError: tracing failed (data-dependent control
-    flow, a non-scalar loss, inputs on another device, ...); UnsupportedOperatorError names an
-    operator the planner cannot handle.
+    TypeError: inputs that are not tensors or constants. CaptureError: tracing failed
+    (data-dependent control flow, a non-scalar loss, inputs on another device, ...);
+    UnsupportedOperatorError names an operator the planner cannot handle.
 
     Notes
     -----
@@ -171,28 +169,52 @@ def capture(
     layer's worth; ``planner.runtime.GRAD_MODE_OPS``). Time is roughly
     linear in the number of operators (ResNet-50: about 2 s on 2 CPU cores).
     """
-    inputs = _as_tuple(inputs, "inputs")
-    targets = _as_tuple(targets, "targets")
-    device = _check_arguments(model, inputs, targets, input_grads)
-    step = _TrainingStep(model, loss_fn, len(inputs))
+    args, kwargs = call_arguments(inputs)
+    call_form, tensors = split_call(args, kwargs)
+    if not tensors:
+        raise TypeError("inputs hold no tensor: pass tensors (a tensor, a tuple of them, or a dict for "
+                        "model(**inputs)), e.g. torch.randn(32, 3, 224, 224)")
+    targets = as_tuple(targets, "targets")
+    device = _check_arguments(model, tensors, targets, input_grads)
+    assumptions, _ = step_key(model, call_form, tensors, device.type)
+    step = _TrainingStep(model, loss_fn, call_form)
     try:
         with _aot.quiet_torch_logs():  # a failure becomes one CaptureError, not pages of torch logs
-            joint = _aot.trace_joint(step, _distinct_storages(inputs + targets))
+            joint = _aot.trace_joint(step, _distinct_storages(tensors + targets))
     except PlannerError:
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause
         raise CaptureError(_explain_trace_failure(error)) from error
+    _drop_assertions(joint.graph)
     _sum_tied_gradients(joint)
     _one_node_per_output(joint)
-    specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in inputs + targets)
-    builder = _GraphBuilder(joint, n_inputs=len(inputs), input_specs=specs, device=str(device))
+    specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in tensors + targets)
+    builder = _GraphBuilder(joint, n_inputs=len(tensors), input_specs=specs, device=str(device))
     graph = builder.build()
-    # apply() hands every output back through autograd and every output's gradient to the plan's
-    # backward: only when each output has both (an output the loss ignores has no gradient)
-    every_output = list(range(step.n_outputs))
-    complete = sorted(builder.model_outputs) == sorted(builder.output_grads) == every_output
-    graph.output_spec = step.output_spec if complete else None
+    graph.call_form, graph.output_form, graph.assumptions = call_form, step.output_form, assumptions
     return graph
+
+
+def _drop_assertions(graph: torch.fx.Graph) -> None:
+    """Remove the ops that only check values (``aten._assert_async`` from ``F.one_hot``'s class
+    range, and other ops returning nothing), with the ops that computed nothing but their argument.
+    They allocate nothing and no plan can move them; the planned step does not run them (the loss
+    code, which the user runs, still checks)."""
+    def removable(node: torch.fx.Node) -> bool:
+        target = node.target
+        return (node.op == "call_function" and not node.users and target is not _BOUNDARY
+                and isinstance(target, OpOverload) and not schema_is_mutable(target)
+                and torch.Tag.nondeterministic_seeded not in target.tags)
+
+    pending = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, OpOverload)
+               and not schema_returns(n.target) and removable(n)]
+    while pending:
+        node = pending.pop()
+        if node.graph is None or not removable(node):
+            continue
+        feeders = node.all_input_nodes
+        graph.erase_node(node)
+        pending.extend(feeders)
 
 
 def _distinct_storages(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -267,9 +289,9 @@ def _one_node_per_output(joint: torch.fx.GraphModule) -> None:
         if isinstance(value, torch.fx.Node) and value.target is operator.getitem:
             groups.setdefault((value.args[0], _aot.storage_key(value.meta["val"])), []).append(position)
     for (op, key), positions in groups.items():
-        if not isinstance(op.target, torch._ops.OpOverload):
+        if not isinstance(op.target, OpOverload):
             continue
-        returns = op.target._schema.returns
+        returns = schema_returns(op.target)
         twins = [i for i, item in enumerate(op.meta["val"]) if isinstance(item, torch.Tensor)
                  and _aot.storage_key(item) == key and returns[min(i, len(returns) - 1)].alias_info is None]
         if len(twins) > 1:
@@ -338,6 +360,7 @@ class _GraphBuilder:
         self.output_grads: dict[int, int] = {}  # output index -> tensor id of its gradient
         self.loss_nodes: set[torch.fx.Node] = set()  # forward nodes downstream of the model-output markers
         self.input_gradients: dict[int, int] = {}
+        self.constants: dict[int, torch.Tensor] = {}
         self.forward_op_of_sequence: dict[int, int] = {}  # autograd sequence number -> first forward op
 
     # -- tensors and storages -----------------------------------------------------------------
@@ -368,13 +391,13 @@ class _GraphBuilder:
         self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
 
-    def _separate_from_siblings(self, target: torch._ops.OpOverload, index: int, slots: list) -> None:
+    def _separate_from_siblings(self, target: OpOverload, index: int, slots: list) -> None:
         """Output ``index`` (the last of ``slots``) in a storage of its own when it shares one with
         an earlier output of the op but the schema says it is a fresh tensor (no alias annotation).
         ATen requires that of its kernels; a meta kernel may not keep to it: oneDNN's LSTM backward
         returns one fake bias gradient for both biases, while the real kernel returns two tensors.
         Views of either find their storage through the op they are read by (``_storage``)."""
-        returns = target._schema.returns
+        returns = schema_returns(target)
         row = self.tensor_rows[slots[-1]]
         siblings = {self.tensor_rows[t]["storage"] for t in slots[:-1] if t is not None}
         if row["storage"] in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
@@ -424,10 +447,10 @@ class _GraphBuilder:
             is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
             (self.model_outputs if is_forward else self.output_grads)[index] = self.tensor_of[source]
             return
-        if not isinstance(target, torch._ops.OpOverload):
+        if not isinstance(target, OpOverload):
             raise UnsupportedOperatorError(str(target), "only ATen operators can be planned "
                                            "(higher-order operators and Python callables are not supported)")
-        if target._schema.is_mutable:
+        if schema_is_mutable(target):
             raise UnsupportedOperatorError(str(target), "it writes into its inputs, which the planner "
                                            "cannot reorder or recompute safely")
         is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
@@ -482,6 +505,17 @@ class _GraphBuilder:
         ))
         self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
 
+    def _get_attr(self, node: torch.fx.Node) -> None:
+        """A tensor the forward creates from constants (``torch.tensor([])`` in transformers'
+        caches): resident, bound to the traced value. Anything else is a higher-order op's graph."""
+        value = getattr(self.joint, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedOperatorError(f"{node.target} (a higher-order operator's subgraph)",
+                                           "control flow operators (torch.cond, while_loop, map) cannot be "
+                                           "planned: compute both branches and select with torch.where")
+        self.tensor_of[node] = tensor_id = self._new_tensor(node.target, value, TensorKind.CONSTANT, None)
+        self.constants[tensor_id] = value
+
     def _resize(self, slots: tuple[int | None, ...], real: list) -> None:
         """Give the tensors in ``slots`` the shapes, layouts, dtypes and bytes the real kernel produces."""
         for tensor_id, found in zip(slots, real):
@@ -525,10 +559,8 @@ class _GraphBuilder:
                 self._call_function(node)
             elif node.op == "output":
                 loss, gradients, buffer_updates = self._output(node)
-            elif node.op == "get_attr":  # the subgraph of a higher-order operator
-                raise UnsupportedOperatorError(f"{node.target} (a higher-order operator's subgraph)",
-                                               "control flow operators (torch.cond, while_loop, map) cannot be "
-                                               "planned: compute both branches and select with torch.where")
+            elif node.op == "get_attr":
+                self._get_attr(node)
             else:
                 raise UnsupportedOperatorError(node.op, f"unexpected fx node {node.name} in the joint graph")
         if not gradients:
@@ -545,10 +577,10 @@ class _GraphBuilder:
             calls=tuple(self.calls), parameters=self.parameters, buffers=self.buffers,
             inputs=tuple(self.inputs), targets=tuple(self.targets), tangent=self.tangent, loss=loss,
             model_outputs=tuple(self.model_outputs[i] for i in sorted(self.model_outputs)),
-            output_grads=tuple(self.output_grads[i] for i in sorted(self.output_grads)),
+            output_grads=tuple(self.output_grads.get(i) for i in sorted(self.model_outputs)),
             gradients=gradients, buffer_updates=buffer_updates, input_gradients=self.input_gradients,
             input_specs=self.input_specs,
-            device=self.device,
+            device=self.device, constants=self.constants,
         )
 
     def _loss_forward(self, loss_backward: set[int], buffer_updates: dict[int, int]) -> set[int]:
@@ -580,7 +612,7 @@ class _GraphBuilder:
         return region
 
 
-def _flops(target: torch._ops.OpOverload, args: Any, kwargs: Any, out: Any) -> float:
+def _flops(target: OpOverload, args: Any, kwargs: Any, out: Any) -> float:
     """FLOPs from PyTorch's own counter where it knows the op; one per element otherwise."""
     counter = flop_registry.get(target.overloadpacket)
     if counter is not None:
