@@ -3,39 +3,58 @@
 Variables, over the coarsened problem of ``staging.py`` (K stages, nodes f, groups g):
 
 - ``keep[k, g]``: group g is held when stage k starts (``k = 0``: kept after the forward);
-- ``recompute[k, f]``: node f is recomputed right before stage k.
+- ``recompute[k, f]``: node f is recomputed right before stage k;
+- continuous *derived* columns, each defined by lower bounds on binaries (and earlier derived
+  columns) and pushed down by the memory rows: ``live`` (is a group still needed from here on in
+  a recomputation phase) and ``memory`` (the bytes live at a position of the phase).
 
-A variable exists only while it can still serve a later stage (``last_useful``), so the problem
-is a band, not a K x n square. Constraints: a stage's reads are held or recomputed; a
-recomputation's inputs are held or recomputed in the same stage; a group is held into stage k+1
-only if it was held or recomputed in stage k; backward aliases pin their storage.
+A binary exists only while it can still serve a later stage (``last_useful``). Logic rows: a
+stage's reads are held or recomputed; a recomputation's inputs are held or recomputed in the
+same stage; a group is held into stage k+1 only if it was held or recomputed in stage k; a group
+is not both held and recomputed in one stage; backward aliases pin their storage.
 
-Memory, against ``budget - resident``, with sizes rounded up and the budget down to a common unit
-(so every answer fits in bytes):
+Memory rows, against ``budget - resident``, with sizes rounded up and the budget down to a common
+unit (so every answer fits in bytes), follow the decoded schedule op by op:
 
 - each forward op: bytes every schedule holds there + groups past their last forward use if kept;
-- each stage, while recomputing: groups held + the groups of every recomputed node + the largest
-  transient (what one node holds only while it runs, a continuous variable per stage);
+- each op of a recomputation phase: every group still to be read by a later op of the phase, by
+  the stage or by a later stage (its ``live`` column: the largest of the recomputations that read
+  it later and ``keep[k+1, g]``) + what the op's node holds only inside itself + the fixed
+  backward bytes; the ``memory`` columns chain these sums from op to op, so each row has a few
+  terms;
 - each stage op: its reads + groups carried past it + the fixed backward bytes there;
 - each stage's tail ops: groups carried + the fixed backward bytes there.
 
-Every row is an upper bound of what the simulator will count for the decoded schedule, so a
-solution that satisfies them fits; the objective is the decoded schedule's recompute time
-exactly. "Optimal" therefore means: no staged schedule in graph order, recomputing whole nodes,
-is faster under this memory accounting. The forward rows are direct sums (a band of O(n * g)
-non-zeros), the stage rows O(band).
+At the least holding a recomputation pattern needs (``StagedProblem.minimal_keep``) with the
+derived columns at their lower bounds (``Formulation.vector``), every row *equals* what the
+simulator counts at that step of the decoded schedule (up to the unit rounding): a staged schedule
+the simulator fits is never rejected, and any point the rows accept fits. The objective is the
+decoded schedule's recompute time exactly. "Optimal" therefore means: no staged schedule (forward
+once in graph order, backward ops in the problem's order, whole nodes recomputed before stages)
+is faster.
+
+The phase rows are most of the model: ``exact_search`` adds them by rounds, only for the stages
+an answer broke (each round a relaxation, so its bound is the whole problem's; see there).
+
+The objective is scaled to ``TIME_SCALE`` units per step time and HiGHS's absolute gap is zero:
+in seconds a small graph's recompute times are ~1e-8, below HiGHS's default absolute gap (1e-6),
+which stopped it at the first incumbent.
+
+Complexity: O(stages x band positions) derived columns and rows, each with O(1) non-zeros, plus
+one row per stage over its band.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 from scipy import sparse
 
-from planner.algorithms.staging import StagedProblem, build_problem
+from planner.algorithms.staging import StagedProblem, block_backward_order, build_problem
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.quiet import silenced
@@ -43,17 +62,60 @@ from planner.schedule import Schedule
 from planner.simulator import simulate
 
 SCALED_BUDGET = 2 ** 22  # the budget in units is at most this: coefficients stay well inside double precision
+TIME_SCALE = 2 ** 20  # objective units per store-all step time
 # called with (incumbent time, lower bound, seconds elapsed) at each improvement; returning True
 # stops the solver, which then reports its incumbent
 Progress = Callable[[float, float, float], "bool | None"]
 
 
+# ---- linear expressions over columns ----------------------------------------------------------
+@dataclass(frozen=True)
+class Expr:
+    """``const + sum(coef * x[col])``."""
+
+    terms: tuple[tuple[int, float], ...] = ()
+    const: float = 0.0
+
+    @staticmethod
+    def of(column: int, coef: float = 1.0) -> "Expr":
+        return Expr(((column, coef),)) if column >= 0 else Expr()
+
+    def __add__(self, other: "Expr") -> "Expr":
+        return Expr(self.terms + other.terms, self.const + other.const)
+
+    def scaled(self, factor: float) -> "Expr":
+        if factor == 1.0:
+            return self
+        return Expr(tuple((c, v * factor) for c, v in self.terms), self.const * factor)
+
+    def minus(self, other: "Expr", factor: float) -> "Expr":
+        """``factor * (self - other)`` in one pass."""
+        return Expr(tuple((c, v * factor) for c, v in self.terms) + tuple((c, -v * factor) for c, v in other.terms),
+                    (self.const - other.const) * factor)
+
+    @staticmethod
+    def total(exprs) -> "Expr":
+        """The sum of ``exprs``, in time linear in their terms (``+`` copies)."""
+        terms: list[tuple[int, float]] = []
+        const = 0.0
+        for expr in exprs:
+            terms.extend(expr.terms)
+            const += expr.const
+        return Expr(tuple(terms), const)
+
+    def is_constant(self, value: float) -> bool:
+        return not self.terms and self.const == value
+
+
 @dataclass(frozen=True)
 class Formulation:
-    """``min c.x`` s.t. ``row_lower <= A x <= row_upper``, ``col_lower <= x <= col_upper``, x binary."""
+    """``min cost.x`` s.t. ``row_lower <= A x <= row_upper``, ``col_lower <= x <= col_upper``,
+    integrality. Memory rows are ``memory @ x + memory_fixed <= capacity`` (in units), or
+    ``<= x[peak_column]`` when the peak itself is minimised."""
 
     problem: StagedProblem
-    cost: np.ndarray
+    cost: np.ndarray  # the objective (time units, or the peak column's 1)
+    time_cost: np.ndarray  # time units per column: the recompute time of a point
     matrix: sparse.csr_matrix
     row_lower: np.ndarray
     row_upper: np.ndarray
@@ -61,27 +123,48 @@ class Formulation:
     col_upper: np.ndarray
     keep_index: np.ndarray  # [K, groups] -> column, -1 where the variable does not exist
     recompute_index: np.ndarray  # [K, nodes] -> column, -1 where it does not exist
-    transient_index: np.ndarray  # [K] -> column of the stage's transient bytes (continuous)
-    transient_units: np.ndarray  # per node: units it holds only while it runs (peak minus groups)
-    integrality: np.ndarray  # 1 for binaries, 0 for the continuous transient columns
+    integrality: np.ndarray  # 1 for binaries, 0 for continuous columns
+    derived: tuple[tuple[int, tuple[Expr, ...]], ...]  # (column, its lower bounds), in dependency order
+    memory: sparse.csr_matrix  # the plan-dependent part of each memory row, in units
+    memory_fixed: np.ndarray  # and its fixed part
+    memory_labels: tuple[str, ...]
+    memory_phase: np.ndarray  # per memory row: the stage whose recomputation phase it follows, -1 if none
     unit: int  # bytes per memory unit
+    time_unit: float  # seconds per objective unit
+    capacity: int  # units available beyond resident memory (budget mode)
+    peak_column: int  # -1 when a budget is given
     constant_violation: str  # a row no choice can satisfy (the budget is below the staged minimum), or ""
 
     @property
     def n_columns(self) -> int:
         return len(self.cost)
 
+    @property
+    def n_binaries(self) -> int:
+        return int(self.integrality.sum())
+
     def vector(self, keep: np.ndarray, recompute: np.ndarray) -> np.ndarray:
+        """The point of a holding and recomputation pattern, derived columns at their least."""
         x = np.zeros(self.n_columns)
         for index, values in ((self.keep_index, keep), (self.recompute_index, recompute)):
             present = index >= 0
             x[index[present]] = values[present]
-        x[self.transient_index] = np.max(recompute * self.transient_units, axis=1, initial=0)
+        for column, bounds in self.derived:
+            x[column] = max([self.col_lower[column]] + [_value(bound, x) for bound in bounds])
+        if self.peak_column >= 0:
+            x[self.peak_column] = max(0.0, float(np.max(self.memory @ x + self.memory_fixed, initial=0.0)))
         return x
 
     def rounded(self, x: np.ndarray) -> np.ndarray:
-        """A solver's point with its binaries snapped to 0 or 1."""
-        return np.where(self.integrality > 0, np.round(x), x)
+        """A solver's point with its binaries snapped to 0 or 1 and the derived columns recomputed."""
+        snapped = np.where(self.integrality > 0, np.round(x), x)
+        return self.vector(self.keep_of(snapped), self.recompute_of(snapped))
+
+    def keep_of(self, x: np.ndarray) -> np.ndarray:
+        keep = np.zeros(self.keep_index.shape, dtype=bool)
+        present = self.keep_index >= 0
+        keep[present] = x[self.keep_index[present]] > 0.5
+        return keep
 
     def recompute_of(self, x: np.ndarray) -> np.ndarray:
         recompute = np.zeros(self.recompute_index.shape, dtype=bool)
@@ -96,138 +179,312 @@ class Formulation:
                          np.max(self.col_lower - x, initial=0.0), np.max(x - self.col_upper, initial=0.0)))
 
     def objective(self, x: np.ndarray) -> float:
-        return self.problem.base_time + float(self.cost @ x)
+        """The step time of a point, in seconds."""
+        return self.problem.base_time + self.time_unit * float(self.time_cost @ x)
+
+    def phases_over_budget(self, x: np.ndarray) -> set[int]:
+        """The stages whose recomputation-phase memory rows ``x`` breaks (budget mode)."""
+        over = self.memory @ x + self.memory_fixed > self.capacity + 1e-9
+        return {int(k) for k in self.memory_phase[over] if k >= 0}
+
+    def peak_bytes(self, x: np.ndarray) -> int:
+        """The peak the memory rows count for a point (resident memory included)."""
+        units = float(np.max(self.memory @ x + self.memory_fixed, initial=0.0))
+        return self.problem.resident_bytes + int(round(units)) * self.unit
 
 
-class _Rows:
-    """COO triplets and bounds, appended row by row."""
+def _value(expr: Expr, x: np.ndarray) -> float:
+    return expr.const + sum(coef * x[col] for col, coef in expr.terms)
+
+
+class _Builder:
+    """Columns, COO rows and memory rows, appended one by one."""
 
     def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.cols: list[int] = []
-        self.vals: list[float] = []
         self.lower: list[float] = []
         self.upper: list[float] = []
+        self.integer: list[int] = []
+        self.time: list[float] = []
+        self.rows: tuple[list, list, list] = ([], [], [])
+        self.row_lower: list[float] = []
+        self.row_upper: list[float] = []
+        self.memory: tuple[list, list, list] = ([], [], [])
+        self.memory_fixed: list[float] = []
+        self.memory_labels: list[str] = []
+        self.memory_phase: list[int] = []
+        self.derived: list[tuple[int, tuple[Expr, ...]]] = []
+        self.covers: dict[Expr, frozenset[Expr]] = {}  # a derived column -> the expressions it is at least
 
-    def add(self, columns, values, lower: float, upper: float) -> None:
-        row = len(self.lower)
-        self.rows.extend([row] * len(columns))
-        self.cols.extend(columns)
-        self.vals.extend(values)
+    def column(self, lower: float, upper: float, integer: bool, time_units: float = 0.0) -> int:
         self.lower.append(lower)
         self.upper.append(upper)
+        self.integer.append(int(integer))
+        self.time.append(time_units)
+        return len(self.lower) - 1
+
+    def row(self, expr: Expr, lower: float, upper: float) -> None:
+        """``lower <= expr <= upper``."""
+        index = len(self.row_lower)
+        for col, coef in expr.terms:
+            self.rows[0].append(index)
+            self.rows[1].append(col)
+            self.rows[2].append(coef)
+        self.row_lower.append(lower - expr.const)
+        self.row_upper.append(upper - expr.const)
+
+    def at_least(self, bounds: Sequence[Expr], upper: float = 1.0) -> Expr:
+        """A column no smaller than each of ``bounds`` (the memory rows push it down to their
+        largest). No column is made where one bound already covers the others (a constant
+        ``upper``, or a column made at least all of them)."""
+        bounds = list(dict.fromkeys(b for b in bounds if not b.is_constant(0.0)))
+        if not bounds:
+            return Expr()
+        if any(b.is_constant(upper) for b in bounds):
+            return Expr(const=upper)
+        for candidate in bounds:
+            if all(other in self.covers.get(candidate, {candidate}) for other in bounds):
+                return candidate
+        column = self.column(0.0, upper, False)
+        for bound in bounds:
+            self.row(Expr.of(column) + bound.scaled(-1.0), 0.0, np.inf)
+        self.derived.append((column, tuple(bounds)))
+        made = Expr.of(column)
+        self.covers[made] = frozenset({made}).union(*(self.covers.get(b, {b}) for b in bounds))
+        return made
+
+    def memory_row(self, expr: Expr, fixed_units: float, label: str, phase: int = -1) -> None:
+        """A memory row; ``phase``: the stage whose recomputation phase it follows, -1 if none."""
+        index = len(self.memory_fixed)
+        self.memory_phase.append(phase)
+        for col, coef in expr.terms:
+            self.memory[0].append(index)
+            self.memory[1].append(col)
+            self.memory[2].append(coef)
+        self.memory_fixed.append(fixed_units + expr.const)
+        self.memory_labels.append(label)
 
 
-def formulate(problem: StagedProblem, budget_bytes: int) -> Formulation:
-    """Build the sparse MILP for ``problem`` under ``budget_bytes``. Complexity: O(non-zeros)."""
+class BuildTimeout(Exception):
+    """The deadline passed while the MILP was being built."""
+
+
+def formulate(problem: StagedProblem, budget_bytes: int | None, phases: Collection[int] | None = None,
+              deadline: float | None = None) -> Formulation:
+    """Build the sparse MILP for ``problem`` under ``budget_bytes``, or minimising the peak when
+    it is None (the units then span the store-all peak). ``phases``: the stages whose
+    recomputation phases get memory rows (None: every stage; fewer: a relaxation, whose bounds
+    are bounds of the whole problem; see ``exact_search``). Raises ``BuildTimeout`` once
+    ``time.perf_counter()`` passes ``deadline`` (checked per stage). Complexity: O(non-zeros)."""
     n_stages, groups, nodes = problem.n_stages, problem.groups, problem.nodes
-    available = budget_bytes - problem.resident_bytes
-    unit = max(1, 2 ** math.ceil(math.log2(max(available, 1) / SCALED_BUDGET))) if available > 0 else 1
-    capacity = math.floor(available / unit)
+    if budget_bytes is None:
+        scale = float(max(problem.stage_fixed_during.max(initial=0), 1) + sum(g.size for g in groups))
+        available = None
+    else:
+        available = budget_bytes - problem.resident_bytes
+        scale = float(max(available, 1))
+    unit = max(1, 2 ** math.ceil(math.log2(scale / SCALED_BUDGET))) if scale > SCALED_BUDGET else 1
+    capacity = math.floor(available / unit) if available is not None and available > 0 else 0
+    time_unit = max(problem.base_time, 1e-30) / TIME_SCALE
 
     def units(n_bytes: float) -> int:
         return math.ceil(n_bytes / unit)
 
     size = np.array([units(g.size) for g in groups], dtype=np.int64)
-    keep_index = np.full((n_stages, len(groups)), -1, dtype=np.int64)
+    b = _Builder()
+    keep_index = np.full((n_stages + 1, len(groups)), -1, dtype=np.int64)
     recompute_index = np.full((n_stages, len(nodes)), -1, dtype=np.int64)
-    column = 0
     for g in range(len(groups)):
-        span = min(int(problem.last_useful[g]) + 1, n_stages)
-        keep_index[:span, g] = np.arange(column, column + span)
-        column += span
+        for k in range(min(int(problem.last_useful[g]) + 1, n_stages)):
+            keep_index[k, g] = b.column(0.0, 1.0, True)
     for f, node in enumerate(nodes):
         if node.recomputable:
-            span = min(int(problem.node_last_useful[f]) + 1, n_stages)
-            recompute_index[:span, f] = np.arange(column, column + span)
-            column += span
-    transient_index = np.arange(column, column + n_stages)
-    column += n_stages
-    transient = np.array([max(0, units(node.peak_bytes) - int(size[list(node.groups)].sum())) for node in nodes],
-                         dtype=np.int64)
-    cost = np.zeros(column)
-    col_lower, col_upper = np.zeros(column), np.ones(column)
-    col_upper[transient_index] = np.inf
-    integrality = np.ones(column)
-    integrality[transient_index] = 0
-    for f, node in enumerate(nodes):
-        present = recompute_index[:, f] >= 0
-        cost[recompute_index[present, f]] = node.time
+            for k in range(min(int(problem.node_last_useful[f]) + 1, n_stages)):
+                recompute_index[k, f] = b.column(0.0, 1.0, True, node.time / time_unit)
     for g, first, last in problem.alias_held:
         for k in range(first + 1, last + 1):
-            col_lower[keep_index[k, g]] = 1.0
+            b.lower[keep_index[k, g]] = 1.0
             if recompute_index[k, groups[g].node] >= 0:
-                col_upper[recompute_index[k, groups[g].node]] = 0.0
+                b.upper[recompute_index[k, groups[g].node]] = 0.0
 
-    rows = _Rows()
-    violations: list[str] = []
+    def keep(k: int, g: int) -> Expr:
+        return Expr.of(int(keep_index[k, g]))
 
-    def capacity_row(columns: list[int], sizes: list[int], fixed_bytes: float, where: str) -> None:
-        room = capacity - units(fixed_bytes)
-        if room < 0:
-            violations.append(f"{where} needs {fixed_bytes + problem.resident_bytes:.0f} bytes whatever is kept")
-        if columns:
-            rows.add(columns, sizes, -np.inf, float(room))
-
-    def holders(k: int, g: int) -> list[int]:
-        return [c for c in (keep_index[k, g], recompute_index[k, groups[g].node]) if c >= 0]
+    def redo(k: int, f: int) -> Expr:
+        return Expr.of(int(recompute_index[k, f]))
 
     for k in range(n_stages):
         for g in problem.stage_reads[k]:
-            rows.add(holders(k, g), [1.0] * len(holders(k, g)), 1.0, np.inf)
+            b.row(keep(k, g) + redo(k, groups[g].node), 1.0, np.inf)
         for f in np.flatnonzero(recompute_index[k] >= 0):
             for g in nodes[f].input_groups:
-                cols = holders(k, g)
-                rows.add([recompute_index[k, f]] + cols, [1.0] + [-1.0] * len(cols), -np.inf, 0.0)
-        for f in np.flatnonzero((recompute_index[k] >= 0) & (transient > 0)):
-            rows.add([recompute_index[k, f], transient_index[k]], [float(transient[f]), -1.0], -np.inf, 0.0)
-        if k + 1 < n_stages:
-            for g in np.flatnonzero(keep_index[k + 1] >= 0):
-                cols = holders(k, g)
-                rows.add([keep_index[k + 1, g]] + cols, [1.0] + [-1.0] * len(cols), -np.inf, 0.0)
+                b.row(redo(k, f).scaled(-1.0) + keep(k, g) + redo(k, groups[g].node), 0.0, np.inf)
+        for g in np.flatnonzero(keep_index[k] >= 0):
+            if recompute_index[k, groups[g].node] >= 0:
+                b.row(keep(k, g) + redo(k, groups[g].node), -np.inf, 1.0)
+            if keep_index[k + 1, g] >= 0:
+                b.row(keep(k + 1, g).scaled(-1.0) + keep(k, g) + redo(k, groups[g].node), 0.0, np.inf)
 
+    # ---- memory ----
     for position, (fixed, held, kept) in enumerate(problem.forward_rows):
-        columns = [keep_index[0, g] for g in kept if keep_index[0, g] >= 0] if n_stages else []
-        sizes = [size[g] for g in kept if n_stages and keep_index[0, g] >= 0]
-        capacity_row(columns, sizes, fixed + sum(groups[g].size for g in held), f"forward op {position}")
+        expr = Expr(tuple((int(keep_index[0, g]), float(size[g])) for g in kept if keep_index[0, g] >= 0)) \
+            if n_stages else Expr()
+        b.memory_row(expr, units(fixed + sum(groups[g].size for g in held)), f"forward op {position}")
     for k in range(n_stages):
-        held = np.flatnonzero(keep_index[k] >= 0)
-        redo = np.flatnonzero(recompute_index[k] >= 0)
-        capacity_row(list(keep_index[k, held]) + list(recompute_index[k, redo]) + [transient_index[k]],
-                     list(size[held]) + [int(size[list(nodes[f].groups)].sum()) for f in redo] + [1],
-                     problem.stage_fixed_before[k], f"recomputation before stage {k}")
+        if deadline is not None and time.perf_counter() > deadline:
+            raise BuildTimeout
+        if phases is None or k in phases:
+            _phase_rows(b, problem, k, keep_index, recompute_index, size, units)
         reads = set(problem.stage_reads[k])
-        after = [g for g in np.flatnonzero(keep_index[k + 1] >= 0)] if k + 1 < n_stages else []
-        capacity_row([keep_index[k + 1, g] for g in after if g not in reads], [size[g] for g in after if g not in reads],
-                     problem.stage_fixed_during[k] + sum(groups[g].size for g in reads), f"stage {k}")
+        after = [g for g in np.flatnonzero(keep_index[k + 1] >= 0)]
+        b.memory_row(Expr(tuple((int(keep_index[k + 1, g]), float(size[g])) for g in after if g not in reads)),
+                     units(problem.stage_fixed_during[k] + sum(groups[g].size for g in reads)), f"stage {k}")
         if problem.tails[k]:
-            capacity_row([keep_index[k + 1, g] for g in after], [size[g] for g in after],
-                         problem.tail_fixed[k], f"ops after stage {k}")
+            b.memory_row(Expr(tuple((int(keep_index[k + 1, g]), float(size[g])) for g in after)),
+                         units(problem.tail_fixed[k]), f"ops after stage {k}")
     if problem.prefix:
         first = np.flatnonzero(keep_index[0] >= 0) if n_stages else []
-        capacity_row([keep_index[0, g] for g in first], [size[g] for g in first], problem.tail_fixed[n_stages],
-                     "backward start")
-
-    matrix = sparse.csr_matrix((rows.vals, (rows.rows, rows.cols)), shape=(len(rows.lower), column))
-    return Formulation(problem, cost, matrix, np.array(rows.lower), np.array(rows.upper), col_lower, col_upper,
-                       keep_index, recompute_index, transient_index, transient, integrality, unit,
-                       violations[0] if violations else "")
+        b.memory_row(Expr(tuple((int(keep_index[0, g]), float(size[g])) for g in first)),
+                     units(problem.tail_fixed[n_stages]), "backward start")
+    return _assemble(b, problem, keep_index[:n_stages], recompute_index, unit, time_unit, capacity,
+                     budget_bytes is None)
 
 
+def _phase_rows(b: _Builder, problem: StagedProblem, k: int, keep_index: np.ndarray, recompute_index: np.ndarray,
+                size: np.ndarray, units) -> None:
+    """Memory op by op through the recomputation phase before stage k (module docstring).
+
+    A group's term at position q: held (``keep``) before its node runs; held or made while it
+    runs; afterwards ``live_j``, the largest of the recomputations reading it at or after q
+    (``readers[j:]``) and of ``keep[k+1, g]`` (1 when the stage reads it)."""
+    groups = problem.groups
+    band = recompute_index[k] >= 0
+    band_positions = [p for f in np.flatnonzero(band) for p in range(problem.nodes[f].start,
+                                                                     problem.nodes[f].start + len(problem.nodes[f].ops))]
+    if not band_positions:
+        return
+    reads = set(problem.stage_reads[k])
+    terms: dict[int, Callable[[int], Expr]] = {}
+    events: dict[int, list[int]] = {}
+    for g in range(len(groups)):
+        owner = groups[g].node
+        in_band = bool(band[owner])
+        if keep_index[k, g] < 0 and not in_band:
+            continue
+        held = Expr.of(int(keep_index[k, g]))
+        readers = [r for r in groups[g].readers if band[problem.position_node[r]]]
+        if g in reads:
+            final = Expr(const=1.0)
+        else:
+            final = Expr.of(int(keep_index[k + 1, g]))
+        made = groups[g].producer if in_band else None
+        live = [final]  # live[j]: needed by readers[j:] or after the phase; built from the end
+        for j in reversed(range(0 if made is not None else 1, len(readers))):  # without a maker, keep stands for live[0]
+            live.append(b.at_least([live[-1], Expr.of(int(recompute_index[k, problem.position_node[readers[j]]]))]))
+        live.reverse()
+        if made is None:
+            live.insert(0, held)
+        making = held + Expr.of(int(recompute_index[k, owner]))
+        terms[g] = _term(made, readers, held, making, live)
+        for q in ([made - 1, made] if made is not None else []) + readers:
+            events.setdefault(q, []).append(g)
+    room = float(units(problem.stage_fixed_before[k]))
+    rows = [p for p in band_positions if not problem.position_is_view[p]]
+    previous, memory, changed = None, Expr(), set()
+    for q in rows:
+        if previous is None:
+            expr = Expr.total(term(q).scaled(float(size[g])) for g, term in terms.items())
+        else:
+            changed = {g for e in range(previous, q) for g in events.get(e, ())}
+            expr = Expr.total([memory] + [terms[g](q).minus(terms[g](previous), float(size[g])) for g in changed])
+        if previous is None or changed:
+            memory = _memory_column(b, expr)
+        node = int(problem.position_node[q])
+        b.memory_row(memory + Expr.of(int(recompute_index[k, node]), float(units(problem.position_transient[q]))),
+                     room, f"recomputing {problem.graph.ops[problem.positions[q]].name} before stage {k}", k)
+        previous = q
+
+
+def _term(made: int | None, readers: list[int], held: Expr, making: Expr, live: list[Expr]) -> Callable[[int], Expr]:
+    def term(q: int) -> Expr:
+        if made is not None and q < made:
+            return held
+        if made is not None and q == made:
+            return making
+        return live[bisect_left(readers, q)]
+    return term
+
+
+def _memory_column(b: _Builder, expr: Expr) -> Expr:
+    """A continuous column at least ``expr`` (bytes live at a position of a phase)."""
+    merged: dict[int, float] = {}
+    for col, coef in expr.terms:
+        merged[col] = merged.get(col, 0.0) + coef
+    expr = Expr(tuple((c, v) for c, v in merged.items() if v != 0.0), expr.const)
+    if not expr.terms:
+        return expr
+    column = b.column(0.0, np.inf, False)
+    b.row(Expr.of(column) + expr.scaled(-1.0), 0.0, np.inf)
+    b.derived.append((column, (expr,)))
+    return Expr.of(column)
+
+
+def _assemble(b: _Builder, problem: StagedProblem, keep_index, recompute_index, unit: int, time_unit: float,
+              capacity: int, minimise_peak: bool) -> Formulation:
+    memory = sparse.csr_matrix((b.memory[2], (b.memory[0], b.memory[1])),
+                               shape=(len(b.memory_fixed), len(b.lower) + int(minimise_peak)))
+    fixed = np.array(b.memory_fixed, dtype=np.float64)
+    violations = [f"{label} needs {problem.resident_bytes + f * unit:.0f} bytes whatever is kept"
+                  for label, f in zip(b.memory_labels, fixed) if not minimise_peak and f > capacity]
+    peak_column = -1
+    rows = [sparse.csr_matrix((b.rows[2], (b.rows[0], b.rows[1])), shape=(len(b.row_lower), len(b.lower)))]
+    lower, upper = [np.array(b.row_lower)], [np.array(b.row_upper)]
+    if minimise_peak:
+        peak_column = b.column(0.0, np.inf, False)
+        rows = [sparse.hstack([rows[0], sparse.csr_matrix((len(b.row_lower), 1))]).tocsr()]
+        peak = sparse.csr_matrix((-np.ones(len(fixed)), (np.arange(len(fixed)), np.full(len(fixed), peak_column))),
+                                 shape=memory.shape)
+        rows.append((memory + peak).tocsr())
+        lower.append(np.full(len(fixed), -np.inf))
+        upper.append(-fixed)
+    else:
+        rows.append(memory)
+        lower.append(np.full(len(fixed), -np.inf))
+        upper.append(capacity - fixed)
+    time_cost = np.array(b.time, dtype=np.float64)
+    cost = time_cost.copy()
+    if minimise_peak:
+        cost = np.zeros_like(time_cost)
+        cost[peak_column] = 1.0
+    matrix = sparse.vstack(rows).tocsr()
+    return Formulation(
+        problem=problem, cost=cost, time_cost=time_cost, matrix=matrix, row_lower=np.concatenate(lower),
+        row_upper=np.concatenate(upper), col_lower=np.array(b.lower), col_upper=np.array(b.upper),
+        keep_index=keep_index, recompute_index=recompute_index, integrality=np.array(b.integer, dtype=np.int64),
+        derived=tuple(b.derived), memory=memory, memory_fixed=fixed, memory_labels=tuple(b.memory_labels),
+        memory_phase=np.array(b.memory_phase, dtype=np.int64),
+        unit=unit, time_unit=time_unit, capacity=capacity, peak_column=peak_column,
+        constant_violation=violations[0] if violations else "")
+
+
+# ---- solving ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SolveOutcome:
-    """What a solver backend reports, in the formulation's terms."""
+    """What a solver backend reports, in the formulation's objective units."""
 
     x: np.ndarray | None  # best point found
-    bound: float  # proven lower bound on the objective (recompute time), -inf if none
+    bound: float  # proven lower bound on the objective, -inf if none
+    root_bound: float  # the bound when the root node was done (-inf if unknown)
     optimal: bool
     solver: str
     message: str = ""
 
 
 def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None = None,
-                progress: Progress | None = None, gap: float = 1e-4) -> SolveOutcome:
-    """HiGHS through highspy: MIP start, time limit, relative gap, progress callbacks."""
+                progress: Progress | None = None, gap: float = 1e-4,
+                screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
+    """HiGHS through highspy: MIP start, time limit, relative gap (absolute gap 0: see the module
+    docstring), progress callbacks, the root node's bound. ``screen`` sees every improving point;
+    once it returns True the solve ends as soon as the root node is done (its bound kept)."""
     import highspy
 
     with silenced(1):  # the constructor prints a banner
@@ -235,6 +492,7 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", max(float(time_limit), 0.0))
     h.setOptionValue("mip_rel_gap", gap)
+    h.setOptionValue("mip_abs_gap", 0.0)
     h.setOptionValue("random_seed", 0)
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = form.n_columns, len(form.row_lower)
@@ -249,24 +507,32 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
     h.passModel(lp)
     if start is not None:
         h.setSolution(_highs_solution(highspy, start))
-    if progress is not None:
-        base, stop = form.problem.base_time, []
+    root: list[float] = []
+    stop: list[bool] = []
+    screened_out: list[bool] = []
 
+    def watch(event) -> None:
+        out = event.data_out
+        if not root and out.mip_node_count > 0 and np.isfinite(out.mip_dual_bound):
+            root.append(float(out.mip_dual_bound))
+        if stop or (screened_out and out.mip_node_count > 0):
+            event.interrupt()
+
+    h.cbMipInterrupt += watch
+    if progress is not None or screen is not None:
         def report(event) -> None:
             out = event.data_out
-            if progress(base + out.mip_primal_bound, base + out.mip_dual_bound, out.running_time):
+            if screen is not None and screen(form.rounded(np.asarray(out.mip_solution))):
+                screened_out.append(True)
+            if progress is not None and progress(_seconds(form, out.mip_primal_bound),
+                                                 _seconds(form, out.mip_dual_bound), out.running_time):
                 stop.append(True)
 
-        def interrupt(event) -> None:
-            if stop:
-                event.interrupt()
-
         h.cbMipImprovingSolution += report
-        h.cbMipInterrupt += interrupt
     h.run()
     model_status = h.getModelStatus()
     if model_status == highspy.HighsModelStatus.kModelEmpty:  # nothing to decide: no stage reads the forward
-        return SolveOutcome(np.zeros(0), 0.0, True, "highs", "nothing to decide")
+        return SolveOutcome(np.zeros(0), 0.0, 0.0, True, "highs", "nothing to decide")
     info = h.getInfo()
     has_point = info.primal_solution_status == 2  # kSolutionStatusFeasible
     x = form.rounded(np.asarray(h.getSolution().col_value)) if has_point else None
@@ -274,7 +540,13 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else -np.inf
     if optimal and x is not None:
         bound = max(bound, float(form.cost @ x) * (1 - gap))
-    return SolveOutcome(x, bound, optimal and x is not None, "highs", h.modelStatusToString(model_status))
+    root_bound = root[0] if root else bound
+    return SolveOutcome(x, bound, root_bound, optimal and x is not None, "highs", h.modelStatusToString(model_status))
+
+
+def _seconds(form: Formulation, objective_units: float) -> float:
+    """A time objective in seconds (the whole step)."""
+    return form.problem.base_time + form.time_unit * objective_units
 
 
 def _highs_solution(highspy, start: np.ndarray):
@@ -288,18 +560,22 @@ def solve_scipy(form: Formulation, time_limit: float, gap: float = 1e-4) -> Solv
     """``scipy.optimize.milp`` (HiGHS inside SciPy): no MIP start, no progress; the fallback."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    if form.n_columns == 0:  # nothing to decide (SciPy rejects an empty model)
+        return SolveOutcome(np.zeros(0), 0.0, 0.0, True, "scipy", "nothing to decide")
     result = milp(form.cost, integrality=form.integrality, bounds=Bounds(form.col_lower, form.col_upper),
                   constraints=LinearConstraint(form.matrix, form.row_lower, form.row_upper),
                   options={"time_limit": max(float(time_limit), 0.0), "mip_rel_gap": gap, "disp": False})
     x = form.rounded(result.x) if result.x is not None else None
     bound = float(getattr(result, "mip_dual_bound", -np.inf) or -np.inf)
-    return SolveOutcome(x, bound, result.status == 0 and x is not None, "scipy", result.message)
+    return SolveOutcome(x, bound, -np.inf, result.status == 0 and x is not None, "scipy", result.message)
 
 
 def lp_bound(form: Formulation, time_limit: float) -> float:
-    """The LP relaxation's optimum: a lower bound on the recompute time (-inf if not solved)."""
+    """The LP relaxation's optimum, in objective units: a lower bound (-inf if not solved)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    if form.n_columns == 0:  # nothing to decide: no stage reads the forward
+        return 0.0
     result = milp(form.cost, integrality=np.zeros(form.n_columns), bounds=Bounds(form.col_lower, form.col_upper),
                   constraints=LinearConstraint(form.matrix, form.row_lower, form.row_upper),
                   options={"time_limit": max(float(time_limit), 0.0)})
@@ -307,21 +583,26 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
 
 
 def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
-          progress: Progress | None = None) -> SolveOutcome:
-    """The fallback ladder: highspy (with the MIP start), else SciPy's HiGHS."""
+          progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
+    """The fallback ladder: highspy (with the MIP start and ``screen``), else SciPy's HiGHS."""
     try:
         import highspy  # noqa: F401
     except ImportError:
         return solve_scipy(form, time_limit)
-    return solve_highs(form, time_limit, start, progress)
+    return solve_highs(form, time_limit, start, progress, screen=screen)
 
 
-# staged algorithms (no reordering) whose schedules seed the solver: the best one the MILP's
-# memory rows accept becomes its MIP start
-SEEDS = ("dp", "checkpoint_all", "chen_greedy", "chen_greedy_linear", "chen_sqrt", "recompute_cheap", "store_all")
-# the DP also runs at these fractions of the budget: its memory model and the MILP's rows differ,
-# and the fastest DP plan the rows accept is usually the best start
-DP_SEED_SHRINK = (0.97, 0.94, 0.9, 0.85, 0.8)
+# ---- exact mode ---------------------------------------------------------------------------------
+# hierarchical plans seed the solver; the staged schedule a plan maps to runs its recomputations
+# later (right before their stage) and whole nodes, so its peak can differ a little: the hierarchy
+# also searches at these fractions of the budget, and the fastest start the rows accept is used
+SEED_SHRINK = (1.0, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
+FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
+
+
+# what "optimal" and the bound are over (``Plan.message`` says it)
+SCHEDULE_CLASS = ("staged schedules: the forward once in graph order, the backward in the hierarchy's block "
+                  "order, whole nodes recomputed right before the backward op that reads them")
 
 
 @dataclass(frozen=True)
@@ -333,55 +614,208 @@ class ExactResult:
     lower_bound: float  # no staged schedule is faster (seconds; -inf when unknown)
     optimal: bool
     message: str
+    root_bound: float = -np.inf  # the bound after HiGHS's root node (seconds)
+    start_time: float | None = None  # simulated time of the MIP start, None if none entered
     columns: int = 0
+    binaries: int = 0
     rows: int = 0
+    store_all_time: float = 0.0  # the step without recomputation (seconds), for overheads
+
+    def summary(self) -> str:
+        """Incumbent, start, root and final bounds as overheads on store-all, and the size."""
+        def overhead(seconds: float | None) -> str:
+            if seconds is None or not np.isfinite(seconds) or self.store_all_time <= 0:
+                return "none"
+            return f"{seconds / self.store_all_time - 1:+.2%}"
+
+        return (f"incumbent {overhead(self.time)} (start {overhead(self.start_time)}), root bound "
+                f"{overhead(self.root_bound)}, final bound {overhead(self.lower_bound)}; {self.binaries} binaries, "
+                f"{self.rows} rows")
 
 
-def _seed(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, problem: StagedProblem,
-          form: Formulation) -> np.ndarray | None:
-    """The MIP start: the fastest seed schedule that satisfies every row, or None."""
+def exact_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
+    """The staged problem exact mode solves: the backward in the hierarchy's block order."""
+    return build_problem(graph, cost_model, block_backward_order(graph))
+
+
+def encode(problem: StagedProblem, form: Formulation, schedule: Schedule) -> np.ndarray | None:
+    """A schedule as a point of ``form`` (its staged image: see ``StagedProblem.recomputations``),
+    or None if it does not start with the forward."""
+    recompute = problem.recomputations(schedule)
+    if recompute is None:
+        return None
+    recompute &= form.recompute_index >= 0
+    return form.vector(problem.minimal_keep(recompute), recompute)
+
+
+def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, problem: StagedProblem,
+                form: Formulation, starts: Sequence[Schedule], deadline: float) -> np.ndarray | None:
+    """The MIP start: the fastest of ``starts`` and of the seeds whose point satisfies every row."""
     from planner.algorithms import ALGORITHMS
+    from planner.algorithms import hierarchical
 
-    runs = [(name, budget_bytes) for name in SEEDS] + [("dp", int(budget_bytes * f)) for f in DP_SEED_SHRINK]
-    start = None
-    for name, budget in runs:
-        recompute = problem.recomputations(ALGORITHMS[name](graph, cost_model, budget))
-        if recompute is None:
-            continue
-        x = form.vector(problem.minimal_keep(recompute), recompute)
-        if form.violation(x) <= 1e-9 and (start is None or form.cost @ x < form.cost @ start):
-            start = x
-        if name == "dp" and budget < budget_bytes and start is not None:
-            break  # the DP's plans only slow down as its budget shrinks
-    return start
+    best: list[np.ndarray] = []
+
+    def offer(schedule: Schedule | None) -> bool:
+        x = encode(problem, form, schedule) if schedule is not None else None
+        if x is None or form.violation(x) > 1e-9:
+            return False
+        if not best or form.cost @ x < form.cost @ best[0]:
+            best[:] = [x]
+        return True
+
+    for schedule in starts:
+        offer(schedule)
+    hierarchy = hierarchical.prepare(graph, cost_model)
+    for fraction in SEED_SHRINK:
+        if time.perf_counter() > deadline:
+            break
+        found = hierarchical.search(hierarchy, cost_model, int(budget_bytes * fraction))
+        if found is not None and found[1].peak_bytes <= budget_bytes and offer(found[0]):
+            break  # smaller budgets only slow the plan down
+    if not best:
+        for name in FALLBACK_SEEDS:
+            if time.perf_counter() > deadline:
+                break
+            offer(ALGORITHMS[name](graph, cost_model, budget_bytes))
+    return best[0] if best else None
+
+
+def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
+    """The point of ``form`` for a recomputation pattern at its least holding."""
+    return form.vector(problem.minimal_keep(recompute), recompute)
 
 
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
-                 progress: Progress | None = None) -> ExactResult:
+                 progress: Progress | None = None, starts: Sequence[Schedule] = ()) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
-    seeding included). Never raises for a solver failure: the message says what happened."""
+    seeding included), starting from the fastest of ``starts`` (schedules of ``graph``) and the
+    hierarchical seeds that its rows accept. Never raises for a solver failure: the message
+    says what happened.
+
+    Row generation over the recomputation phases (their rows are most of the model, and the LP
+    over all of them does not finish its root in 60 s on ResNet-50): solve with the phase rows of
+    no stage, check the answer against every row, add the phases it breaks, solve again. Each
+    round is a relaxation of the whole problem, so its proven bound is a bound of the whole
+    problem; an answer that satisfies every row is an incumbent, and when a round proves its
+    answer optimal and that answer satisfies every row, it is optimal for the whole problem.
+    """
     began = time.perf_counter()
-    problem = build_problem(graph, cost_model)
-    form = formulate(problem, budget_bytes)
-    size = dict(columns=form.n_columns, rows=len(form.row_lower))
-    if form.constant_violation:
-        return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {form.constant_violation}", **size)
-    start = _seed(graph, cost_model, budget_bytes, problem, form)
-    remaining = time_limit - (time.perf_counter() - began)
-    if remaining <= 0:
-        return ExactResult(None, None, -np.inf, False, "the time limit ended before the solver started", **size)
+    deadline = began + time_limit
+    problem = exact_problem(graph, cost_model)
     try:
-        outcome = solve(form, remaining, start, progress)
-    except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
-        return ExactResult(None, None, -np.inf, False, f"the MILP solver failed ({type(error).__name__}: {error})",
-                           **size)
-    bound = problem.base_time + outcome.bound
-    if outcome.x is None:
-        return ExactResult(None, None, bound, False, f"{outcome.solver}: {outcome.message}, no schedule found", **size)
-    schedule = problem.schedule(form.recompute_of(outcome.x))
+        full = formulate(problem, budget_bytes, deadline=deadline)
+    except BuildTimeout:
+        return ExactResult(None, None, -np.inf, False, "the time limit ended while the MILP was being built",
+                           store_all_time=problem.base_time)
+    size = dict(columns=full.n_columns, binaries=full.n_binaries, rows=len(full.row_lower),
+                store_all_time=problem.base_time)
+    if full.constant_violation:
+        return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {full.constant_violation}", **size)
+    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline)
+    start_time = full.objective(incumbent) if incumbent is not None else None
+    bound, root, optimal, stopped, rounds = -np.inf, None, False, [], 0
+    message = "the time limit ended before the solver started"
+    active: set[int] = set()
+    while not optimal and not stopped and deadline - time.perf_counter() > 0:
+        try:
+            form = full if len(active) == problem.n_stages else formulate(problem, budget_bytes, active, deadline)
+        except BuildTimeout:
+            break
+
+        def relayed(_incumbent: float, round_bound: float, _elapsed: float) -> bool | None:
+            answer = progress(full.objective(incumbent) if incumbent is not None else np.inf,
+                              max(bound, round_bound), time.perf_counter() - began)
+            if answer:
+                stopped.append(True)
+            return answer
+
+        def screen(x: np.ndarray) -> bool:
+            """Keep a round's point that satisfies every row; True once one breaks a new phase."""
+            nonlocal incumbent
+            point = _staged_point(problem, full, form.recompute_of(x))
+            if full.violation(point) <= 1e-9:
+                if incumbent is None or full.objective(point) < full.objective(incumbent):
+                    incumbent = point
+                return False
+            pending.update(full.phases_over_budget(point) - active)
+            return bool(pending)
+
+        pending: set[int] = set()
+        hint = form.vector(full.keep_of(incumbent), full.recompute_of(incumbent)) if incumbent is not None else None
+        try:
+            outcome = solve(form, deadline - time.perf_counter(), hint, relayed if progress is not None else None,
+                            screen if len(active) < problem.n_stages else None)
+        except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
+            message = f"the MILP solver failed ({type(error).__name__}: {error})"
+            break
+        rounds += 1
+        message = f"{outcome.solver}: {outcome.message}"
+        bound = max(bound, _seconds(form, outcome.bound))
+        root = _seconds(form, outcome.root_bound) if root is None else root
+        if outcome.x is None:
+            break
+        point = _staged_point(problem, full, form.recompute_of(outcome.x))
+        broken = full.phases_over_budget(point) | pending
+        if full.violation(point) <= 1e-9:
+            if incumbent is None or full.objective(point) < full.objective(incumbent):
+                incumbent = point
+            optimal = outcome.optimal
+        elif not broken - active:
+            message += "; a round's answer breaks a row outside the recomputation phases (please report this)"
+            break
+        active |= broken
+    message += f" ({rounds} rounds, phase rows of {len(active)} of {problem.n_stages} stages)"
+    root = -np.inf if root is None else root
+    if incumbent is None:
+        return ExactResult(None, None, bound, False, f"{message}, no schedule found", root_bound=min(root, bound),
+                           start_time=start_time, **size)
+    schedule = problem.schedule(full.recompute_of(incumbent))
     result = simulate(graph, schedule, cost_model)
     if result.peak_bytes > budget_bytes:  # the rows bound the simulator's count; never trust a miss
         return ExactResult(None, None, bound, False, f"the MILP's schedule peaks at {result.peak_bytes} bytes, "
-                           f"over the budget: discarded (please report this)", **size)
+                           f"over the budget: discarded (please report this)", root_bound=min(root, bound),
+                           start_time=start_time, **size)
     bound = min(bound, result.time)  # HiGHS's bound can pass its own optimum by rounding
-    return ExactResult(schedule, result.time, bound, outcome.optimal, f"{outcome.solver}: {outcome.message}", **size)
+    return ExactResult(schedule, result.time, bound, optimal, message, root_bound=min(root, bound),
+                       start_time=start_time, **size)
+
+
+@dataclass(frozen=True)
+class LowestPeak:
+    """Exact mode's lowest feasible budget: the staged schedule of least peak found, and a proven
+    lower bound on the peak of every staged schedule."""
+
+    schedule: Schedule | None
+    peak_bytes: int | None  # simulated peak of ``schedule``
+    lower_bound_bytes: int  # no staged schedule peaks lower (resident memory included)
+    optimal: bool
+    message: str
+
+
+def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: float,
+                       starts: Sequence[Schedule] = ()) -> LowestPeak:
+    """Minimise the peak itself over staged schedules (``formulate`` without a budget), from the
+    least-peak point of ``starts`` and checkpoint-all. The rows round each size up to the memory
+    unit, so the proven bound in bytes gives back one unit per term of the fullest row."""
+    from planner.algorithms import ALGORITHMS
+
+    began = time.perf_counter()
+    problem = exact_problem(graph, cost_model)
+    try:
+        form = formulate(problem, None, deadline=began + time_limit)
+    except BuildTimeout:
+        return LowestPeak(None, None, graph.resident_bytes, False, "the time limit ended while the MILP was being built")
+    points = [encode(problem, form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
+    points = [x for x in points if x is not None]
+    start = min(points, key=lambda x: form.cost @ x) if points else None
+    outcome = solve(form, began + time_limit - time.perf_counter(), start)
+    slack = form.unit * (int(np.diff(form.memory.indptr).max(initial=0)) + 1) if form.unit > 1 else 0
+    bound = graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack) \
+        if np.isfinite(outcome.bound) else graph.resident_bytes
+    if outcome.x is None:
+        return LowestPeak(None, None, bound, False, f"{outcome.solver}: {outcome.message}, no schedule found")
+    schedule = problem.schedule(form.recompute_of(outcome.x))
+    peak = simulate(graph, schedule, cost_model).peak_bytes
+    return LowestPeak(schedule, peak, min(bound, peak), outcome.optimal and slack == 0,
+                      f"{outcome.solver}: {outcome.message}")

@@ -1,8 +1,9 @@
 """The staged view of a training step that exact mode optimises over.
 
-The forward runs once, in graph order. The backward ops run once each, in graph order; the ones
-that read forward tensors are *stages*. Before each stage, forward *nodes* may be recomputed.
-A node is a group of forward ops treated as one unit:
+The forward runs once, in graph order. The backward ops run once each, in a fixed order (the
+hierarchy's block order by default, ``block_backward_order``: the order fast mode's plans run
+them in); the ones that read forward tensors are *stages*. Before each stage, forward *nodes*
+may be recomputed. A node is a group of forward ops treated as one unit:
 
 - a view joins the node that owns its storage (a view costs nothing and allocates nothing);
 - an op q joins its producer p when nobody else, forward or backward, reads the storages of p
@@ -13,9 +14,16 @@ A node is a group of forward ops treated as one unit:
   schedules that recompute such a pair together. Without this fusion ResNet-50 has ~30k
   binaries instead of ~22k, and HiGHS proves far less in 60 s.
 
-What a node holds for later is split into *groups*: its storages, by the set of ops outside the
-node that read them (a BatchNorm's normalised output and its small saved statistics are
-different groups, so keeping the statistics does not keep the activation).
+What a node holds for later is split into *groups*: its storages, by the op that makes them and
+the ops and stages that read them (a BatchNorm's normalised output and its small saved statistics
+are different groups, so keeping the statistics does not keep the activation). All storages of
+a group are made, read and freed together, so one set of variables tells their memory exactly.
+
+The recomputations before a stage run as *positions*: every node's ops, nodes in topological
+order, ops in graph order. Per position the problem knows which groups it makes and reads and
+the bytes the node holds only inside itself (``position_transient``), so the MILP can follow
+memory op by op through a recomputation phase, freeing each value after its last reader, as
+``Schedule.from_order`` does.
 
 Backward memory that does not depend on the plan (gradients in flight, each op's outputs and
 workspace) is read off one replay of the store-all schedule: since the backward order is fixed,
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 
@@ -41,6 +50,8 @@ class Group:
     node: int
     size: int  # bytes (resident storages count zero)
     storages: tuple[int, ...]
+    producer: int  # position of the op that makes its storages
+    readers: tuple[int, ...]  # positions of the forward ops that read it (its own node's included)
     forward_readers: tuple[int, ...]  # nodes outside the owner that read it
     stage_readers: tuple[int, ...]  # stages that read it
 
@@ -48,10 +59,10 @@ class Group:
 @dataclass(frozen=True)
 class Node:
     ops: tuple[int, ...]  # graph order
+    start: int  # position of its first op
     groups: tuple[int, ...]  # group ids
     input_groups: tuple[int, ...]  # groups of other nodes it reads
     time: float  # seconds to (re)compute every op of the node
-    peak_bytes: int  # its own allocation peak while computed alone (outputs, transients, workspace)
     recomputable: bool  # the loss is never recomputed
 
 
@@ -62,6 +73,11 @@ class StagedProblem:
     graph: TrainingGraph
     nodes: tuple[Node, ...]  # topological order
     groups: tuple[Group, ...]
+    positions: tuple[int, ...]  # forward op at each position: the nodes' ops, node after node
+    position_node: np.ndarray  # node of each position
+    position_is_view: np.ndarray  # a view allocates nothing: no memory row there
+    position_transient: np.ndarray  # bytes the node holds only inside itself while this op runs, workspace included
+    backward_order: tuple[int, ...]  # the order the backward ops run in
     stage_ops: tuple[int, ...]  # backward op of each stage
     stage_reads: tuple[tuple[int, ...], ...]  # groups each stage op reads
     tails: tuple[tuple[int, ...], ...]  # backward ops after stage k that read no forward group
@@ -96,23 +112,27 @@ class StagedProblem:
         return Schedule.from_order(self.graph, self.order(recompute))
 
     def recomputations(self, schedule: Schedule) -> np.ndarray | None:
-        """``recompute[k, f]`` for a schedule that runs the forward once in graph order and then
-        recomputes between backward ops: node f counts as recomputed before stage k if its first
-        op is (a schedule that recomputes only the tail of a node, from the first op's kept output,
-        maps to keeping the node, which holds no more and recomputes less). None if the schedule's
-        forward is not the graph's."""
+        """``recompute[k, f]`` for a schedule whose first ``len(forward_ops)`` computes are the
+        forward, each op once (in any order: the staged forward runs them in graph order), and
+        that then recomputes between backward ops: node f counts as recomputed before stage k if
+        its first op is recomputed after the stage op before k in the schedule's own order (a
+        schedule that recomputes only the tail of a node, from the first op's kept output, maps
+        to keeping the node, which holds no more and recomputes less). Recomputations that can
+        serve no later stage are dropped. None if the schedule does not start with the forward."""
         computes = [s.op for s in schedule.steps if isinstance(s, Compute)]
         n_forward = len(self.graph.forward_ops)
-        if computes[:n_forward] != list(self.graph.forward_ops):
+        if sorted(computes[:n_forward]) != list(self.graph.forward_ops):
             return None
         recompute = np.zeros((self.n_stages, len(self.nodes)), dtype=bool)
         stage_of = {op: k for k, op in enumerate(self.stage_ops)}
-        stage = 0
+        pending: list[int] = []
         for op in computes[n_forward:]:
             if op in stage_of:
-                stage = stage_of[op] + 1
-            elif op in self.node_of_op and stage < self.n_stages and self.nodes[self.node_of_op[op]].ops[0] == op:
-                recompute[stage, self.node_of_op[op]] = True
+                k = stage_of[op]
+                recompute[k, [f for f in pending if self.node_last_useful[f] >= k]] = True
+                pending = []
+            elif op in self.node_of_op and self.nodes[self.node_of_op[op]].ops[0] == op:
+                pending.append(self.node_of_op[op])
         return recompute
 
     def minimal_keep(self, recompute: np.ndarray) -> np.ndarray:
@@ -161,10 +181,22 @@ def staged_order(graph: TrainingGraph, node_ops, stage_ops, tails, prefix, lazy_
     return order
 
 
-def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
-    """Coarsen ``graph`` into nodes and groups, find the stages, and replay the fixed memory.
+def block_backward_order(graph: TrainingGraph) -> tuple[int, ...]:
+    """The backward order of hierarchical plans: the loss's backward, then each block's backward
+    ops (graph order inside a block) from the last block to the first (``blocks.partition``)."""
+    from planner.algorithms.blocks import partition
 
-    Complexity: O(ops + edges) plus one store-all replay in Python.
+    blocks = partition(graph).blocks
+    return tuple(blocks[-1].backward_ops) + tuple(op for block in reversed(blocks[:-1]) for op in block.backward_ops)
+
+
+def build_problem(graph: TrainingGraph, cost_model: CostModel,
+                  backward_order: Sequence[int] | None = None) -> StagedProblem:
+    """Coarsen ``graph`` into nodes and groups, find the stages of ``backward_order`` (graph
+    order if None; it must be a topological order of the backward ops), and replay the fixed
+    memory.
+
+    Complexity: O(ops + edges) plus one store-all replay.
     """
     times = np.asarray(cost_model.op_times(graph), dtype=np.float64)
     workspace = np.asarray(cost_model.workspace_bytes(graph), dtype=np.int64)
@@ -238,9 +270,15 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
     node_index = {find(ops[0]): i for i, ops in enumerate(node_list)}
     node_of_op = {op: node_index[find(op)] for op in forward}
     storage_node = {s: node_of_op[o] for s, o in owner_op.items()}
+    positions = [op for ops in node_list for op in ops]
+    position_of = {op: p for p, op in enumerate(positions)}
+    starts = np.cumsum([0] + [len(ops) for ops in node_list])[:-1]
 
     # ---- stages: backward ops reading forward storages; views of them are emitted lazily ----
-    backward = list(graph.backward_ops)
+    backward = list(graph.backward_ops) if backward_order is None else [int(op) for op in backward_order]
+    if sorted(backward) != list(graph.backward_ops):
+        raise ValueError("backward_order must list every backward op once")
+    backward_position = {op: i for i, op in enumerate(backward)}
 
     def forward_storages(op_id: int) -> set[int]:
         return {graph.tensors[t].storage for t in graph.ops[op_id].inputs} & storage_node.keys()
@@ -251,7 +289,7 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
         if op.is_view and forward_storages(op_id):
             readers = [c for t in op.outputs for c in graph.tensors[t].consumers]
             if readers:
-                lazy_views[op_id] = min(readers)
+                lazy_views[op_id] = min(readers, key=backward_position.__getitem__)
     stage_ops = [o for o in backward if o not in lazy_views and forward_storages(o)]
     stage_of = {op: k for k, op in enumerate(stage_ops)}
     tails: list[list[int]] = [[] for _ in stage_ops]
@@ -263,27 +301,41 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
         elif op_id not in lazy_views:
             (tails[current] if current >= 0 else prefix).append(op_id)
 
-    # ---- groups: a node's storages by who reads them outside the node ----
+    # ---- groups: a node's storages by their maker and their readers ----
     group_key: dict[tuple, list[int]] = {}
+    internal: list[tuple[int, int, int]] = []  # (first position, last position, bytes) held inside a node
     for storage, n in storage_node.items():
-        forward_readers = sorted({node_of_op[r] for r in readers_of_storage.get(storage, ())
-                                  if is_forward[r] and node_of_op[r] != n})
-        stage_readers = sorted({stage_of[r] for r in readers_of_storage.get(storage, ()) if r in stage_of})
-        if forward_readers or stage_readers:
-            group_key.setdefault((n, tuple(forward_readers), tuple(stage_readers)), []).append(storage)
-    groups = [Group(node=n, size=sum(size(s) for s in storages), storages=tuple(sorted(storages)),
-                    forward_readers=fr, stage_readers=sr)
-              for (n, fr, sr), storages in sorted(group_key.items())]
+        readers = readers_of_storage.get(storage, ())
+        reader_positions = tuple(sorted({position_of[r] for r in readers if is_forward[r]}))
+        outside = any(node_of_op[r] != n for r in readers if is_forward[r])
+        stage_readers = tuple(sorted({stage_of[r] for r in readers if r in stage_of}))
+        made = position_of[owner_op[storage]]
+        if outside or stage_readers:
+            group_key.setdefault((n, made, reader_positions, stage_readers), []).append(storage)
+        else:
+            internal.append((made, max((made,) + reader_positions), size(storage)))
+    groups = []
+    for (n, made, reader_positions, stage_readers), storages in sorted(group_key.items()):
+        outside = sorted({node_of_op[positions[p]] for p in reader_positions} - {n})
+        groups.append(Group(node=n, size=sum(size(s) for s in storages), storages=tuple(sorted(storages)),
+                            producer=made, readers=reader_positions, forward_readers=tuple(outside),
+                            stage_readers=stage_readers))
     group_of_storage = {s: g for g, group in enumerate(groups) for s in group.storages}
     stage_reads = tuple(tuple(sorted({group_of_storage[s] for s in forward_storages(op)})) for op in stage_ops)
 
+    position_is_view = np.array([graph.ops[op].is_view for op in positions], dtype=bool)
+    transient = np.asarray(workspace[positions], dtype=np.int64).copy()
+    for first, last, n_bytes in internal:
+        transient[first: last + 1] += n_bytes
+    transient[position_is_view] = 0
+
     nodes = []
     for n, ops in enumerate(node_list):
+        own = tuple(g for g, gr in enumerate(groups) if gr.node == n)
         inputs = {group_of_storage[graph.tensors[t].storage] for op in ops for t in graph.ops[op].inputs
-                  if graph.tensors[t].storage in group_of_storage} - {g for g, gr in enumerate(groups) if gr.node == n}
-        nodes.append(Node(ops=tuple(ops), groups=tuple(g for g, gr in enumerate(groups) if gr.node == n),
-                          input_groups=tuple(sorted(inputs)), time=float(times[list(ops)].sum()),
-                          peak_bytes=_alone_peak(graph, ops, size, workspace),
+                  if graph.tensors[t].storage in group_of_storage} - set(own)
+        nodes.append(Node(ops=tuple(ops), start=int(starts[n]), groups=own, input_groups=tuple(sorted(inputs)),
+                          time=float(times[list(ops)].sum()),
                           recomputable=not any(graph.ops[o].in_loss for o in ops)))
 
     # ---- usefulness: the last stage a group (or a recomputation of a node) can serve ----
@@ -297,11 +349,15 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
         if nodes[n].recomputable:
             node_last[n] = max((int(last_useful[g]) for g in nodes[n].groups), default=-1)
 
-    # ---- aliases: a backward view of a forward storage pins it from first to last reader ----
+    # ---- aliases: a backward view of a forward storage pins it from its first to its last reader ----
+    def view_reader_stages(view: int) -> list[int]:
+        readers = [c for t in graph.ops[view].outputs for c in graph.tensors[t].consumers]
+        return [k for r in readers for k in (view_reader_stages(r) if r in lazy_views else [stage_of[r]])]
+
     alias_held = []
     for view in lazy_views:
         storage = graph.tensors[graph.ops[view].outputs[0]].storage
-        reader_stages = [stage_of[r] for r in readers_of_storage.get(storage, ()) if r in stage_of]
+        reader_stages = view_reader_stages(view)
         if storage in group_of_storage and reader_stages:
             alias_held.append((group_of_storage[storage], min(reader_stages), max(reader_stages)))
 
@@ -311,10 +367,12 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel) -> StagedProblem:
                                                    tails, prefix)
     forward_rows = _forward_rows(graph, forward, group_of_storage, storage_node, size, workspace)
     return StagedProblem(
-        graph=graph, nodes=tuple(nodes), groups=tuple(groups), stage_ops=tuple(stage_ops),
-        stage_reads=stage_reads, tails=tuple(tuple(t) for t in tails), prefix=tuple(prefix),
-        lazy_views=lazy_views, stage_fixed_before=before, stage_fixed_during=during, tail_fixed=tail_fixed,
-        forward_rows=forward_rows, alias_held=tuple(alias_held), last_useful=last_useful,
+        graph=graph, nodes=tuple(nodes), groups=tuple(groups), positions=tuple(positions),
+        position_node=np.repeat(np.arange(len(nodes)), [len(ops) for ops in node_list]),
+        position_is_view=position_is_view, position_transient=transient, backward_order=tuple(backward),
+        stage_ops=tuple(stage_ops), stage_reads=stage_reads, tails=tuple(tuple(t) for t in tails),
+        prefix=tuple(prefix), lazy_views=lazy_views, stage_fixed_before=before, stage_fixed_during=during,
+        tail_fixed=tail_fixed, forward_rows=forward_rows, alias_held=tuple(alias_held), last_useful=last_useful,
         node_last_useful=node_last, base_time=float(times.sum()), resident_bytes=graph.resident_bytes)
 
 
@@ -364,34 +422,6 @@ def _topological(graph: TrainingGraph, node_list: list[list[int]], find) -> list
     if len(ordered) != len(node_list):
         raise AssertionError("node graph has a cycle")  # _reaches prevents this
     return ordered
-
-
-def _alone_peak(graph: TrainingGraph, ops: list[int], size, workspace: np.ndarray) -> int:
-    """Peak of a node's own allocations when its ops run in order: internal storages freed after
-    their last internal reader, everything else held."""
-    members = set(ops)
-    last_internal: dict[int, int] = {}
-    external: set[int] = set()
-    for position, op in enumerate(ops):
-        for tensor in graph.ops[op].outputs:
-            storage = graph.tensors[tensor].storage
-            readers = graph.tensors[tensor].consumers
-            if any(r not in members for r in readers):
-                external.add(storage)
-            last_internal[storage] = max([position] + [ops.index(r) for r in readers if r in members])
-    memory = peak = 0
-    allocated: set[int] = set()
-    for position, op in enumerate(ops):
-        for tensor in graph.ops[op].outputs:
-            storage = graph.tensors[tensor].storage
-            if storage not in allocated and storage in last_internal:
-                allocated.add(storage)
-                memory += size(storage)
-        peak = max(peak, memory + int(workspace[op]))
-        for storage in [s for s in allocated if s not in external and last_internal[s] == position]:
-            memory -= size(storage)
-            last_internal[storage] = -1
-    return peak
 
 
 def _backward_profile(graph: TrainingGraph, order: list[int], storage_node: dict[int, int],

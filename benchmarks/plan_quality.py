@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import torchvision
 
 import planner
+from planner import zoo
 from planner.algorithms import ALGORITHMS
 from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.keepset import schedule_keeping
@@ -103,6 +104,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("mobilenet_v2", lambda: torchvision.models.mobilenet_v2(weights=None), (64, 3, 224, 224), 1000),
     ModelSpec("vgg16", lambda: torchvision.models.vgg16(weights=None), (64, 3, 224, 224), 1000),
     ModelSpec("transformer_encoder", _transformer_encoder, (32, 128, 512), None),
+    ModelSpec("unet", lambda: zoo.UNet(3, 4, width=32, depth=4), (16, 3, 128, 128), None),
 )}
 
 

@@ -81,7 +81,9 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         from planner.algorithms.milp import exact_search
 
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
-        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress)
+        starts = [t.schedule for t in tried if t.graph is graph and t.fits]
+        exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
+                             starts)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)
@@ -109,17 +111,23 @@ def _raise_infeasible(stock, graph, cost_model, budget_bytes, algorithm, tried) 
 
 
 def _exact_verdict(exact, chosen: AlgorithmResult) -> Verdict:
-    """The bound covers staged schedules (see ``planner.algorithms.milp``); a faster fast-mode
-    plan lies outside that set."""
+    """The bound covers staged schedules (``planner.algorithms.milp.SCHEDULE_CLASS``); a faster
+    fast-mode plan lies outside that set. The message reports the MILP's incumbent, its root and
+    final bounds, as overheads on store-all's step time."""
     import logging
+
+    from planner.algorithms.milp import SCHEDULE_CLASS
 
     logger = logging.getLogger("planner")
     bound = exact.lower_bound if np.isfinite(exact.lower_bound) else None
     chosen_time = chosen.simulated.time
+    numbers = exact.summary()
     if chosen.name == "milp":
         gap = 0.0 if exact.optimal else max(0.0, (chosen_time - bound) / chosen_time) if bound else None
         status = "optimal" if exact.optimal else "feasible"
         logger.info("exact mode: %s, gap %s (%s)", status, gap, exact.message)
-        return Verdict(status, gap, bound, f"exact mode: MILP ({exact.message}), {exact.columns} binaries")
+        return Verdict(status, gap, bound, f"exact mode: MILP ({exact.message}); {numbers}; \"optimal\" and the "
+                       f"bound cover {SCHEDULE_CLASS}")
     logger.info("exact mode fell back to fast mode: %s", exact.message)
-    return Verdict("fallback", None, bound, f"exact mode: fell back to fast mode's plan; MILP: {exact.message}")
+    return Verdict("fallback", None, bound, f"exact mode: fast mode's plan is faster than the MILP's (it lies "
+                   f"outside {SCHEDULE_CLASS}); MILP: {exact.message}; {numbers}")

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 import planner
+from planner import zoo
 from planner import Schedule, SimResult, TrainingGraph
 from planner.algorithms import ALGORITHMS
 
@@ -94,6 +95,8 @@ SPECS: dict[str, Spec] = {
     "inception_v3": Spec(lambda: tv.inception_v3(aux_logits=False, init_weights=False), (2, 3, 75, 75)),
     "vgg16": Spec(lambda: tv.vgg16(), (1, 3, 32, 32), algorithms=VGG_ALGORITHMS),
     "transformer": Spec(make_transformer, (2, 16, 32), classifier=False),
+    # 3 classes: the output keeps the input's shape, as the projection loss needs
+    "unet": Spec(lambda: zoo.UNet(3, 3, width=8, depth=2), (2, 3, 32, 32), classifier=False),
     "stem_heavy": Spec(StemHeavy, (4, 3, 64, 64)),
 }
 

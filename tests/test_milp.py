@@ -2,7 +2,9 @@
 simulator and eager PyTorch, and the fallbacks (solver failure, no time, no highspy, stopped)."""
 from __future__ import annotations
 
+import copy
 import itertools
+import re
 import sys
 import time
 
@@ -15,10 +17,10 @@ from hypothesis import strategies as st
 import planner
 from planner import InfeasibleBudgetError
 from planner.algorithms import milp
-from planner.algorithms.milp import exact_search, formulate, solve_highs, solve_scipy
+from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lowest_peak_search, lp_bound, solve_highs, solve_scipy
 from planner.algorithms.staging import build_problem
 
-from _random_dags import build_dag, dag_specs
+from _random_dags import DagSpec, build_dag, dag_specs
 from _workloads import Workload, assert_same_step, build_workload, planned_step
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
@@ -30,6 +32,15 @@ BRUTE_FORCE_COLUMNS = 12  # 4096 recomputation patterns
 def _budget(graph, fraction: float) -> int:
     store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
     return graph.resident_bytes + int(fraction * (store_all - graph.resident_bytes))
+
+
+def _budget_above_floor(graph, fraction: float) -> int:
+    """``fraction`` of the way from what every staged schedule holds at its fullest step (on small
+    random graphs most budgets below that) to store-all's peak."""
+    floor = formulate(exact_problem(graph, CPU), None)
+    floor_bytes = graph.resident_bytes + floor.unit * int(floor.memory_fixed.max())
+    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    return floor_bytes + int(fraction * (store_all - floor_bytes))
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +68,78 @@ def test_staged_store_all_is_store_all(name: str, request: pytest.FixtureRequest
     assert staged.time == pytest.approx(reference.time, rel=1e-12)
 
 
-# ---- the MILP equals brute force, and its memory rows bound the simulator ------------------------------
+# ---- the MILP equals brute force, and its memory rows count what the simulator does ---------------------
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0))
-def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
+@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0), block_order=st.booleans())
+def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: bool) -> None:
     """Every recomputation pattern, each with the least holding it needs (memory only grows with
-    what is held), is checked against the rows; the best feasible one must be what HiGHS proves
-    optimal. Each feasible pattern's decoded schedule must fit the budget in the simulator and cost
-    exactly the MILP's objective."""
+    what is held), is checked against the rows: the peak the memory rows count is the simulator's
+    peak of the decoded schedule, to the byte (the unit is one byte on these graphs), so the rows
+    accept a pattern exactly when its schedule fits. The best feasible one must be what HiGHS
+    proves optimal, and no bound it reports (root, final, the LP relaxation, exact mode's) may be
+    above it; exact mode's least-peak search must find the least peak of all patterns. In the
+    hierarchy's backward order (what exact mode solves) and in graph order."""
     graph = build_dag(spec).graph
-    budget = _budget(graph, fraction)
-    problem = build_problem(graph, CPU)
+    budget = _budget_above_floor(graph, fraction)
+    problem = exact_problem(graph, CPU) if block_order else build_problem(graph, CPU)
     form = formulate(problem, budget)
+    searched = _brute_force(graph, problem, form, budget)
+    assume(searched is not None)
+    best, peaks = searched
+    if block_order:  # exact mode's lowest feasible budget is the least peak of any pattern
+        lowest = lowest_peak_search(graph, CPU, time_limit=20.0)
+        assert lowest.optimal and lowest.peak_bytes == min(peaks)
+        assert lowest.lower_bound_bytes <= lowest.peak_bytes
+    if form.constant_violation:
+        assert best is None
+        return
+    outcome = solve_highs(form, 30.0, gap=0.0)
+    if best is None:
+        assert outcome.x is None
+        return
+    assert outcome.optimal
+    assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    for bound in (outcome.root_bound, outcome.bound, lp_bound(form, 30.0)):
+        assert milp._seconds(form, bound) <= best * (1 + 1e-9)
+    if block_order:
+        found = exact_search(graph, CPU, budget, time_limit=20.0)
+        assert found.optimal
+        assert found.time == pytest.approx(best, rel=2e-4)
+        assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
+
+
+# a graph whose recomputation phases bind at its floor budget: the optimum without phase rows
+# breaks one, and no staged schedule fits (found by searching random DAGs)
+PHASES_BIND = DagSpec(d=4, batch=6, ops=(("linear", 0, 0), ("relu", 1, 1), ("relu", 2, 2), ("linear", 3, 3),
+                                         ("relu", 4, 4), ("linear", 5, 5), ("relu", 5, 5)), extra_output=None)
+
+
+def test_row_generation_never_answers_a_schedule_that_breaks_a_phase() -> None:
+    """The first round's answer breaks a phase row: exact mode must add it and solve again, and
+    report no schedule, since brute force finds none that fits."""
+    graph = build_dag(PHASES_BIND).graph
+    budget = _budget_above_floor(graph, 0.0)
+    problem = exact_problem(graph, CPU)
+    full, relaxed = formulate(problem, budget), formulate(problem, budget, phases=set())
+    first = solve_highs(relaxed, 30.0, gap=0.0)
+    assert first.optimal
+    assert full.phases_over_budget(milp._staged_point(problem, full, relaxed.recompute_of(first.x))), \
+        "the premise: without phase rows the optimum breaks one"
+    assert _brute_force(graph, problem, full, budget)[0] is None, "the premise: no staged schedule fits"
+    found = exact_search(graph, CPU, budget, time_limit=20.0)
+    assert found.schedule is None and "no schedule found" in found.message
+    assert int(re.search(r"(\d+) rounds", found.message).group(1)) >= 2
+
+
+def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[int]] | None:
+    """Every recomputation pattern at its least holding, each checked against the simulator: the
+    fastest fitting one's time and every pattern's peak (None: too many patterns)."""
+    assert form.unit == 1
     free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
             if form.col_upper[form.recompute_index[k, f]] > 0]
-    assume(len(free) <= BRUTE_FORCE_COLUMNS)
-    best = None
+    if len(free) > BRUTE_FORCE_COLUMNS:
+        return None
+    best, peaks = None, []
     for pattern in itertools.product((False, True), repeat=len(free)):
         recompute = np.zeros(form.recompute_index.shape, dtype=bool)
         for (k, f), on in zip(free, pattern):
@@ -80,21 +147,69 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float) -> None:
         keep = problem.minimal_keep(recompute)
         assert not (keep & (form.keep_index < 0)).any(), "a needed group has no variable at that stage"
         x = form.vector(keep, recompute)
-        if form.violation(x) > 1e-9 or form.constant_violation:
-            continue
         result = planner.simulate(graph, problem.schedule(recompute), CPU)
-        assert result.peak_bytes <= budget, f"rows accept a schedule that peaks at {result.peak_bytes} > {budget}"
+        peaks.append(result.peak_bytes)
+        assert form.peak_bytes(x) == result.peak_bytes, "the memory rows count another peak than the simulator"
+        fits = result.peak_bytes <= budget
+        assert (form.violation(x) <= 1e-9) == fits, "the rows reject a schedule that fits" if fits else \
+            "the rows accept a schedule over the budget"
+        if not fits:
+            continue
         assert result.time == pytest.approx(form.objective(x), rel=1e-9)
         best = form.objective(x) if best is None else min(best, form.objective(x))
-    if form.constant_violation:
-        assert best is None
-        return
-    outcome = solve_highs(form, 30.0, gap=0.0)
-    if best is None:
-        assert outcome.x is None
-    else:
-        assert outcome.optimal
-        assert form.objective(outcome.x) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    return best, peaks
+
+
+@pytest.mark.parametrize("name,fraction", [("resnet18", 0.5), ("transformer", 0.5), ("transformer", 0.33)])
+def test_fast_mode_plan_enters_the_solver(name: str, fraction: float, request: pytest.FixtureRequest) -> None:
+    """The warm start: fast mode's plan, as the staged schedule it maps to, satisfies every row
+    whenever that schedule fits (its rows count the simulator's peak, up to rounding each group
+    to the memory unit), and exact mode starts from it, so its answer is never slower."""
+    graph = request.getfixturevalue(name).graph
+    budget = _budget(graph, fraction)
+    fast = planner.plan(graph, budget, cost_model=CPU, op_variants=False)
+    problem = exact_problem(graph, CPU)
+    form = formulate(problem, budget)
+    x = encode(problem, form, fast.schedule)
+    assert x is not None
+    image = planner.simulate(graph, problem.schedule(form.recompute_of(x)), CPU)
+    assert image.peak_bytes <= form.peak_bytes(x) <= image.peak_bytes + form.unit * (len(problem.groups) + 1)
+    assert image.time == pytest.approx(form.objective(x), rel=1e-9)
+    assert form.peak_bytes(x) <= budget, "the premise: fast mode's staged image fits this budget"
+    assert form.violation(x) <= 1e-9, "the MILP's own rows reject a schedule that fits"
+    found = exact_search(graph, CPU, budget, time_limit=3.0, starts=[fast.schedule])
+    assert found.start_time is not None and found.start_time <= image.time * (1 + 1e-9)
+    assert found.schedule is not None and found.time <= found.start_time * (1 + 1e-9)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=dag_specs(min_ops=5, max_ops=8), fraction=st.floats(0.0, 0.8))
+def test_exact_plans_of_random_models_execute_like_eager(spec, fraction: float) -> None:
+    """Decoded MILP schedules pass the simulator and run with eager's loss and gradients, bitwise."""
+    case = build_dag(spec)
+    budget = _budget_above_floor(case.graph, fraction)
+    found = exact_search(case.graph, CPU, budget, time_limit=10.0)
+    assume(found.schedule is not None)
+    result = planner.simulate(case.graph, found.schedule, CPU)  # raises on an invalid schedule
+    assert result.peak_bytes <= budget and result.time == pytest.approx(found.time, rel=1e-12)
+
+    def step(module) -> dict:
+        torch.manual_seed(1)
+        outputs = module(case.x)
+        loss = sum(o.sum() * o.sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,)))
+        loss.backward()
+        return {"loss": loss.detach()} | {n: p.grad for n, p in model_of(module).named_parameters()}
+
+    eager = copy.deepcopy(case.model)
+    model_of = lambda module: module if module is eager else planned  # noqa: E731
+    planned = copy.deepcopy(case.model)
+    want = step(eager)
+    got = step(planner.PlannedModule(planned, case.graph, found.schedule))
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert (value is None) == (got[key] is None), key
+        assert value is None or torch.equal(value, got[key]), key
 
 
 def test_scipy_backend_agrees_with_highspy(transformer: Workload) -> None:
@@ -106,7 +221,12 @@ def test_scipy_backend_agrees_with_highspy(transformer: Workload) -> None:
 
 
 # ---- exact plans run like eager PyTorch -----------------------------------------------------------------
-@pytest.mark.parametrize("name,fraction", [("resnet18", 0.65), ("transformer", 0.5)])
+@pytest.fixture(scope="module")
+def unet() -> Workload:
+    return build_workload("unet")
+
+
+@pytest.mark.parametrize("name,fraction", [("resnet18", 0.65), ("transformer", 0.5), ("unet", 0.5)])
 def test_exact_schedule_executes_like_eager(name: str, fraction: float, request: pytest.FixtureRequest) -> None:
     work: Workload = request.getfixturevalue(name)
     budget = _budget(work.graph, fraction)
@@ -140,7 +260,7 @@ def test_milp_optimum_has_no_better_neighbour(name: str, fraction: float, reques
     optimum = planner.simulate(graph, problem.schedule(recompute), CPU)
     assert optimum.peak_bytes <= budget and optimum.recomputations > 0
     assert optimum.time == pytest.approx(form.objective(form.rounded(outcome.x)), rel=1e-9)
-    bound = problem.base_time + outcome.bound
+    bound = milp._seconds(form, outcome.bound)
     assert bound <= optimum.time * (1 + 1e-9)
     flips = np.argwhere(form.recompute_index >= 0)
     flips = flips[np.random.default_rng(0).permutation(len(flips))[:400]]
@@ -167,6 +287,9 @@ def test_exact_mode_finds_better_plans_than_fast_mode(resnet18: Workload) -> Non
     exact = planner.plan(resnet18.graph, budget, mode="exact", time_limit=15, cost_model=CPU)
     assert exact.algorithm == "milp" and exact.status in ("optimal", "feasible")
     assert exact.predicted_time < fast.predicted_time
+    # the message says what was proven, and over which schedules
+    assert "incumbent" in exact.message and "root bound" in exact.message and "final bound" in exact.message
+    assert milp.SCHEDULE_CLASS in exact.message
     assert exact.lower_bound <= exact.predicted_time
 
 
@@ -177,7 +300,7 @@ def test_time_limit_is_respected() -> None:
     graph = planner.capture(model, torch.randn(8, 3, 64, 64))
     began = time.perf_counter()
     chosen = planner.plan(graph, _budget(graph, 0.33), mode="exact", time_limit=3, cost_model=CPU)
-    assert time.perf_counter() - began <= 3 + 2.5
+    assert time.perf_counter() - began <= 3 + 2.0
     assert chosen.status in ("feasible", "fallback", "optimal")
     if chosen.status == "feasible":
         assert chosen.gap is not None and 0 <= chosen.gap < 1
