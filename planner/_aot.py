@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,14 +101,36 @@ def _eager_kernels():
             op._dispatch_cache.clear()
 
 
-def trace_joint(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
+@contextlib.contextmanager
+def _one_sequence_per_row(applies: bool):
+    """transformers' mask helpers look for packed sequences in ``position_ids``. Eager reads the
+    values and, for positions made by the model itself (an ``arange``: one sequence per row), lets
+    SDPA apply causality (``is_causal=True``); under tracing they cannot read them, assume packing
+    and materialize a causal mask, which runs another kernel (different last bits, slower on CPU)
+    and holds the mask through the step. Where the caller passes no ``position_ids`` (``applies``)
+    the trace is told what eager finds; passing them later changes the call, which re-plans."""
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if not applies or original is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+def trace_joint(module: torch.nn.Module, args: tuple, positions_from_model: bool = False) -> torch.fx.GraphModule:
     """Trace ``module(*args)`` (which must return a 1-tuple holding a scalar loss) with its backward.
+    ``positions_from_model``: the model makes its own position ids (``_one_sequence_per_row``).
 
     Returns the joint fx graph; every call_function node has ``meta['val']`` (a FakeTensor or a
     tuple of them) and ``meta['partitioner_tag']``; placeholders and the output carry descriptors.
     """
     try:
-        with _tracing_state(), _eager_kernels(), _meta_as_cpu(module, args) as args:
+        with _tracing_state(), _eager_kernels(), _one_sequence_per_row(positions_from_model), \
+                _meta_as_cpu(module, args) as args:
             aot_module_simplified(
                 module, args, fw_compiler=_no_compile, bw_compiler=_no_compile,
                 partition_fn=_keep_joint_graph,

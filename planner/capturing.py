@@ -7,6 +7,7 @@ the loss: ``Plan.apply`` runs the model's part and leaves the loss to the user's
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, Callable, Sequence
 
@@ -135,6 +136,17 @@ def _refuse_distributed_wrappers(model: torch.nn.Module) -> None:
                            "model with DistributedDataParallel")
 
 
+
+def _makes_own_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the call leaves a ``position_ids`` parameter of the model's forward unset (the
+    model then numbers positions itself: ``_aot._one_sequence_per_row``)."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return False
+    parameters = inspect.signature(model.forward).parameters
+    return "position_ids" in parameters and bound.get("position_ids") is None
+
 def capture(
     model: torch.nn.Module,
     inputs: Any,
@@ -180,7 +192,7 @@ def capture(
     step = _TrainingStep(model, loss_fn, call_form)
     try:
         with _aot.quiet_torch_logs():  # a failure becomes one CaptureError, not pages of torch logs
-            joint = _aot.trace_joint(step, _distinct_storages(tensors + targets))
+            joint = _aot.trace_joint(step, _distinct_storages(tensors + targets), _makes_own_positions(model, args, kwargs))
     except PlannerError:
         raise
     except Exception as error:  # tracing surfaces many exception types; name the cause

@@ -8,9 +8,12 @@ that recomputed dropout masks replay.
 
 Under tracing, transformers builds the causal mask explicitly where eager PyTorch passes
 ``is_causal=True`` to SDPA (capture traces with ``torch.compiler.is_compiling()`` true, as
-torch.export does). The planned step runs the traced graph, so its reference is eager PyTorch on
-the same code path (``_tracing_state``): bitwise equal. Against plain eager the gradients agree to
-float32 rounding (Llama: ~4e-9 absolute); GPT-2's and BERT's are bitwise equal to plain eager too.
+torch.export does), unless the model is called without ``position_ids`` (``_aot``'s
+``_one_sequence_per_row``). The Llama here is wrapped in a module that computes its loss from
+``labels``, whose forward has no ``position_ids`` parameter, so its trace keeps the mask: its
+reference is eager PyTorch on the same code path (``_tracing_state``), bitwise equal, and against
+plain eager its gradients agree to float32 rounding (~4e-9 absolute). GPT-2's and BERT's are
+bitwise equal to plain eager.
 """
 from __future__ import annotations
 
@@ -205,3 +208,33 @@ def test_model_output_the_loss_ignores() -> None:
     assert torch.equal(loss, want.loss.detach())
     for got, ref in zip(fused.parameters(), reference.parameters(), strict=True):
         assert torch.equal(got.grad, ref.grad)
+
+
+def _sdpa_inputs(graph: planner.TrainingGraph) -> list[int]:
+    return [len(op.inputs) for op in graph.ops if op.name.startswith("_scaled_dot_product") and "backward" not in op.name]
+
+
+@pytest.mark.parametrize("factory", ["gpt2", "llama"])
+def test_model_numbering_its_own_positions_is_traced_with_is_causal(factory: str) -> None:
+    """Called without ``position_ids``, a transformers model numbers positions itself (one
+    sequence per row): the trace passes ``is_causal`` to SDPA as eager does, with no mask tensor,
+    and the plan's step equals plain eager bit for bit; passed ``position_ids`` (which could pack
+    sequences) keep the explicit mask."""
+    torch.manual_seed(0)
+    model = gpt2() if factory == "gpt2" else llama().model
+    ids, labels = _token_batch()
+    graph = planner.capture(model, ids, loss_fn=causal_lm_loss, targets=labels)
+    assert _sdpa_inputs(graph) and all(n == 3 for n in _sdpa_inputs(graph)), _sdpa_inputs(graph)
+    positions = torch.arange(SEQUENCE).expand(BATCH, -1)
+    packed = planner.capture(model, {"input_ids": ids, "position_ids": positions}, loss_fn=causal_lm_loss,
+                             targets=labels)
+    assert all(n == 4 for n in _sdpa_inputs(packed)), _sdpa_inputs(packed)
+    chosen = planner.plan(graph, "50%")
+    planned, plain = copy.deepcopy(model), copy.deepcopy(model)
+    loss = causal_lm_loss(chosen.apply(planned, causal_lm_loss)(ids), labels)
+    loss.backward()
+    want = causal_lm_loss(plain(ids), labels)
+    want.backward()
+    assert torch.equal(loss, want)
+    for (name, got), (_, ref) in zip(planned.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(got.grad, ref.grad), name
