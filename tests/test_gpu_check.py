@@ -50,7 +50,8 @@ def test_gpu_check_runs_on_cpu_at_small_sizes(tmp_path: Path) -> None:
                      "selective checkpointing", "torch.compile"]
     assert all(c["failure"] is None and c["peak_bytes"] > 0 for c in configs), [c["failure"] for c in configs]
     eager = configs[0]
-    assert configs[1]["peak_bytes"] < eager["peak_bytes"]  # checkpointing saves memory
+    checkpointing = next(c for c in configs if c["name"] == "torch.utils.checkpoint")
+    assert checkpointing["peak_bytes"] < eager["peak_bytes"]  # checkpointing saves memory
     planned = [c for c in configs if c["name"] == "planner"]
     assert len(planned) == len(tools) and all(c["gradient_difference"] == 0.0 for c in planned)
     markdown = (out / "gpu_check.md").read_text()
