@@ -19,23 +19,14 @@ import planner.algorithms.hierarchical as hierarchical
 import fast_mode
 
 
-def graph_and_budget(name: str):
-    """The graph and budget ``fast_mode``'s planning-time section uses for ``name``."""
-    if name in fast_mode.MODELS:
-        return fast_mode.vision_graph(name), "50%"
-    if name == "lstm":
-        return fast_mode.lstm_graph(), "90%"
-    graph = fast_mode.llm_graph(name)
-    return graph, fast_mode.activation_budget(graph, 0.5)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "densenet121", "lstm", "llama-7b"])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv[1:])
     settings = {"small blocks only": (1,), "default": hierarchical.BLOCK_SCALES}
-    cases = {name: graph_and_budget(name) for name in args.models}
+    graphs = {name: fast_mode.load_graph(name) for name in args.models}
+    cases = {name: (graph, fast_mode.timing_budget(name, graph)[0]) for name, graph in graphs.items()}
     seconds = {(name, label): [] for name in cases for label in settings}
     for round_ in range(args.rounds + 1):  # the first round warms numba and the caches up
         for name, (graph, budget) in cases.items():

@@ -252,11 +252,32 @@ def smallest_section(graphs: dict) -> str:
     return "\n".join(rows)
 
 
-def activation_budget(graph, share: float) -> int:
+def store_all_activations(graph) -> tuple[planner.SimResult, int]:
+    """The store-all step's simulation and the bytes of activations at its peak."""
+    reference = planner.simulate(graph, graph.store_all(), default_cost_model(graph))
+    return reference, reference.peak_bytes - graph.resident_bytes
+
+
+def activation_budget(graph, share: float, activations: int | None = None) -> int:
     """Resident memory plus ``share`` of the store-all step's activations, in bytes (a language
     model's parameters are most of its peak: a share of the whole would leave no activations)."""
-    activations = planner.simulate(graph, graph.store_all(), default_cost_model(graph)).peak_bytes - graph.resident_bytes
+    if activations is None:
+        _, activations = store_all_activations(graph)
     return int(graph.resident_bytes + share * activations)
+
+
+def load_graph(name: str) -> planner.TrainingGraph:
+    """The captured graph of a benchmark model: vision, ``lstm`` or a language model on meta."""
+    return vision_graph(name) if name in MODELS else lstm_graph() if name == "lstm" else llm_graph(name)
+
+
+def timing_budget(name: str, graph) -> tuple[int | str, str]:
+    """The budget the planning-time section plans ``name`` at, and how the table names it."""
+    if name == "lstm":
+        return "90%", "90%"
+    if name in MODELS:
+        return "50%", "50%"
+    return activation_budget(graph, 0.5), "resident + 50% of activations"
 
 
 def time_section(graphs: dict) -> str:
@@ -264,8 +285,7 @@ def time_section(graphs: dict) -> str:
             "|---|---:|---|---:|---:|---:|"]
     for name in ("resnet50", "densenet121", "gpt2-24", "llama-7b", "llama-70b", "lstm"):
         graph = graphs[name]
-        budget, label = (("90%", "90%") if name == "lstm" else ("50%", "50%") if name in MODELS
-                         else (activation_budget(graph, 0.5), "resident + 50% of activations"))
+        budget, label = timing_budget(name, graph)
         seconds, chosen, growth = timed_plan(graph, budget)
         rows.append(f"| {name} | {len(graph.ops)} | {label} | **{seconds:.2f} s** | {growth / 2**20:.0f} MiB | "
                     f"≤ {TIME_TARGETS[name]:g} s |")
@@ -278,9 +298,9 @@ def llm_section(graphs: dict, capture_seconds: dict) -> str:
             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for name in ("gpt2-24", "llama-7b", "llama-70b"):
         graph = graphs[name]
-        reference = planner.simulate(graph, graph.store_all(), default_cost_model(graph))
+        reference, activations = store_all_activations(graph)
         for share in (0.5, 0.25):
-            seconds, chosen, _ = timed_plan(graph, activation_budget(graph, share), repeats=1)
+            seconds, chosen, _ = timed_plan(graph, activation_budget(graph, share, activations), repeats=1)
             rows.append(f"| {name} | {len(graph.ops)} | {capture_seconds[name]:.0f} s | "
                         f"{planner.format_bytes(reference.peak_bytes)} | {planner.format_bytes(graph.resident_bytes)} | "
                         f"resident + {share:.0%} of activations | {planner.format_bytes(chosen.predicted_peak_bytes)} | "
@@ -307,7 +327,7 @@ def main(argv: list[str]) -> int:
         needed |= {"gpt2-24", "llama-7b", "llama-70b"}
     for name in sorted(needed):
         start = time.perf_counter()
-        graphs[name] = vision_graph(name) if name in MODELS else lstm_graph() if name == "lstm" else llm_graph(name)
+        graphs[name] = load_graph(name)
         capture_seconds[name] = time.perf_counter() - start
         _log(f"captured {name}: {graphs[name]} in {capture_seconds[name]:.1f} s")
     parts = [f"```\n{command_line(argv)}\n```\n", environment_line()]

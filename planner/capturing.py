@@ -141,11 +141,12 @@ def _makes_own_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> b
     """Whether the call leaves a ``position_ids`` parameter of the model's forward unset (the
     model then numbers positions itself: ``_aot._one_sequence_per_row``)."""
     try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return False
-    parameters = inspect.signature(model.forward).parameters
-    return "position_ids" in parameters and bound.get("position_ids") is None
+    return "position_ids" in signature.parameters and bound.get("position_ids") is None
+
 
 def capture(
     model: torch.nn.Module,
