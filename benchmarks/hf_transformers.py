@@ -7,8 +7,8 @@ Named ``hf_transformers.py``, not ``transformers.py``: a script's folder comes f
 Per model: one capture (fake tensors), the store-all peak simulated with the default cost model
 (cpu roofline), ``planner.plan(graph, "50%")`` and ``"33%"`` (fast mode: overhead, peak,
 algorithm, planning seconds), and one eager step under ``planner.measure_step`` for the peak plain
-PyTorch really reaches (it differs from store-all where transformers builds an explicit causal mask
-under tracing, see docs/reliability.md).
+PyTorch really reaches (it differs from store-all where the traced step keeps transformers' explicit
+causal mask, see docs/reliability.md).
 
 Run from the repository root::
 
@@ -131,9 +131,10 @@ def render(rows: list[dict], batch: int, sequence: int, argv: list[str], seconds
                      + " | ".join(cells) + f" | {row['capture_seconds']:.2f} | {plan_seconds} |")
     lines.append("")
     lines.extend(f"- {row['name']}: {row['description']}" for row in rows)
-    lines.append("\nCells: predicted overhead (simulated peak as % of store-all, winning algorithm). GPT-2's and "
-                 "Llama's eager peaks are below store-all because eager passes `is_causal=True` to SDPA where the "
-                 "traced graph, which the planned step runs, materializes the causal mask (docs/reliability.md).")
+    lines.append("\nCells: predicted overhead (simulated peak as % of store-all, winning algorithm). An eager peak "
+                 "below store-all is transformers' explicit causal mask in the traced step, which the planned step "
+                 "runs: kept where the model's forward takes no `position_ids` (the Llama wrapper here), replaced by "
+                 "SDPA's `is_causal` as in eager where it does and the call leaves them unset (docs/reliability.md).")
     return "\n".join(lines)
 
 
