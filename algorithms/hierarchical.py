@@ -135,29 +135,38 @@ class Hierarchy:
 def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERGE_POLICIES[0]) -> Hierarchy:
     """Partition ``graph`` (tiny regions merged by ``policy``) and compute every distinct block's
     options."""
-    return _prepare(graph, cost_model, partition(graph, policy))
+    return _BlockSolver(graph, cost_model).hierarchy(partition(graph, policy))
 
 
 def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
     """One hierarchy per distinct partition: small blocks with either tiny-region policy, and
-    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP)."""
+    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP). A
+    block the partitions share is solved once."""
     chains: dict[tuple, BlockChain] = {}
     for scale, policy in [(BLOCK_SCALES[0], policy) for policy in TINY_MERGE_POLICIES] + \
             [(scale, TINY_MERGE_POLICIES[0]) for scale in BLOCK_SCALES[1:]]:
         chain = partition(graph, policy, scale)
         chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
-    return [_prepare(graph, cost_model, chain) for chain in chains.values()]
+    solver = _BlockSolver(graph, cost_model)
+    return [solver.hierarchy(chain) for chain in chains.values()]
 
 
-def _prepare(graph: TrainingGraph, cost_model: CostModel, chain: BlockChain) -> Hierarchy:
-    times = cost_model.op_times(graph)
-    workspace = cost_model.workspace_bytes(graph)
-    locals_ = [local_block(graph, chain, block, times, workspace) for block in chain.blocks]
-    by_key: dict[str, BlockOptions] = {}
-    for local in locals_:
-        if local.key not in by_key:
-            by_key[local.key] = block_options(local)
-    return Hierarchy(graph, chain, locals_, [by_key[local.key] for local in locals_])
+class _BlockSolver:
+    """Block options of one graph under one cost model, each distinct block (``LocalBlock.key``:
+    its ops, arrays, times and storage roles) solved once across partitions."""
+
+    def __init__(self, graph: TrainingGraph, cost_model: CostModel):
+        self.graph = graph
+        self.times = cost_model.op_times(graph)
+        self.workspace = cost_model.workspace_bytes(graph)
+        self.by_key: dict[str, BlockOptions] = {}
+
+    def hierarchy(self, chain: BlockChain) -> Hierarchy:
+        locals_ = [local_block(self.graph, chain, block, self.times, self.workspace) for block in chain.blocks]
+        for local in locals_:
+            if local.key not in self.by_key:
+                self.by_key[local.key] = block_options(local)
+        return Hierarchy(self.graph, chain, locals_, [self.by_key[local.key] for local in locals_])
 
 
 def _bisect(hierarchy: Hierarchy, cost_model: CostModel, tables: ChainTables, budget_bytes: int,
