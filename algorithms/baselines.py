@@ -21,7 +21,7 @@ from planner.algorithms.result import rank
 
 def store_all(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
     """Keep everything: plain PyTorch. O(ops)."""
-    return graph.store_all()
+    return Schedule.store_all(graph)
 
 
 def checkpoint_all(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:

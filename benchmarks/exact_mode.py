@@ -53,7 +53,7 @@ def capture_model(name: str) -> planner.TrainingGraph:
 
 def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float) -> list[str]:
     cost_model = default_cost_model(graph)
-    reference = simulate(graph, graph.store_all(), cost_model)
+    reference = simulate(graph, planner.Schedule.store_all(graph), cost_model)
 
     def overhead(seconds: float | None) -> str:
         return f"{seconds / reference.time - 1:+.2%}" if seconds is not None and math.isfinite(seconds) else "none"
@@ -109,7 +109,7 @@ def lowest_row(name: str, graph: planner.TrainingGraph, time_limit: float) -> st
     """Exact mode's least peak (``lowest_peak_search``, from fast mode's least-peak plan) against
     fast mode's smallest budget and ``memory_lower_bound``, as % of store-all's peak."""
     cost_model = default_cost_model(graph)
-    store_all = simulate(graph, graph.store_all(), cost_model).peak_bytes
+    store_all = simulate(graph, planner.Schedule.store_all(graph), cost_model).peak_bytes
     fast = _fast_lowest(graph)
     fast_plan = planner.plan(graph, fast, op_variants=False, cost_model=cost_model)
     began = time.perf_counter()

@@ -24,6 +24,7 @@ from planner.execute import lower
 from planner.measure import measure_step
 from planner.planning import Plan, plan
 from planner.plots import sweep_png, timeline_png
+from planner.schedule import Schedule
 from planner.search import DEFAULT_TIME_LIMIT
 from planner.simulator import simulate
 from planner.units import format_bytes
@@ -80,7 +81,7 @@ def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_
                 bar.update(min(round(elapsed), bar.total) - bar.n)
                 bar.set_postfix_str(f"{incumbent / store_all - 1:+.2%} / {bound / store_all - 1:+.2%}")
 
-            store_all = simulate(graph, graph.store_all(), cost_model).time
+            store_all = simulate(graph, Schedule.store_all(graph), cost_model).time
             return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress,
                         op_variants=op_variants)
     return plan(graph, budget, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)

@@ -232,17 +232,6 @@ class TrainingGraph:
                     dag.add_edge(t.producer, consumer, tensor=t.id, nbytes=t.nbytes)
         return dag
 
-    def store_all(self):
-        """What plain PyTorch does: every op once, in graph order, each tensor freed after its last
-        use. The reference every budget fraction refers to (built once per graph)."""
-        return self._store_all
-
-    @cached_property
-    def _store_all(self):
-        from planner.schedule import Schedule
-
-        return Schedule.from_order(self, range(len(self.ops)))
-
     def summary(self) -> dict[str, int]:
         """Resident bytes by kind: what any schedule of this step holds throughout."""
         by_kind: dict[str, int] = {}

@@ -334,7 +334,7 @@ def plan(
     cost_model = choose_cost_model(graph, cost_model, source, batch, targets)
 
     stock = graph
-    reference = simulate(stock, stock.store_all(), cost_model)
+    reference = simulate(stock, Schedule.store_all(stock), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
     outcome = search(stock, with_variants(stock, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
                      time_limit=time_limit, progress=progress)

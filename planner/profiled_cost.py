@@ -25,7 +25,7 @@ from planner.cost import CUDA_BLOCK_BYTES, CostModel, RooflineCostModel, default
 from planner.graph import TrainingGraph
 from planner.guards import model_state
 from planner.runtime import initial_env, run_call, signature
-from planner.schedule import Compute
+from planner.schedule import Compute, Schedule
 from planner.simulator import simulate
 
 
@@ -229,7 +229,7 @@ def _available_bytes(device: torch.device) -> int:
 def _profiling_schedule(graph: TrainingGraph, available_bytes: int):
     """Store-all (what eager runs, every op once) when its activations fit in ``available_bytes``
     with a 10% margin; else the least-memory schedule (recomputations are timed too)."""
-    store_all = graph.store_all()
+    store_all = Schedule.store_all(graph)
     needed = simulate(graph, store_all).peak_activation_bytes
     if needed * 1.1 <= available_bytes:
         return store_all

@@ -77,7 +77,7 @@ def test_plan_fits_budget_and_agrees_with_simulator(transformer: Workload, budge
     assert chosen.status == "feasible"
     assert chosen.cost_model == CPU.name
     # nothing beats store-all on the plan's own graph (with variants it can beat plain PyTorch's)
-    assert chosen.predicted_time >= planner.simulate(chosen.graph, chosen.graph.store_all(), CPU).time * (1 - 1e-12)
+    assert chosen.predicted_time >= planner.simulate(chosen.graph, planner.Schedule.store_all(chosen.graph), CPU).time * (1 - 1e-12)
     assert "predicted peak" in str(chosen)
     if budget == "80%":
         assert chosen.recomputations > 0
@@ -98,7 +98,7 @@ def test_fast_mode_returns_the_fastest_baseline_in_budget(transformer: Workload)
 def test_full_budget_plans_no_recomputation(transformer: Workload) -> None:
     """At the store-all budget nothing needs recomputing; fast mode may still reorder."""
     chosen = planner.plan(transformer.graph, "100%", op_variants=False)
-    assert sorted(c.op for c in chosen.schedule.computes) == sorted(c.op for c in transformer.graph.store_all().computes)
+    assert sorted(c.op for c in chosen.schedule.computes) == sorted(c.op for c in planner.Schedule.store_all(transformer.graph).computes)
     assert chosen.recomputations == 0
     assert chosen.overhead == 0
     assert chosen.predicted_peak_bytes <= chosen.store_all_peak_bytes

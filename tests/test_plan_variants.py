@@ -64,7 +64,7 @@ def test_variants_lower_the_reachable_peak(stem_heavy: Workload) -> None:
 @pytest.mark.parametrize("name", ["transformer", "resnet"])
 def test_variants_never_cost_more(name: str, request) -> None:
     graph = request.getfixturevalue(name).graph
-    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU).peak_bytes
     for fraction in (1.0, 0.95, 0.9, 0.85, 0.75):  # the variants' plan is no slower than any stock plan that fits
         budget = int(fraction * store_all)
         try:

@@ -113,7 +113,7 @@ def test_rewrite_keeps_ops_ids_and_order_and_appends_tensors(resnet: Workload) -
     assert rewritten.variants == tuple(s.name for s in sites) and rewritten.fingerprint != graph.fingerprint
     assert variant_sites(rewritten) == ()  # nothing left to apply
     # any order of the original graph is an order of the rewritten one
-    assert Schedule.from_order(rewritten, range(len(graph.ops))) == rewritten.store_all()
+    assert Schedule.from_order(rewritten, range(len(graph.ops))) == Schedule.store_all(rewritten)
     with pytest.raises(ValueError):
         apply_variants(rewritten, sites)
     with pytest.raises(ValueError):
@@ -129,7 +129,7 @@ def test_variant_names_reapply_after_recapture(transformer: Workload) -> None:
     assert apply_variant_names(again, rewritten.variants).fingerprint == rewritten.fingerprint
     with pytest.raises(PlanMismatchError):
         apply_variant_names(again, ["relu_packed@no_such_op"])
-    schedule = rewritten.store_all()
+    schedule = Schedule.store_all(rewritten)
     with pytest.raises(PlanMismatchError):  # implementations live in the graph: schedules do not mix
         planner.simulate(transformer.graph, schedule)
 
@@ -191,7 +191,7 @@ def test_channels_last_network_with_variants_is_bitwise() -> None:
     graph = apply_variants(stock, [s for s in variant_sites(stock) if s.variant in BITWISE_VARIANTS])
     assert {name.split("@")[0] for name in graph.variants} == {"relu_packed", "max_pool2d_packed"}
     planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
-    planned = planner.PlannedModule(planned_model, graph, graph.store_all())
+    planned = planner.PlannedModule(planned_model, graph, Schedule.store_all(graph))
     planned(x).mean((2, 3)).square().sum().backward()
     reference(x).mean((2, 3)).square().sum().backward()
     for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
@@ -201,9 +201,9 @@ def test_channels_last_network_with_variants_is_bitwise() -> None:
 def test_variants_lower_the_transformer_store_all_peak(resnet: Workload, transformer: Workload, capsys) -> None:
     lines = []
     for workload in (resnet, transformer):
-        stock = planner.simulate(workload.graph, workload.graph.store_all()).peak_bytes
+        stock = planner.simulate(workload.graph, Schedule.store_all(workload.graph)).peak_bytes
         rewritten = apply_variants(workload.graph, variant_sites(workload.graph))
-        with_variants = planner.simulate(rewritten, rewritten.store_all()).peak_bytes
+        with_variants = planner.simulate(rewritten, Schedule.store_all(rewritten)).peak_bytes
         lines.append(f"{workload.name}: store-all peak {stock} B stock, {with_variants} B with all variants")
         if workload is transformer:
             assert with_variants < stock
