@@ -21,7 +21,7 @@ import torch
 from planner._torch import FakeTensor
 from planner.algorithms import ALGORITHMS
 from planner.calls import as_tuple
-from planner.cost import CUDA_BLOCK_BYTES, CostModel, RooflineCostModel, default_cost_model
+from planner.cost import CUDA_BLOCK_BYTES, DEVICE_PRESETS, CostModel, RooflineCostModel, default_cost_model, device_preset
 from planner.graph import TrainingGraph
 from planner.guards import model_state
 from planner.runtime import initial_env, run_call, signature
@@ -116,6 +116,7 @@ class ProfiledCostModel:
     def __init__(self, times: dict[str, np.ndarray], workspace: dict[str, np.ndarray], device: str,
                  source: "_Source | None" = None):
         self.name = f"profiled:{device}"
+        self.rates = DEVICE_PRESETS[device_preset(device)]  # the roofline's rates for this device type
         self._times = times
         self._workspace = workspace
         self._source = source
