@@ -119,6 +119,14 @@ def describe(cost_model_name: str) -> str:
     return cost_model_name
 
 
+def preset_name(cost_model: "CostModel | str | None") -> str | None:
+    """The roofline preset a cost model (or its name, or a preset name) stands for; None for a
+    profiled or custom one, which a plan file cannot rebuild."""
+    name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
+    preset = name.removeprefix("roofline:")
+    return preset if preset in DEVICE_PRESETS else None
+
+
 def recomputable(cost_model_name: str) -> tuple[CostModel | None, bool]:
     """How a saved plan's predictions can be checked without measuring again: a cost model that
     reproduces its peak, and whether it reproduces its time too. A roofline preset reproduces
