@@ -310,3 +310,21 @@ def test_empty_schedule_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     with pytest.raises(InvalidScheduleError):
         planner.simulate(g, Schedule((), g.fingerprint))
+
+
+def test_part_timeline_counts_only_the_masked_storages(tiny_cnn_case: Case) -> None:
+    """``part_timeline`` is the memory of the masked storages alone: every non-resident storage
+    gives the timeline less the resident bytes, none gives zeros, and two disjoint halves add up
+    to the whole (what staging reads the backward's own memory off)."""
+    g = tiny_cnn_case.graph
+    schedule = Schedule.store_all(g)
+    full = planner.simulate(g, schedule)
+    assert full.part_timeline is None
+    everything = np.ones(len(g.storages), dtype=bool)
+    everything[list(g.resident_storages)] = False
+    whole = planner.simulate(g, schedule, part=everything).part_timeline
+    assert np.array_equal(whole, full.timeline - g.resident_bytes)
+    assert not planner.simulate(g, schedule, part=np.zeros(len(g.storages), dtype=bool)).part_timeline.any()
+    half = everything & (np.arange(len(g.storages)) % 2 == 0)
+    halves = [planner.simulate(g, schedule, part=mask).part_timeline for mask in (half, everything & ~half)]
+    assert np.array_equal(halves[0] + halves[1], whole) and halves[0].any() and halves[1].any()
