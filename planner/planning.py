@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -22,7 +22,7 @@ from planner.capturing import LossFn, capture
 from planner.cost import DEVICE_PRESETS, CostModel, describe, recomputable
 from planner.errors import InvalidScheduleError
 from planner.execute import PlannedModule
-from planner.graph import InputSpec, TrainingGraph
+from planner.graph import InputSpec, TrainingGraph, VariantCapability
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
 from planner.runtime import torch_dtype
@@ -112,6 +112,8 @@ class Plan:
     input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
     n_inputs: int = 0  # how many of input_specs are model inputs
     variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
+    # what runs them (the CuPy kernels or the PyTorch twins): their workspace, and so the peak, depends on it
+    variant_capability: VariantCapability = VariantCapability()
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
     call: PytreeForm | None = field(default=None, repr=False)  # how the model is called (None: positionally)
     request: PlanRequest | None = field(default=None, repr=False, compare=False)
@@ -163,7 +165,7 @@ class Plan:
         call = Call(*self.call.fill(inputs)) if self.call is not None else inputs
         graph = capture(model, call, loss_fn, targets=examples[self.n_inputs:])
         if self.variants:
-            graph = apply_variant_names(graph, self.variants)
+            graph = apply_variant_names(graph, self.variants, self.variant_capability)
         self.schedule.check_graph(graph)
         self._check_predictions(graph)
         return graph
@@ -194,6 +196,8 @@ class Plan:
             "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
             "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
         meta["variants"] = list(self.variants)
+        if self.variant_capability != VariantCapability():  # absent: the PyTorch twins (and older files)
+            meta["variant_capability"] = asdict(self.variant_capability)
         meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
         meta["call"] = self.call.to_json() if self.call is not None else None
         meta["request"] = (self.request or PlanRequest(self.budget_bytes)).to_json()
@@ -215,6 +219,7 @@ class Plan:
                 torch_dtype(spec.dtype)
             meta.setdefault("workload", None)
             meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
+            meta["variant_capability"] = VariantCapability(**meta.get("variant_capability", {}))
             call = meta.pop("call", None)  # plan files from before keyword inputs: positional
             meta["call"] = PytreeForm.from_json(call) if call is not None else None
             request = meta.pop("request", None) or {"budget": meta["budget_bytes"], "cost_model": _preset_of(meta["cost_model"])}
@@ -347,7 +352,8 @@ def plan(
         resident_bytes=result.resident_bytes, recomputations=result.recomputations,
         algorithm=best.name, status=verdict.status, cost_model=cost_model.name, gap=verdict.gap,
         lower_bound=verdict.lower_bound, message=verdict.message, input_specs=stock.input_specs,
-        n_inputs=len(stock.inputs), variants=best.graph.variants, candidates=outcome.candidates,
+        n_inputs=len(stock.inputs), variants=best.graph.variants, variant_capability=best.graph.variant_capability,
+        candidates=outcome.candidates,
         call=stock.call_form, request=request,
     )
     if source is not None:
