@@ -258,11 +258,14 @@ def test_batch_norm_fallback_bytes_are_counted(falling_back: int, algorithm: str
     """Which channels fall back to their saved input (here those of zero weight) is known only
     when the step runs, so the simulator counts the bound, every channel: the measured peak never
     exceeds the prediction, and is the prediction less the channels that did not fall back (all
-    falling back: the prediction itself). Counted as 0 bytes, it exceeded the prediction by them."""
+    falling back: the prediction itself). Counted as 0 bytes, the measured peak exceeded the
+    prediction by the channels that fell back (6.9% here when all do)."""
     torch.manual_seed(0)
-    model = TinyCNN().train()
+    # the peak is in the wide convolution's backward, while the fallback waits for its batch norm's
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).train()
     with torch.no_grad():
-        model.bn.weight[:falling_back] = 0.0
+        model[1].weight[:falling_back] = 0.0
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     stock = planner.capture(model, x, F.cross_entropy, targets=y)
     graph = apply_variants(stock, [s for s in variant_sites(stock) if s.variant == "batch_norm_inverted"])
