@@ -52,7 +52,7 @@ class Variant:
     replaces: str  # the ATen forward op, "aten.relu.default"
     bitwise: bool  # gradients bitwise stock's (else within the tolerance its module states)
     backward_reads: str  # what its backward reads instead of stock's saved tensors (the docs' listing)
-    ops: tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]
+    ops: tuple[Callable, Callable]  # the forward and backward op overloads it runs (torch.ops.remat_planner.*)
     find: Callable[["TrainingGraph", "OpInfo"], "VariantSite | None"]
     workspace: Callable[["TrainingGraph", "VariantSite", "VariantCapability"], tuple[int, int]]
     rewrite: Callable[["Rewriter", "VariantSite", tuple[int, int]], None]

@@ -274,6 +274,9 @@ def workspace_bytes(numel: int, dtype_bytes: int, channels: int, kernels: bool, 
 
 
 # ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.batch_norm_inverted.default, torch.ops.remat_planner.batch_norm_inverted_backward.default
+
+
 def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     """A training-mode batch norm with an affine weight, whose one ``native_batch_norm_backward``
     reads its input, its statistics and the same weight and eps.
@@ -327,12 +330,12 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
     fallback = rw.new_tensor(f"{info.name}.fallback", info.shape, info.dtype, info.nbytes, site.forward_op)
     channels = rw.new_tensor(f"{info.name}.fallback_channels", (info.shape[1],), INT64, 8 * info.shape[1],
                              site.forward_op)
-    rw.set_call(site.forward_op, torch.ops.remat_planner.batch_norm_inverted.default,
+    rw.set_call(site.forward_op, _FORWARD,
                 (x, weight, bias, forward["running_mean"], forward["running_var"], forward["momentum"], forward["eps"]),
                 (out, mean, rstd, new_mean, new_var, fallback, channels), workspace[0])
     (backward,) = site.backward_ops
     stock = call_arguments(graph.calls[backward])
-    rw.set_call(backward, torch.ops.remat_planner.batch_norm_inverted_backward.default,
+    rw.set_call(backward, _BACKWARD,
                 (stock["grad_out"], TensorRef(out), weight, bias, TensorRef(mean), TensorRef(rstd), TensorRef(fallback),
                  TensorRef(channels), list(stock["output_mask"])), graph.calls[backward].output_slots, workspace[1])
 
@@ -341,4 +344,4 @@ VARIANT = register_variant(Variant(
     "batch_norm_inverted", "aten._native_batch_norm_legit_functional.default", bitwise=False,
     backward_reads="the output (x̂ = (out − b) / w), not the input; channels whose weight cannot be inverted "
                    "fall back to their saved input, counted at its bound (every channel)",
-    ops=(batch_norm_inverted, batch_norm_inverted_backward), find=_find, workspace=_workspace, rewrite=_rewrite))
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

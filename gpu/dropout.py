@@ -86,6 +86,9 @@ def workspace_bytes(numel: int, kernels: bool) -> tuple[int, int]:
 
 
 # ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.dropout_packed.default, torch.ops.remat_planner.dropout_packed_backward.default
+
+
 def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     """A training-mode dropout whose bool mask only its ``native_dropout_backward`` reads, alone
     in its storage (it is retyped to the packed bits)."""
@@ -118,12 +121,12 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
     _, keep = graph.ops[site.forward_op].outputs
     rw.retype(keep, (site.saved_bytes,), UINT8, site.saved_bytes)
     call, arguments = graph.calls[site.forward_op], call_arguments(graph.calls[site.forward_op])
-    rw.set_call(site.forward_op, torch.ops.remat_planner.dropout_packed.default,
+    rw.set_call(site.forward_op, _FORWARD,
                 (arguments["input"], arguments["p"], arguments["train"]), call.output_slots, workspace[0])
     read = rw.repoint_views(site.view_ops, keep)
     (backward,) = site.backward_ops
     stock = call_arguments(graph.calls[backward])
-    rw.set_call(backward, torch.ops.remat_planner.dropout_packed_backward.default,
+    rw.set_call(backward, _BACKWARD,
                 (stock["grad_output"], TensorRef(read), stock["scale"]), graph.calls[backward].output_slots,
                 workspace[1])
 
@@ -131,4 +134,4 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
 VARIANT = register_variant(Variant(
     "dropout_packed", "aten.native_dropout.default", bitwise=True,
     backward_reads="a 1-bit mask, not the bool mask (stock forward and RNG use)",
-    ops=(dropout_packed, dropout_packed_backward), find=_find, workspace=_workspace, rewrite=_rewrite))
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

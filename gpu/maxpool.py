@@ -284,6 +284,9 @@ def workspace_bytes(output_numel: int, window: Window, kernels: bool, contiguous
 
 
 # ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.max_pool2d_packed.default, torch.ops.remat_planner.max_pool2d_packed_backward.default
+
+
 _GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
 #: ATen's defaults in their shortest spelling, for the arguments a trace leaves out (the packed
 #: ops take them all; the form the fingerprints of plans saved so far hash)
@@ -344,13 +347,13 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
     x, arguments = call_arguments(call)["self"], _packed_arguments(call)
     _, indices = graph.ops[site.forward_op].outputs
     rw.retype(indices, (site.saved_bytes,), UINT8, site.saved_bytes)
-    rw.set_call(site.forward_op, torch.ops.remat_planner.max_pool2d_packed.default, (x, *arguments),
+    rw.set_call(site.forward_op, _FORWARD, (x, *arguments),
                 call.output_slots, workspace[0])
     read = rw.repoint_views(site.view_ops, indices)
     (backward,) = site.backward_ops
     grad = call_arguments(graph.calls[backward])["grad_output"]
     input_size = list(graph.tensors[x.id].shape)
-    rw.set_call(backward, torch.ops.remat_planner.max_pool2d_packed_backward.default,
+    rw.set_call(backward, _BACKWARD,
                 (grad, TensorRef(read), input_size, *arguments, stock_layout(graph, backward)),
                 graph.calls[backward].output_slots, workspace[1])
 
@@ -358,4 +361,4 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
 VARIANT = register_variant(Variant(
     "max_pool2d_packed", "aten.max_pool2d_with_indices.default", bitwise=True,
     backward_reads="4/8-bit window positions, not the input and int64 indices",
-    ops=(max_pool2d_packed, max_pool2d_packed_backward), find=_find, workspace=_workspace, rewrite=_rewrite))
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

@@ -151,6 +151,9 @@ def workspace_bytes(numel: int, kernels: bool) -> tuple[int, int]:
 
 
 # ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.relu_packed.default, torch.ops.remat_planner.relu_packed_backward.default
+
+
 def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     """A ReLU whose output one ``threshold_backward(grad, y, 0)`` reads (through detach/alias ops
     nothing else reads); other readers of the output are fine: the variant still writes it."""
@@ -182,14 +185,14 @@ def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> Non
     mask_bytes = site.saved_bytes
     mask = rw.new_tensor(f"{graph.tensors[y].name}.mask", (mask_bytes,), UINT8, mask_bytes, site.forward_op)
     x = call_arguments(graph.calls[site.forward_op])["self"]
-    rw.set_call(site.forward_op, torch.ops.remat_planner.relu_packed.default, (x,), (y, mask), workspace[0])
+    rw.set_call(site.forward_op, _FORWARD, (x,), (y, mask), workspace[0])
     read = rw.repoint_views(site.view_ops, mask)
     (backward,) = site.backward_ops
     grad = call_arguments(graph.calls[backward])["grad_output"]
-    rw.set_call(backward, torch.ops.remat_planner.relu_packed_backward.default,
+    rw.set_call(backward, _BACKWARD,
                 (grad, TensorRef(read), stock_layout(graph, backward)), graph.calls[backward].output_slots, workspace[1])
 
 
 VARIANT = register_variant(Variant(
     "relu_packed", "aten.relu.default", bitwise=True, backward_reads="a 1-bit mask, not the ReLU output",
-    ops=(relu_packed, relu_packed_backward), find=_find, workspace=_workspace, rewrite=_rewrite))
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

@@ -219,7 +219,8 @@ class TrainingGraph:
     # ---- identity ------------------------------------------------------------------------
     @cached_property
     def fingerprint(self) -> str:
-        """Stable hash of structure, shapes and dtypes: a schedule belongs to exactly one graph."""
+        """Stable hash of structure, shapes and dtypes, the operator variants applied and what runs
+        them: a schedule belongs to exactly one graph."""
         digest = hashlib.sha256()
         for t in self.tensors:
             named = t.name if t.kind in RESIDENT_KINDS else ""

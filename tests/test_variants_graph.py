@@ -18,10 +18,11 @@ from torch import nn
 
 import planner
 from planner import PlanMismatchError, Schedule
+from planner._torch import bind_arguments
 from planner.algorithms import ALGORITHMS
 from planner.graph import Phase
 from planner.variants import (
-    BITWISE_VARIANTS, apply_variant_names, apply_variants, held_for_backward_bytes, select_variants, variant_sites,
+    ALL_VARIANTS, BITWISE_VARIANTS, VARIANTS, apply_variant_names, apply_variants, held_for_backward_bytes, select_variants, variant_sites,
 )
 from planner.zoo import load_workload
 
@@ -77,6 +78,35 @@ def test_sites_of_resnet_and_transformer(resnet: Workload, transformer: Workload
         if site.variant == "max_pool2d_packed":  # 3x3 windows: 4 bits per output; input and int64 indices released
             x = graph.tensors[graph.ops[site.forward_op].inputs[0]]
             assert (site.saved_bytes, site.released_bytes) == (math.ceil(numel / 2), x.nbytes + 8 * numel)
+
+
+def test_every_registered_variant_is_found_and_its_ops_run(resnet: Workload, transformer: Workload) -> None:
+    """The registry is the one list of variants: each has sites in resnet or the transformer, at
+    forward ops of the target it replaces, and a rewritten site calls its ops."""
+    found = set()
+    for workload in (resnet, transformer):
+        sites = variant_sites(workload.graph)
+        graph = apply_variants(workload.graph, sites)
+        for site in sites:
+            variant = VARIANTS[site.variant]
+            forward, backward = variant.ops
+            assert workload.graph.ops[site.forward_op].target == variant.replaces
+            assert graph.calls[site.forward_op].target is forward
+            assert all(graph.calls[op].target is backward for op in site.backward_ops)
+            found.add(site.variant)
+    assert found == set(VARIANTS) == ALL_VARIANTS
+    assert BITWISE_VARIANTS == {name for name, variant in VARIANTS.items() if variant.bitwise}
+
+
+def test_calls_are_matched_by_their_schema_names() -> None:
+    """A finder reads ``arguments["ceil_mode"]`` however the trace spelled the call: by position,
+    by keyword or left to its default; a call that does not fit the schema matches nothing."""
+    op = torch.ops.aten.max_pool2d_with_indices.default
+    assert bind_arguments(op, ("x", [3, 3]), {"ceil_mode": True}) == {
+        "self": "x", "kernel_size": [3, 3], "stride": [], "padding": [0, 0], "dilation": [1, 1], "ceil_mode": True}
+    for args, kwargs in ((("x",), {}), (("x", [3, 3]), {"kernel_size": [2, 2]}), (("x", [3, 3]), {"window": 1})):
+        with pytest.raises(TypeError):
+            bind_arguments(op, args, kwargs)
 
 
 def test_sites_need_an_affine_weight_and_a_reading_backward() -> None:
