@@ -28,6 +28,7 @@ from planner.schedule import Schedule
 from planner.search import DEFAULT_TIME_LIMIT
 from planner.simulator import simulate
 from planner.units import format_bytes, labelled_rows
+from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS
 from planner.zoo import load_workload
 
 EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_CANNOT_PLAN = 2, 3, 4
@@ -318,8 +319,9 @@ def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None 
     parser.add_argument("--device-preset", choices=["cpu", "v100", "a100", "h100"], default=None,
                         help="roofline cost model (default: the graph's device)")
     parser.add_argument("--op-variants", choices=sorted(_OP_VARIANTS), default="on",
-                        help="low-memory operator implementations: on (bitwise-stock gradients, default), "
-                             "all (adds batch_norm_inverted), off (stock PyTorch ops only)")
+                        help="low-memory operator implementations: on (bitwise-stock gradients: "
+                             f"{', '.join(sorted(BITWISE_VARIANTS))}; default), all (adds "
+                             f"{', '.join(sorted(ALL_VARIANTS - BITWISE_VARIANTS))}), off (stock PyTorch ops only)")
 
 
 _OP_VARIANTS = {"on": True, "all": "all", "off": False}  # --op-variants -> plan(op_variants=...)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from planner.calls import PytreeForm
 from planner.cost import preset_name, recomputable
 from planner.errors import InvalidScheduleError
-from planner.graph import InputSpec, TrainingGraph
+from planner.graph import InputSpec, TrainingGraph, VariantCapability
 from planner.runtime import torch_dtype
 from planner.schedule import Schedule
 from planner.simulator import simulate
@@ -35,13 +36,15 @@ PLAN_FORMAT = 1
 SCALAR_FIELDS = ("budget_bytes", "predicted_peak_bytes", "predicted_time", "store_all_peak_bytes",
                  "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
                  "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")
-_FIELDS = frozenset(SCALAR_FIELDS) | {"variants", "input_specs", "call", "request"}
+_FIELDS = frozenset(SCALAR_FIELDS) | {"variants", "variant_capability", "input_specs", "call", "request"}
 
 
 def write(plan: "Plan", path: str | Path) -> None:
     """Save ``plan``: schedule, fingerprint, predictions, input shapes, call form and request."""
     meta: dict[str, Any] = {name: getattr(plan, name) for name in SCALAR_FIELDS}
     meta["variants"] = list(plan.variants)
+    if plan.variant_capability != VariantCapability():  # absent: the PyTorch twins (and older files)
+        meta["variant_capability"] = asdict(plan.variant_capability)
     meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in plan.input_specs]
     meta["call"] = plan.call.to_json() if plan.call is not None else None
     meta["request"] = plan.replan_request.to_json()
@@ -68,6 +71,7 @@ def read(path: str | Path, request_from_json: Callable[[dict], Any]) -> dict[str
         call = meta.pop("call")
         return dict(meta, schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs,
                     variants=tuple(str(name) for name in meta["variants"]),
+                    variant_capability=VariantCapability(**meta["variant_capability"]),
                     call=PytreeForm.from_json(call) if call is not None else None,
                     request=request_from_json(meta["request"]))
     except (KeyError, TypeError, ValueError, IndexError) as error:
@@ -79,6 +83,7 @@ def _migrate(meta: dict) -> dict:
     with what they meant then (see the module docstring)."""
     meta.setdefault("workload", None)
     meta.setdefault("variants", [])
+    meta.setdefault("variant_capability", {})  # what runs the variants: absent for the PyTorch twins
     meta.setdefault("call", None)  # called positionally
     if meta.get("request") is None:  # planned again with the byte budget and the preset, if any
         meta["request"] = {"budget": meta["budget_bytes"], "cost_model": preset_name(meta["cost_model"])}

@@ -20,7 +20,7 @@ from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.capturing import LossFn, capture
 from planner.cost import CostModel, describe, preset_name
 from planner.execute import PlannedModule
-from planner.graph import TrainingGraph
+from planner.graph import TrainingGraph, VariantCapability
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
 from planner.runtime import torch_dtype
@@ -107,6 +107,8 @@ class Plan:
     input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
     n_inputs: int = 0  # how many of input_specs are model inputs
     variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
+    # what runs them (the CuPy kernels or the PyTorch twins): their workspace, and so the peak, depends on it
+    variant_capability: VariantCapability = VariantCapability()
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
     call: PytreeForm | None = field(default=None, repr=False)  # how the model is called (None: positionally)
     request: PlanRequest | None = field(default=None, repr=False, compare=False)
@@ -170,7 +172,7 @@ class Plan:
         call = Call(*self.call.fill(list(inputs))) if self.call is not None else list(inputs)
         graph = capture(model, call, loss_fn, targets=list(targets))
         if self.variants:
-            graph = apply_variant_names(graph, self.variants)
+            graph = apply_variant_names(graph, self.variants, self.variant_capability)
         self.schedule.check_graph(graph)
         plan_file.check_predictions(self, graph)
         return graph
@@ -199,7 +201,8 @@ class Plan:
             resident_bytes=result.resident_bytes, recomputations=result.recomputations,
             algorithm=best.name, status=verdict.status, cost_model=cost_model.name, gap=verdict.gap,
             lower_bound=verdict.lower_bound, message=verdict.message, input_specs=stock.input_specs,
-            n_inputs=len(stock.inputs), variants=best.graph.variants, candidates=outcome.candidates,
+            n_inputs=len(stock.inputs), variants=best.graph.variants, variant_capability=best.graph.variant_capability,
+            candidates=outcome.candidates,
             call=stock.call_form, request=request,
         )
 
