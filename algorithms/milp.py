@@ -467,6 +467,9 @@ def _assemble(b: _Builder, problem: StagedProblem, keep_index, recompute_index, 
 
 
 # ---- solving ------------------------------------------------------------------------------------
+DEFAULT_SOLVER = "highs"  # the others, optional extras, are in ``planner.algorithms.solvers``
+
+
 @dataclass(frozen=True)
 class SolveOutcome:
     """What a solver backend reports, in the formulation's objective units."""
@@ -589,10 +592,10 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
 
 def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
           progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None,
-          solver: str = "highs") -> SolveOutcome:
+          solver: str = DEFAULT_SOLVER) -> SolveOutcome:
     """``solver``'s answer: HiGHS by the fallback ladder highspy (with the MIP start and
     ``screen``), else SciPy's HiGHS; ``"cpsat"`` or ``"scip"`` (``planner.algorithms.solvers``)."""
-    if solver != "highs":
+    if solver != DEFAULT_SOLVER:
         from planner.algorithms.solvers import solve_with
 
         return solve_with(solver, form, time_limit, start, progress, screen)
@@ -699,7 +702,7 @@ def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarr
 
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
                  progress: Progress | None = None, starts: Sequence[Schedule] = (),
-                 solver: str = "highs") -> ExactResult:
+                 solver: str = DEFAULT_SOLVER) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
     seeding included) with ``solver`` (``planner.algorithms.solvers.SOLVERS``), starting from the
     fastest of ``starts`` (schedules of ``graph``) and the hierarchical seeds that its rows accept.
@@ -810,7 +813,7 @@ class LowestPeak:
 
 
 def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: float,
-                       starts: Sequence[Schedule] = (), solver: str = "highs") -> LowestPeak:
+                       starts: Sequence[Schedule] = (), solver: str = DEFAULT_SOLVER) -> LowestPeak:
     """Minimise the peak itself over staged schedules (``formulate`` without a budget) with
     ``solver``, from the least-peak point of ``starts`` and checkpoint-all. The rows round each
     size up to the memory unit, so the proven bound in bytes gives back one unit per term of the

@@ -35,13 +35,12 @@ from typing import Callable
 
 import numpy as np
 
-from planner.algorithms.milp import Formulation, Progress, SolveOutcome, _seconds
+from planner.algorithms.milp import DEFAULT_SOLVER, Formulation, Progress, SolveOutcome, _seconds
 from planner.errors import SolverUnavailableError
 
-SOLVERS = ("highs", "cpsat", "scip")
-DEFAULT_SOLVER = "highs"
+SOLVERS = (DEFAULT_SOLVER, "cpsat", "scip")
 # the import each solver needs, and the extra that installs it
-REQUIREMENTS = {"highs": ("highspy", None), "cpsat": ("ortools", "cpsat"), "scip": ("pyscipopt", "scip")}
+REQUIREMENTS = {DEFAULT_SOLVER: ("highspy", None), "cpsat": ("ortools", "cpsat"), "scip": ("pyscipopt", "scip")}
 WORKERS = 2  # CP-SAT's search workers: the cores of the machine the benchmarks ran on
 # with two workers CP-SAT's default portfolio runs one LP-light search and local search, which on
 # these models proves no bound above 0; the full LP (all rows and cuts) and core-based search do

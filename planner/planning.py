@@ -17,6 +17,7 @@ import torch
 
 from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.algorithms import ALGORITHMS
+from planner.algorithms.solvers import DEFAULT_SOLVER, require as require_solver
 from planner.budgets import parse_budget
 from planner.capturing import LossFn, capture
 from planner.cost import DEVICE_PRESETS, CostModel, describe, recomputable
@@ -49,6 +50,7 @@ class PlanRequest:
     cost_model: CostModel | str | None = None
     op_variants: bool | str | Collection[str] = True
     loss_fn: LossFn | None = None  # in memory only: a loaded plan gets it from apply()
+    solver: str = DEFAULT_SOLVER  # exact mode's MILP solver
 
     def plan(self, graph: TrainingGraph, model: torch.nn.Module | None = None, inputs: tuple = (),
              targets: tuple = ()) -> "Plan":
@@ -56,7 +58,7 @@ class PlanRequest:
         them, the default cost model measures this very step (``choose_cost_model``)."""
         cost_model = choose_cost_model(graph, self._cost_model_for(graph), model, inputs, targets)
         return plan(graph, self.budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
-                    cost_model=cost_model, op_variants=self.op_variants)
+                    cost_model=cost_model, op_variants=self.op_variants, solver=self.solver)
 
     def _cost_model_for(self, graph: TrainingGraph) -> CostModel | str | None:
         """The requested cost model, or the default when it cannot cost this graph (a
@@ -76,7 +78,7 @@ class PlanRequest:
         variants = self.op_variants if isinstance(self.op_variants, (bool, str)) else sorted(self.op_variants)
         budget = self.budget if isinstance(self.budget, (str, int, float)) else str(self.budget)
         return dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
-                    cost_model=_preset_of(self.cost_model), op_variants=variants)
+                    cost_model=_preset_of(self.cost_model), op_variants=variants, solver=self.solver)
 
 
 def _preset_of(cost_model: CostModel | str | None) -> str | None:
@@ -274,6 +276,7 @@ def plan(
     cost_model: CostModel | str | None = None,
     progress: Callable[[float, float, float], bool | None] | None = None,
     op_variants: bool | str | Collection[str] = True,
+    solver: str = DEFAULT_SOLVER,
 ) -> Plan:
     """Find a schedule for one training step of ``model`` that fits ``budget``.
 
@@ -312,17 +315,26 @@ def plan(
         ``"all"`` adds ``batch_norm_inverted`` (gradients within a tolerance); a collection of
         variant names; ``False``: stock PyTorch ops only.
         Budgets in percent and the overhead always refer to plain PyTorch's store-all step.
+    solver: exact mode's MILP solver: ``"highs"`` (default, installed), or the optional extras
+        ``"cpsat"`` (OR-Tools CP-SAT, ``pip install remat-planner[cpsat]``) and ``"scip"``
+        (``pip install remat-planner[scip]``); docs/benchmarks.md measures them side by side.
 
     Raises
     ------
-    ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
+    ValueError: an unreadable budget, unknown mode, algorithm or operator variant, a solver
+        outside exact mode.
+    SolverUnavailableError: exact mode with a solver that is unknown or not installed (the
+        message names the extra to install).
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
+    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn, solver)
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
     if algorithm is None and mode not in MODES:
         raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    if solver != DEFAULT_SOLVER and (algorithm is not None or mode != "exact"):
+        raise ValueError(f"solver={solver!r} chooses exact mode's MILP solver: pass mode=\"exact\" too")
+    require_solver(solver)  # before capture: a missing extra fails at once
     kinds = variant_kinds(op_variants)
     if isinstance(model, TrainingGraph):
         graph, source = model, None
@@ -337,7 +349,7 @@ def plan(
     reference = simulate(stock, stock.store_all(), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
     outcome = search(stock, with_variants(stock, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
-                     time_limit=time_limit, progress=progress)
+                     time_limit=time_limit, progress=progress, solver=solver)
     best, verdict = outcome.chosen, outcome.verdict
     result = best.simulated
     chosen = Plan(

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from planner.algorithms.result import AlgorithmResult, best
+from planner.algorithms.solvers import DEFAULT_SOLVER
 from planner.cost import CostModel
 from planner.errors import InfeasibleBudgetError
 from planner.graph import TrainingGraph
@@ -65,8 +66,10 @@ def fast_candidates(stock: TrainingGraph, graph: TrainingGraph, cost_model: Cost
 
 def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, *,
            mode: str = "fast", algorithm: str | None = None, time_limit: float | None = None,
-           progress: Callable[[float, float, float], bool | None] | None = None) -> SearchOutcome:
-    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode``.
+           progress: Callable[[float, float, float], bool | None] | None = None,
+           solver: str = DEFAULT_SOLVER) -> SearchOutcome:
+    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode`` (exact mode's
+    MILP on ``solver``, ``planner.algorithms.solvers.SOLVERS``).
 
     Raises ``InfeasibleBudgetError`` when nothing fits; its minimum is the lowest peak reached
     (with ``algorithm``, fast mode's too, and the message says when fast mode would fit).
@@ -83,7 +86,7 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
         starts = [t.schedule for t in tried if t.graph is graph and t.fits]
         exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
-                             starts)
+                             starts, solver)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)
