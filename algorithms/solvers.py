@@ -35,8 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from planner.algorithms.milp import DEFAULT_SOLVER, Formulation, Progress, SolveOutcome, _seconds
+from planner.algorithms.milp import DEFAULT_SOLVER, Formulation, Progress, SolveOutcome, _seconds, highs_model
 from planner.errors import SolverUnavailableError
+from planner.quiet import silenced
 
 SOLVERS = (DEFAULT_SOLVER, "cpsat", "scip")
 # the import each solver needs, and the extra that installs it
@@ -103,7 +104,8 @@ def _integers(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def to_cpsat(form: Formulation):
-    """The CP-SAT model of ``form`` and the factor its objective was scaled by (module docstring)."""
+    """The CP-SAT model of ``form``: integer rows and domains, the objective scaled and rounded
+    down (module docstring)."""
     from ortools.sat.python import cp_model
 
     upper = _upper(form)
@@ -124,9 +126,7 @@ def to_cpsat(form: Formulation):
     lows, highs = lows.astype(np.int64).tolist(), highs.astype(np.int64).tolist()
     indptr, indices, data = matrix.indptr, matrix.indices.tolist(), matrix.data.astype(np.int64).tolist()
     for r in range(matrix.shape[0]):
-        a, b = int(indptr[r]), int(indptr[r + 1])
-        if a == b:
-            continue
+        a, b = int(indptr[r]), int(indptr[r + 1])  # an empty row stays: its bounds may exclude 0
         linear = proto.constraints.add().linear
         linear.vars.extend(indices[a:b])
         linear.coeffs.extend(data[a:b])
@@ -138,7 +138,7 @@ def to_cpsat(form: Formulation):
     proto.objective.vars.extend(used.tolist())
     proto.objective.coeffs.extend(coefficients[used].tolist())
     proto.objective.scaling_factor = 1.0 / scale  # CP-SAT reports objective and bound in the formulation's units
-    return model, scale
+    return model
 
 
 def solve_cpsat(form: Formulation, time_limit: float, start: np.ndarray | None = None,
@@ -152,7 +152,7 @@ def solve_cpsat(form: Formulation, time_limit: float, start: np.ndarray | None =
     began = time.perf_counter()
     if form.n_columns == 0:
         return SolveOutcome(np.zeros(0), 0.0, 0.0, True, "cpsat", "nothing to decide")
-    model, _ = to_cpsat(form)
+    model = to_cpsat(form)
     if start is not None:
         model.proto.solution_hint.vars.extend(range(form.n_columns))
         model.proto.solution_hint.values.extend(np.round(start).astype(np.int64).tolist())
@@ -248,9 +248,6 @@ def solve_scip(form: Formulation, time_limit: float, start: np.ndarray | None = 
 
 def _write_mps(highspy, form: Formulation, path: str) -> None:
     """``form`` as an MPS file, written by HiGHS from the model ``solve_highs`` passes it."""
-    from planner.algorithms.milp import highs_model
-    from planner.quiet import silenced
-
     with silenced(1):
         h = highspy.Highs()
     h.setOptionValue("output_flag", False)
