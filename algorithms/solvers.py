@@ -233,6 +233,10 @@ def solve_scip(form: Formulation, time_limit: float, start: np.ndarray | None = 
 
     if progress is not None or screen is not None:
         model.includeEventhdlr(Watch(), "progress", "exact mode's progress and screen")
+    # SCIP takes the start in before its events are caught: it is reported here, the first incumbent
+    if start is not None and progress is not None and progress(_seconds(form, float(form.cost @ start)), -np.inf,
+                                                               time.perf_counter() - began):
+        return SolveOutcome(form.rounded(start), -np.inf, -np.inf, False, "scip", "stopped at the MIP start")
     model.optimize()
     status = model.getStatus()
     x = form.rounded(values()) if model.getNSols() > 0 else None
