@@ -15,6 +15,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 
 from planner import plan_file
+from planner.algorithms.solvers import DEFAULT_SOLVER
 from planner.budgets import parse_budget
 from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.capturing import LossFn, capture
@@ -46,6 +47,7 @@ class PlanRequest:
     cost_model: CostModel | str | None = None
     op_variants: bool | str | Collection[str] = True
     loss_fn: LossFn | None = None  # in memory only: a loaded plan gets it from apply()
+    solver: str = DEFAULT_SOLVER  # exact mode's MILP solver
 
     def plan(self, graph: TrainingGraph, model: torch.nn.Module | None = None, inputs: tuple = (),
              targets: tuple = ()) -> "Plan":
@@ -53,7 +55,7 @@ class PlanRequest:
         them, the default cost model measures this very step (``choose_cost_model``)."""
         cost_model = choose_cost_model(graph, self._cost_model_for(graph), model, inputs, targets)
         return plan(graph, self.budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
-                    cost_model=cost_model, op_variants=self.op_variants)
+                    cost_model=cost_model, op_variants=self.op_variants, solver=self.solver)
 
     def _cost_model_for(self, graph: TrainingGraph) -> CostModel | str | None:
         """The requested cost model, or the default when it cannot cost this graph (a
@@ -72,8 +74,11 @@ class PlanRequest:
         one is not saved: a loaded plan plans new states with the default cost model)."""
         variants = self.op_variants if isinstance(self.op_variants, (bool, str)) else sorted(self.op_variants)
         budget = self.budget if isinstance(self.budget, (str, int, float)) else str(self.budget)
-        return dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
+        data = dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
                     cost_model=preset_name(self.cost_model), op_variants=variants)
+        if self.solver != DEFAULT_SOLVER:  # written only when chosen: files of HiGHS plans stay as they were
+            data["solver"] = self.solver
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "PlanRequest":
@@ -253,6 +258,7 @@ def plan(
     cost_model: CostModel | str | None = None,
     progress: Callable[[float, float, float], bool | None] | None = None,
     op_variants: bool | str | Collection[str] = True,
+    solver: str = DEFAULT_SOLVER,
 ) -> Plan:
     """Find a schedule for one training step of ``model`` that fits ``budget``.
 
@@ -291,21 +297,27 @@ def plan(
         ``"all"`` adds ``batch_norm_inverted`` (gradients within a tolerance); a collection of
         variant names; ``False``: stock PyTorch ops only.
         Budgets in percent and the overhead always refer to plain PyTorch's store-all step.
+    solver: exact mode's MILP solver: ``"highs"`` (default, installed), or the optional extras
+        ``"cpsat"`` (OR-Tools CP-SAT, ``pip install remat-planner[cpsat]``) and ``"scip"``
+        (``pip install remat-planner[scip]``); docs/benchmarks.md measures them side by side.
 
     Raises
     ------
-    ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
+    ValueError: an unreadable budget, unknown mode, algorithm or operator variant, a solver
+        outside exact mode.
+    SolverUnavailableError: exact mode with a solver that is unknown or not installed (the
+        message names the extra to install).
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
-    check_choice(mode, algorithm)
+    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn, solver)
+    check_choice(mode, algorithm, solver)
     kinds = variant_kinds(op_variants)
     graph, source, batch = _step_of(model, inputs, loss_fn, targets)
     cost_model = choose_cost_model(graph, cost_model, source, batch, targets)
     reference = simulate(graph, Schedule.store_all(graph), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
     outcome = search(graph, with_variants(graph, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
-                     time_limit=time_limit, progress=progress)
+                     time_limit=time_limit, progress=progress, solver=solver)
     chosen = Plan.of_search(outcome, graph, reference, budget_bytes, cost_model, request)
     if source is not None:
         chosen._source = weakref.ref(source)

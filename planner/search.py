@@ -18,6 +18,7 @@ import numpy as np
 from planner.algorithms import ALGORITHMS
 from planner.algorithms.milp import SCHEDULE_CLASS, ExactResult, exact_search
 from planner.algorithms.result import AlgorithmResult, best
+from planner.algorithms.solvers import DEFAULT_SOLVER, require as require_solver
 from planner.cost import CostModel
 from planner.errors import InfeasibleBudgetError
 from planner.graph import TrainingGraph
@@ -46,12 +47,17 @@ class SearchOutcome:
     verdict: Verdict
 
 
-def check_choice(mode: str, algorithm: str | None) -> None:
-    """Raise ``ValueError`` for an unknown algorithm, or (without one) an unknown mode."""
+def check_choice(mode: str, algorithm: str | None, solver: str = DEFAULT_SOLVER) -> None:
+    """Raise ``ValueError`` for an unknown algorithm, (without one) an unknown mode, or a solver
+    outside exact mode; ``SolverUnavailableError`` for a solver not installed. Called before
+    capture, so that a wrong choice fails at once."""
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
     if algorithm is None and mode not in MODES:
         raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    if solver != DEFAULT_SOLVER and (algorithm is not None or mode != "exact"):
+        raise ValueError(f"solver={solver!r} chooses exact mode's MILP solver: pass mode=\"exact\" too")
+    require_solver(solver)
 
 
 def run(name: str, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> AlgorithmResult:
@@ -75,8 +81,10 @@ def fast_candidates(stock: TrainingGraph, graph: TrainingGraph, cost_model: Cost
 
 def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, *,
            mode: str = "fast", algorithm: str | None = None, time_limit: float | None = None,
-           progress: Callable[[float, float, float], bool | None] | None = None) -> SearchOutcome:
-    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode``.
+           progress: Callable[[float, float, float], bool | None] | None = None,
+           solver: str = DEFAULT_SOLVER) -> SearchOutcome:
+    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode`` (exact mode's
+    MILP on ``solver``, ``planner.algorithms.solvers.SOLVERS``).
 
     Raises ``InfeasibleBudgetError`` when nothing fits; its minimum is the lowest peak reached
     (with ``algorithm``, fast mode's too, and the message says when fast mode would fit).
@@ -91,7 +99,7 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
         starts = [t.schedule for t in tried if t.graph is graph and t.fits]
         exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
-                             starts)
+                             starts, solver)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)
