@@ -9,7 +9,8 @@ them is fixed in one module (``tests/test_layers.py`` refuses private imports el
   arguments by name;
 - ``torch.utils._python_dispatch``: ``TorchDispatchMode``, wrapper subclasses, the mode stack;
 - ``torch._subclasses.fake_tensor.FakeTensor``: telling traced tensors from real ones;
-- ``torch._C._autograd``: whether the running backward retains its graph.
+- ``torch._C._autograd``: whether the running backward retains its graph;
+- ``Tensor._version``: whether a kept tensor was modified in place.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ __all__ = [
     "OpOverload", "FakeTensor", "TorchDispatchMode", "is_traceable_wrapper_subclass", "TreeSpec",
     "tree_flatten", "tree_flatten_with_path", "tree_map", "tree_unflatten", "treespec_dumps",
     "treespec_loads", "schema_returns", "schema_is_mutable", "schema_name", "bind_arguments", "dispatch_modes",
-    "backward_retains_graph",
+    "backward_retains_graph", "tensor_version",
 ]
 
 
@@ -78,3 +79,9 @@ def dispatch_modes() -> list[TorchDispatchMode]:
 def backward_retains_graph() -> bool:
     """Inside a backward: whether it was asked to retain its graph (``retain_graph=True``)."""
     return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The version counter in-place ops bump (shared by a tensor's aliases): how autograd tells
+    that a tensor it kept was modified before the backward read it."""
+    return tensor._version

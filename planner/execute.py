@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from planner._torch import backward_retains_graph
+from planner._torch import backward_retains_graph, tensor_version
 from planner.calls import as_tuple, call_arguments, split_call
 from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
@@ -62,7 +62,7 @@ class LoweredSchedule:
     loss: tuple[_Run | _Drop, ...]
     backward: tuple[_Run | _Drop, ...]
     carried: tuple[int, ...]  # non-resident tensors live from the forward into the backward
-    saved_outputs: tuple[int, ...]  # model outputs the backward reads (saved by autograd)
+    saved_outputs: tuple[int, ...]  # model outputs the backward reads (kept as aliases, version-checked)
 
 
 def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
@@ -106,7 +106,11 @@ def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
     live = _live_after(graph, forward)
     needed_later = {t for s in backward if isinstance(s, _Run) for t in graph.ops[s.op].inputs}
     carried = tuple(sorted(t for t in live if t in needed_later and t not in outputs))
-    saved_outputs = tuple(t for t in graph.model_outputs if t in needed_later and t in live)
+    # an output the schedule frees after the loss and recomputes in the backward is not saved:
+    # holding autograd's copy through the backward would keep what the plan freed
+    freed_after_loss = {s.tensor for s in middle if isinstance(s, _Drop)}
+    saved_outputs = tuple(t for t in graph.model_outputs
+                          if t in needed_later and t in live and t not in freed_after_loss)
     return LoweredSchedule(forward, tuple(middle), backward, carried, saved_outputs)
 
 
@@ -263,8 +267,9 @@ class _Pending:
     inputs: tuple
     carried: dict
     rng_states: dict
-    saved: tuple = ()  # model outputs the backward reads (their autograd-saved copies)
+    saved: tuple = ()  # aliases of the model outputs the backward reads
     env: list | None = None
+    versions: tuple = ()  # of ``_kept`` at the forward's end: in-place changes since are refused
     done: bool = False  # a backward ran without retain_graph and released what it kept
 
 
@@ -281,8 +286,10 @@ class _PlannedSegment(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an output the loss ignores gets no gradient, not zeros
         if index == 0:
             graph = pending.runner.graph
-            ctx.save_for_backward(*pending.saved)
-            pending.saved = ()
+            # aliases, not save_for_backward: autograd would hold a saved output until this
+            # piece's backward ends, past where the plan frees it; the version is checked instead
+            pending.saved = tuple(output.detach() for output in pending.saved)
+            pending.versions = tuple(tensor_version(t) for t in _kept(pending))
             return tuple(pending.env[t] for t in graph.model_outputs)
         return torch.empty(())  # a token: the next piece's backward runs after this one's
 
@@ -293,7 +300,7 @@ class _PlannedSegment(torch.autograd.Function):
         graph, segment = runner.graph, runner.segments[ctx.index]
         if ctx.index == 0:
             _check_backward(pending)
-            _begin_backward(pending, ctx.saved_tensors)
+            _begin_backward(pending)
         env = pending.env
         returned: dict[int, torch.Tensor] = {}
 
@@ -323,19 +330,39 @@ def _check_backward(pending: _Pending) -> None:
                             "it again")
 
 
-def _begin_backward(pending: _Pending, saved: tuple) -> None:
+def _kept(pending: _Pending) -> tuple:
+    """What a forward leaves for its backward that user code can reach and modify in place: the
+    inputs, and the carried tensors and saved outputs (which may share memory with an output)."""
+    return (*(t for t in pending.inputs if isinstance(t, torch.Tensor)), *pending.carried.values(), *pending.saved)
+
+
+def _kept_name(pending: _Pending, index: int) -> str:
+    graph, lowered = pending.runner.graph, pending.runner.lowered
+    n_inputs = sum(isinstance(t, torch.Tensor) for t in pending.inputs)
+    if index < n_inputs:
+        return f"input {index}"
+    names = [graph.tensors[t].name for t in (*pending.carried.keys(), *lowered.saved_outputs)]
+    return repr(names[index - n_inputs])
+
+
+def _begin_backward(pending: _Pending) -> None:
     """The slot table of a backward: carried tensors, saved outputs, the model's parameters and
     buffers by name now (FSDP swaps them between forward and backward), the outputs' gradients."""
     runner = pending.runner
     graph, lowered = runner.graph, runner.lowered
+    for index, (kept, version) in enumerate(zip(_kept(pending), pending.versions)):
+        if tensor_version(kept) != version:  # what autograd's check of its saved tensors refuses
+            raise BackwardError(f"a tensor the backward reads ({_kept_name(pending, index)}) was modified in place "
+                                "after the forward, through a model output or input that shares its memory: "
+                                "modify a clone instead (output.clone()), as eager PyTorch also requires")
     env: list = [None] * len(graph.tensors)
     # every value is put into env by _put, whose loop variables die with it: a loop variable
     # left here would hold its last tensor through the whole backward
     _put(env, pending.carried.keys(), pending.carried.values())
-    _put(env, lowered.saved_outputs, saved)
+    _put(env, lowered.saved_outputs, pending.saved)
     _put(env, range(len(graph.tensors)), runner.new_env(model_state(runner.model)[3], pending.inputs))
     if not backward_retains_graph():  # the env owns them now
-        pending.carried, pending.inputs, pending.done = {}, (), True
+        pending.carried, pending.inputs, pending.saved, pending.done = {}, (), (), True
     _put_output_grads(env, graph, pending.box.pop())  # after the tangent: a model returning its loss gets its gradient
     pending.env = env
 

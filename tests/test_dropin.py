@@ -505,6 +505,23 @@ def test_backward_with_inputs_accumulates_only_those(cnn_case) -> None:
     assert_same_state(model, reference)
 
 
+def test_output_modified_in_place_before_the_backward_is_a_typed_error() -> None:
+    """Eager refuses it (tanh's backward reads the output it saved); so does the plan, which keeps
+    that output as a version-checked alias rather than through autograd's saved tensors."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.Tanh()).train(), torch.randn(8, 16)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", x).apply(model)
+    out = reference(x)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    out = pm(x)
+    out.mul_(2)
+    with pytest.raises(planner.BackwardError, match="clone"):
+        out.sum().backward()
+
+
 def test_higher_order_gradients_are_a_typed_error(cnn_case) -> None:
     model, x, y = cnn_case
     pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
