@@ -97,12 +97,16 @@ class BlockChain:
         return len(self.blocks) - 1
 
 
-def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0]) -> BlockChain:
+def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0],
+              pairing: int | None = None) -> BlockChain:
     """Cut ``graph`` into blocks (see the module docstring), merging tiny regions by ``policy``
     (one of ``TINY_MERGE_POLICIES``), with block sizes ``scale`` times the defaults, and classify
-    what crosses the cuts."""
+    what crosses the cuts. With ``pairing`` (0 or 1), adjacent blocks are then joined in pairs,
+    the first pair starting at block ``pairing`` (``_paired``)."""
     model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
     cuts = _cut_positions(graph, model_forward, policy, scale)
+    if pairing is not None:
+        cuts = _paired(cuts, pairing)
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
     for b, end in enumerate(cuts):
@@ -212,6 +216,14 @@ def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, 
         if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
             return ends
         scale *= 2
+
+
+def _paired(ends: list[int], offset: int) -> list[int]:
+    """Block ends with adjacent blocks joined in pairs, the first pair starting at block
+    ``offset`` (0 or 1): a pair's options hold parts of both blocks at once (a residual block's
+    output dropped and recomputed from the convolution before it and the block input), which
+    options of single blocks chained by the DP cannot express."""
+    return [end for i, end in enumerate(ends) if (i - offset) % 2 == 1 or i == len(ends) - 1]
 
 
 def _sized_ends(clean: list[int], crossing: np.ndarray, counted: np.ndarray, waste: np.ndarray, max_ops: int,

@@ -37,6 +37,7 @@ from planner.simulator import SimResult, simulate
 LIMIT_SEARCH_STEPS = 10
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
 LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
+PAIRINGS = (0,)  # offsets of the first pair where small blocks are joined in pairs (each costs a DP)
 
 
 @dataclass
@@ -139,16 +140,19 @@ def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERG
 
 
 def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
-    """One hierarchy per distinct partition: small blocks with either tiny-region policy, and
-    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP). A
-    block the partitions share is solved once."""
-    chains: dict[tuple, BlockChain] = {}
-    for scale, policy in [(BLOCK_SCALES[0], policy) for policy in TINY_MERGE_POLICIES] + \
-            [(scale, TINY_MERGE_POLICIES[0]) for scale in BLOCK_SCALES[1:]]:
-        chain = partition(graph, policy, scale)
-        chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
+    """One hierarchy per distinct partition: small blocks with either tiny-region policy, large
+    blocks (``BLOCK_SCALES``) with the first policy only, and the small blocks of the first policy
+    joined in pairs (``PAIRINGS``: each offset) (each partition costs a DP). A block the
+    partitions share is solved once; a joined block combines its parts' options."""
     solver = _BlockSolver(graph, cost_model)
-    return [solver.hierarchy(chain) for chain in chains.values()]
+    chains: dict[tuple, tuple[BlockChain, BlockChain | None]] = {}
+    small = partition(graph, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0])
+    for chain, parts in [(small, None)] + [(partition(graph, policy, BLOCK_SCALES[0]), None)
+                                           for policy in TINY_MERGE_POLICIES[1:]] + \
+            [(partition(graph, TINY_MERGE_POLICIES[0], scale), None) for scale in BLOCK_SCALES[1:]] + \
+            [(partition(graph, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0], offset), small) for offset in PAIRINGS]:
+        chains.setdefault(tuple(block.forward_ops for block in chain.blocks), (chain, parts))
+    return [solver.hierarchy(chain, parts) for chain, parts in chains.values()]
 
 
 class _BlockSolver:
@@ -160,13 +164,23 @@ class _BlockSolver:
         self.times = cost_model.op_times(graph)
         self.workspace = cost_model.workspace_bytes(graph)
         self.by_key: dict[str, BlockOptions] = {}
+        self.solved: dict[int, Hierarchy] = {}  # by id of its chain (the solver holds the chains)
 
-    def hierarchy(self, chain: BlockChain) -> Hierarchy:
+    def hierarchy(self, chain: BlockChain, parts: BlockChain | None = None) -> Hierarchy:
+        """The hierarchy of ``chain`` (once per chain); ``parts``: a finer chain whose consecutive
+        blocks ``chain``'s blocks join, solved first."""
+        if id(chain) in self.solved:
+            return self.solved[id(chain)]
+        finer = self.hierarchy(parts) if parts is not None else None
         locals_ = [local_block(self.graph, chain, block, self.times, self.workspace) for block in chain.blocks]
-        for local in locals_:
+        for block, local in zip(chain.blocks, locals_):
             if local.key not in self.by_key:
-                self.by_key[local.key] = block_options(local)
-        return Hierarchy(self.graph, chain, locals_, [self.by_key[local.key] for local in locals_])
+                joined = () if finer is None else [
+                    (finer.locals[b], finer.options[b])
+                    for b in np.unique(finer.chain.block_of_op[list(block.forward_ops)])]
+                self.by_key[local.key] = block_options(local, joined)
+        self.solved[id(chain)] = Hierarchy(self.graph, chain, locals_, [self.by_key[local.key] for local in locals_])
+        return self.solved[id(chain)]
 
 
 def _bisect(hierarchy: Hierarchy, cost_model: CostModel, tables: ChainTables, budget_bytes: int,
