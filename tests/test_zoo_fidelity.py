@@ -19,7 +19,11 @@ convolutions, LSTM and GRU, an embedding tied to the output layer, and a UNet
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -36,6 +40,11 @@ from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 from conftest import SharedShift
 
 PEAK_TOLERANCE = 1e-3  # measured peak vs predicted, relative
+#: sha256 of every case's saved plan file, recorded at commit 4b87075 (before the structure
+#: refactors of issue 14). A change that alters a plan on purpose records them again with
+#: ``PLANNER_RECORD_PLAN_DIGESTS=1 pytest tests/test_zoo_fidelity.py`` and says which plans changed.
+PLAN_DIGESTS = Path(__file__).parent / "data" / "zoo_plan_digests.json"
+RECORD_DIGESTS = os.environ.get("PLANNER_RECORD_PLAN_DIGESTS") == "1"
 CLASSES = 10
 
 
@@ -317,10 +326,33 @@ def zoo() -> Callable[[str], Captured]:
     return get
 
 
+@pytest.fixture(scope="module")
+def plan_digests() -> dict[str, str]:
+    """The recorded digests; in record mode, the ones this run computes, written at the end."""
+    recorded = json.loads(PLAN_DIGESTS.read_text()) if PLAN_DIGESTS.exists() else {}
+    yield recorded
+    if RECORD_DIGESTS:
+        PLAN_DIGESTS.parent.mkdir(exist_ok=True)
+        PLAN_DIGESTS.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
+
+
+def _assert_plan_file_unchanged(chosen: planner.Plan, key: str, digests: dict[str, str], folder: Path) -> None:
+    """The saved plan, byte for byte, is the recorded one: refactors must not change a plan."""
+    path = folder / "plan.json"
+    chosen.save(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if RECORD_DIGESTS:
+        digests[key] = digest
+        return
+    assert key in digests, f"no recorded digest for {key}: record them (see PLAN_DIGESTS)"
+    assert digest == digests[key], f"the plan file of {key} changed: {path.read_text()[:400]}"
+
+
 @pytest.mark.parametrize("budget", ["store_all", "recompute"])
 @pytest.mark.parametrize("op_variants", [False, True], ids=["stock", "variants"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_planned_step_is_eagers_and_its_peak_the_predicted(zoo, name: str, op_variants: bool, budget: str) -> None:
+def test_planned_step_is_eagers_and_its_peak_the_predicted(zoo, plan_digests, tmp_path, name: str, op_variants: bool,
+                                                           budget: str) -> None:
     case = zoo(name)
     if budget == "store_all":
         chosen = planner.plan(case.graph, "100%", op_variants=op_variants, algorithm="store_all")
@@ -328,6 +360,8 @@ def test_planned_step_is_eagers_and_its_peak_the_predicted(zoo, name: str, op_va
         chosen = planner.plan(case.graph, f"{CASES[name].budget:.0%}", op_variants=op_variants)
         assert chosen.recomputations > 0, f"{chosen.algorithm} recomputes nothing at {CASES[name].budget:.0%}"
         assert chosen.predicted_peak_bytes < chosen.store_all_peak_bytes
+    _assert_plan_file_unchanged(chosen, f"{name}-{'variants' if op_variants else 'stock'}-{budget}", plan_digests,
+                                tmp_path)
     model = copy.deepcopy(case.workload.model)
     planned = planner.PlannedModule(model, chosen.graph, chosen.schedule)
     got, peak = _step(model, planned, case.workload)
