@@ -97,16 +97,44 @@ class BlockChain:
         return len(self.blocks) - 1
 
 
+@dataclass(frozen=True)
+class CutSites:
+    """What choosing block ends needs, the same for every policy and size (``cut_sites``):
+    positions are into ``model_forward``, the model's forward ops in graph order."""
+
+    model_forward: list[int]
+    clean: list[int]  # clean cuts (ends, exclusive), the last one ``len(model_forward)``
+    crossing: np.ndarray  # bytes crossing the cut after each position
+    counted: np.ndarray  # counted ops before each position
+    waste: np.ndarray  # bytes crossing each cut that no backward op reads
+
+
 def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0],
               pairing: int | None = None) -> BlockChain:
     """Cut ``graph`` into blocks (see the module docstring), merging tiny regions by ``policy``
     (one of ``TINY_MERGE_POLICIES``), with block sizes ``scale`` times the defaults, and classify
     what crosses the cuts. With ``pairing`` (0 or 1), adjacent blocks are then joined in pairs,
     the first pair starting at block ``pairing`` (``_paired``)."""
-    model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
-    cuts = _cut_positions(graph, model_forward, policy, scale)
-    if pairing is not None:
-        cuts = _paired(cuts, pairing)
+    sites = cut_sites(graph)
+    return chain_of(graph, sites, block_ends(sites, policy, scale, pairing))
+
+
+def block_ends(sites: CutSites, policy: str, scale: int, pairing: int | None = None) -> tuple[int, ...]:
+    """The ends of ``partition``'s blocks (exclusive positions into ``sites.model_forward``)."""
+    if not sites.model_forward:
+        return ()
+    while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
+        ends = _sized_ends(sites.clean, sites.crossing, sites.counted, sites.waste, MAX_BLOCK_OPS * scale,
+                           MERGE_BLOCK_OPS * scale, policy)
+        if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
+            break
+        scale *= 2
+    return tuple(_paired(ends, pairing) if pairing is not None else ends)
+
+
+def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> BlockChain:
+    """The blocks ending at ``cuts`` and what crosses between them."""
+    model_forward = sites.model_forward
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
     for b, end in enumerate(cuts):
@@ -169,11 +197,13 @@ def _storage_spans(graph: TrainingGraph, model_forward: list[int]):
     return made_at, last_read, np.concatenate(([0], np.cumsum(counted)))
 
 
-def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, scale: int) -> list[int]:
-    """Block ends (exclusive positions into ``model_forward``), the last one ``n``."""
+def cut_sites(graph: TrainingGraph) -> CutSites:
+    """Where blocks may end and what each cut costs. O(ops + edges)."""
+    model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
     n = len(model_forward)
     if n == 0:
-        return []
+        return CutSites(model_forward, [], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                        np.zeros(2, dtype=np.int64))
     made_at, last_read, counted = _storage_spans(graph, model_forward)
     live = np.flatnonzero((made_at >= 0) & (last_read > made_at))
     made, read = made_at[live], last_read[live]
@@ -210,12 +240,7 @@ def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, 
     waste = np.zeros(n + 2, dtype=np.int64)
     np.add.at(waste, made[unsaved] + 1, graph.storage_bytes[live][unsaved])
     np.add.at(waste, read[unsaved] + 1, -graph.storage_bytes[live][unsaved])
-    waste = np.cumsum(waste)
-    while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
-        ends = _sized_ends(clean, crossing, counted, waste, MAX_BLOCK_OPS * scale, MERGE_BLOCK_OPS * scale, policy)
-        if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
-            return ends
-        scale *= 2
+    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste))
 
 
 def _paired(ends: list[int], offset: int) -> list[int]:
