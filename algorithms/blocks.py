@@ -11,7 +11,8 @@ or more ops after they are made: rotary tables, attention masks, U-Net skips). C
 articulation points of the graph without its long-range edges (ResNet blocks, transformer
 residual adds). Regions between clean cuts longer than ``MAX_BLOCK_OPS`` (a DenseNet dense block)
 are split where the fewest bytes cross; tiny regions are merged (``_merge_small``). A chain of
-more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled.
+more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled. With
+``pairing``, adjacent blocks are then joined in pairs (``_paired``).
 
 What crosses. Once cut, each storage a block makes is classified by the blocks that read it,
 forward or backward: *internal* (read by its own block only), a *checkpoint* of the cut after its

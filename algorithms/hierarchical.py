@@ -1,7 +1,8 @@
 """Hierarchical planning: blocks, each block's Pareto set of options, and a chain DP across them.
 
 1. ``blocks.partition`` cuts the step into a chain of small blocks (the loss last) and says what
-   crosses between them.
+   crosses between them; ``prepare_all`` weighs several partitions, one of them the small blocks
+   joined in pairs.
 2. ``block_options`` enumerates, once per distinct block (identical transformer layers or ResNet
    blocks share one key), what its forward can keep and what its backward then recomputes: the
    selective keeping (keep a convolution's output, recompute the BatchNorm and ReLU after it) is
@@ -13,8 +14,9 @@
    so its limit is bisected against simulated peaks, as the segment DP's is.
 
 Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
-O(2^c (ops + edges)) with c <= 12 candidates; the chain DP O(L^2 Q (P + L)) for L blocks; one
-DP, emission and simulation per bisection step.
+O(2^c (ops + edges)) with c <= 13 candidates (a joined block: O(8^2 x 2^boundary) combined
+masks); the chain DP O(L^2 Q (P + L)) for L blocks; one emission and simulation per column
+tried (at most 10 bisection steps, then 32 more columns where none fitted).
 """
 from __future__ import annotations
 
