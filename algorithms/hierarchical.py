@@ -43,6 +43,7 @@ SCAN_COLUMNS = 32  # columns tried where bisection finds nothing fitting
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
 LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
 JOINED_CANDIDATES = 32  # a pairing whose pairs hold more candidates than this is not weighed
+MASK_BITS = 62  # candidates an int64 option mask holds
 PAIRINGS = (0,)  # offsets of the first pair where small blocks are joined in pairs (each costs a DP)
 
 
@@ -149,7 +150,7 @@ def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
     """One hierarchy per distinct partition: small blocks with either tiny-region policy, large
     blocks (``BLOCK_SCALES``) with the first policy only, and the small blocks of the first policy
     joined in pairs (``PAIRINGS``: each offset) where no pair holds more than
-    ``JOINED_CANDIDATES`` candidates (a mask holds 63); each partition costs a DP. A block the
+    ``JOINED_CANDIDATES`` candidates; each partition costs a DP. A block the
     partitions share is solved once; a joined block combines its parts' options."""
     solver = _BlockSolver(graph, cost_model)
     sites = cut_sites(graph)
@@ -168,7 +169,7 @@ def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
             if len(candidates) else candidates
         if ends not in found and len(joined) and joined.max() <= JOINED_CANDIDATES:
             found[ends] = solver.hierarchy(chain_of(graph, sites, ends), small)
-    return list(found.values())
+    return [hierarchy for hierarchy in found.values() if hierarchy is not None]
 
 
 class _BlockSolver:
@@ -181,10 +182,13 @@ class _BlockSolver:
         self.workspace = cost_model.workspace_bytes(graph)
         self.by_key: dict[str, BlockOptions] = {}
 
-    def hierarchy(self, chain: BlockChain, parts: Hierarchy | None = None) -> Hierarchy:
+    def hierarchy(self, chain: BlockChain, parts: Hierarchy | None = None) -> Hierarchy | None:
         """The hierarchy of ``chain``; ``parts``: that of a finer chain whose consecutive blocks
-        ``chain``'s blocks join."""
+        ``chain``'s blocks join (None if a joined block has more candidates than a mask holds:
+        joined, a storage its parts held long-lived can become a candidate)."""
         locals_ = [local_block(self.graph, chain, block, self.times, self.workspace) for block in chain.blocks]
+        if parts is not None and max(local.n_candidates for local in locals_) > MASK_BITS:
+            return None
         for block, local in zip(chain.blocks, locals_):
             if local.key not in self.by_key:
                 joined = () if parts is None else [
