@@ -33,14 +33,18 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13.6"],
+        # exact mode's optional MILP solvers (plan(mode="exact", solver=...); HiGHS stays the default)
+        "cpsat": ["ortools>=9.12,<10"],
+        "scip": ["pyscipopt>=5.5,<7"],
         # TrainingGraph.to_networkx, its only user
         "networkx": ["networkx>=3.2"],
         # Hugging Face models (tests/test_transformers.py, preset:gpt2, benchmarks/hf_transformers.py)
         "transformers": ["transformers>=5.20,<6"],
         # timm: the zoo of architectures in tests/test_zoo_fidelity.py (its tiny test_* models, verified on 1.0.31)
-        # networkx: to_networkx's test; import-linter: the layer contracts (.importlinter, .ci/lint-layers)
+        # networkx: to_networkx's test; import-linter: the layer contracts (.importlinter, .ci/lint-layers);
+        # ortools, pyscipopt: the optional solvers' tests (tests/test_solvers.py) run in CI, never skipped
         "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.20,<6", "timm>=1.0.31,<2", "networkx>=3.2",
-                 "import-linter>=2.17,<3"],
+                 "import-linter>=2.17,<3", "ortools>=9.12,<10", "pyscipopt>=5.5,<7"],
     },
     entry_points={"console_scripts": ["planner=planner.cli:main"]},
 )

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from planner.cost import DEVICE_PRESETS, CostModel
+from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
 from planner.simulator import simulate
@@ -21,7 +21,7 @@ from planner.algorithms.result import rank
 
 def store_all(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
     """Keep everything: plain PyTorch. O(ops)."""
-    return graph.store_all()
+    return Schedule.store_all(graph)
 
 
 def checkpoint_all(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
@@ -93,10 +93,10 @@ def recompute_cheap(graph: TrainingGraph, cost_model: CostModel, budget_bytes: i
     cost memory but little time to redo. What torch.compile's partitioner leans towards.
 
     An op is memory-bound when the device moves its bytes more slowly than it does its FLOPs
-    (from the op's FLOPs and bytes against the preset's rates; cpu rates when the cost model has
-    no preset). O(ops + edges).
+    (from the op's FLOPs and bytes against the cost model's device rates, ``CostModel.rates``).
+    O(ops + edges).
     """
-    spec = getattr(cost_model, "spec", DEVICE_PRESETS["cpu"])
+    spec = cost_model.rates
     kept = [op for op in model_forward_ops(graph)
             if graph.ops[op].flops / spec.fp32_flops > (graph.ops[op].bytes_read + graph.ops[op].bytes_written) / spec.bandwidth]
     return schedule_keeping(graph, kept)

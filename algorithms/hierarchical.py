@@ -263,7 +263,7 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
     """The lowest simulated peak the chain DP reaches, whatever its time: the fewest memory
     units the DP fits, found at the store-all scale and again at a finer one around it."""
     graph = hierarchy.graph
-    limit = float(simulate(graph, graph.store_all(), cost_model).peak_bytes - graph.resident_bytes)
+    limit = float(simulate(graph, Schedule.store_all(graph), cost_model).peak_bytes - graph.resident_bytes)
     best, best_key = None, None
     for _ in range(2):
         tables = tabulate(hierarchy.problem(limit))
@@ -287,7 +287,7 @@ def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int)
     found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
     found = [f for f in found if f is not None]
     if not found:
-        return graph.store_all()
+        return Schedule.store_all(graph)
     schedule, result = min(found, key=lambda f: rank(f[1], budget_bytes))
     return schedule if result.peak_bytes <= budget_bytes else reorder_schedule(graph, schedule, cost_model)
 

@@ -467,6 +467,9 @@ def _assemble(b: _Builder, problem: StagedProblem, keep_index, recompute_index, 
 
 
 # ---- solving ------------------------------------------------------------------------------------
+DEFAULT_SOLVER = "highs"  # the others, optional extras, are in ``planner.algorithms.solvers``
+
+
 @dataclass(frozen=True)
 class SolveOutcome:
     """What a solver backend reports, in the formulation's objective units."""
@@ -494,17 +497,7 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
     h.setOptionValue("mip_rel_gap", gap)
     h.setOptionValue("mip_abs_gap", 0.0)
     h.setOptionValue("random_seed", 0)
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = form.n_columns, len(form.row_lower)
-    lp.col_cost_ = form.cost
-    lp.col_lower_, lp.col_upper_ = form.col_lower, form.col_upper
-    lp.row_lower_, lp.row_upper_ = form.row_lower, form.row_upper
-    csc = form.matrix.tocsc()
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = csc.indptr, csc.indices, csc.data
-    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
-                       for i in form.integrality]
-    h.passModel(lp)
+    h.passModel(highs_model(highspy, form))
     if start is not None:
         h.setSolution(_highs_solution(highspy, start))
     root: list[float] = []
@@ -542,6 +535,21 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
         bound = max(bound, float(form.cost @ x) * (1 - gap))
     root_bound = root[0] if root else bound
     return SolveOutcome(x, bound, root_bound, optimal and x is not None, "highs", h.modelStatusToString(model_status))
+
+
+def highs_model(highspy, form: Formulation):
+    """``form`` as a ``highspy.HighsLp`` (SCIP reads it too, as the MPS file HiGHS writes)."""
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = form.n_columns, len(form.row_lower)
+    lp.col_cost_ = form.cost
+    lp.col_lower_, lp.col_upper_ = form.col_lower, form.col_upper
+    lp.row_lower_, lp.row_upper_ = form.row_lower, form.row_upper
+    csc = form.matrix.tocsc()
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = csc.indptr, csc.indices, csc.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in form.integrality]
+    return lp
 
 
 def _seconds(form: Formulation, objective_units: float) -> float:
@@ -583,8 +591,14 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
 
 
 def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
-          progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
-    """The fallback ladder: highspy (with the MIP start and ``screen``), else SciPy's HiGHS."""
+          progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None,
+          solver: str = DEFAULT_SOLVER) -> SolveOutcome:
+    """``solver``'s answer: HiGHS by the fallback ladder highspy (with the MIP start and
+    ``screen``), else SciPy's HiGHS; ``"cpsat"`` or ``"scip"`` (``planner.algorithms.solvers``)."""
+    if solver != DEFAULT_SOLVER:
+        from planner.algorithms.solvers import solve_with
+
+        return solve_with(solver, form, time_limit, start, progress, screen)
     try:
         import highspy  # noqa: F401
     except ImportError:
@@ -687,11 +701,13 @@ def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarr
 
 
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
-                 progress: Progress | None = None, starts: Sequence[Schedule] = ()) -> ExactResult:
+                 progress: Progress | None = None, starts: Sequence[Schedule] = (),
+                 solver: str = DEFAULT_SOLVER) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
-    seeding included), starting from the fastest of ``starts`` (schedules of ``graph``) and the
-    hierarchical seeds that its rows accept. Never raises for a solver failure: the message
-    says what happened.
+    seeding included) with ``solver`` (``planner.algorithms.solvers.SOLVERS``), starting from the
+    fastest of ``starts`` (schedules of ``graph``) and the hierarchical seeds that its rows accept.
+    Raises ``SolverUnavailableError`` for a solver that is unknown or not installed; never raises
+    for a solver failure: the message says what happened.
 
     Row generation over the recomputation phases (their rows are most of the model, and the LP
     over all of them does not finish its root in 60 s on ResNet-50): solve with the phase rows of
@@ -700,6 +716,9 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     problem; an answer that satisfies every row is an incumbent, and when a round proves its
     answer optimal and that answer satisfies every row, it is optimal for the whole problem.
     """
+    from planner.algorithms.solvers import require
+
+    require(solver)
     began = time.perf_counter()
     deadline = began + time_limit
     problem = exact_problem(graph, cost_model)
@@ -745,7 +764,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
         hint = form.vector(full.keep_of(incumbent), full.recompute_of(incumbent)) if incumbent is not None else None
         try:
             outcome = solve(form, deadline - time.perf_counter(), hint, relayed if progress is not None else None,
-                            screen if len(active) < problem.n_stages else None)
+                            screen if len(active) < problem.n_stages else None, solver)
         except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
             message = f"the MILP solver failed ({type(error).__name__}: {error})"
             break
@@ -794,11 +813,15 @@ class LowestPeak:
 
 
 def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: float,
-                       starts: Sequence[Schedule] = ()) -> LowestPeak:
-    """Minimise the peak itself over staged schedules (``formulate`` without a budget), from the
-    least-peak point of ``starts`` and checkpoint-all. The rows round each size up to the memory
-    unit, so the proven bound in bytes gives back one unit per term of the fullest row."""
+                       starts: Sequence[Schedule] = (), solver: str = DEFAULT_SOLVER) -> LowestPeak:
+    """Minimise the peak itself over staged schedules (``formulate`` without a budget) with
+    ``solver``, from the least-peak point of ``starts`` and checkpoint-all. The rows round each
+    size up to the memory unit, so the proven bound in bytes gives back one unit per term of the
+    fullest row."""
     from planner.algorithms import ALGORITHMS
+    from planner.algorithms.solvers import require
+
+    require(solver)
 
     began = time.perf_counter()
     problem = exact_problem(graph, cost_model)
@@ -809,7 +832,7 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
     points = [encode(problem, form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
     points = [x for x in points if x is not None]
     start = min(points, key=lambda x: form.cost @ x) if points else None
-    outcome = solve(form, began + time_limit - time.perf_counter(), start)
+    outcome = solve(form, began + time_limit - time.perf_counter(), start, solver=solver)
     slack = form.unit * (int(np.diff(form.memory.indptr).max(initial=0)) + 1) if form.unit > 1 else 0
     bound = graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack) \
         if np.isfinite(outcome.bound) else graph.resident_bytes

@@ -172,4 +172,4 @@ def reorder_schedule(graph: TrainingGraph, schedule: Schedule, cost_model: CostM
 
 def reorder(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
     """Reordering alone, applied to the store-all schedule (no recomputation)."""
-    return reorder_schedule(graph, graph.store_all(), cost_model)
+    return reorder_schedule(graph, Schedule.store_all(graph), cost_model)

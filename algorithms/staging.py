@@ -26,8 +26,9 @@ memory op by op through a recomputation phase, freeing each value after its last
 ``Schedule.from_order`` does.
 
 Backward memory that does not depend on the plan (gradients in flight, each op's outputs and
-workspace) is read off one replay of the store-all schedule: since the backward order is fixed,
-it is the same for every staged schedule. The MILP (``milp.py``) adds the plan-dependent part.
+workspace) is read off the simulator's replay of the store-all staged schedule (its
+``part_timeline`` over the storages the backward owns): since the backward order is fixed, it is
+the same for every staged schedule. The MILP (``milp.py``) adds the plan-dependent part.
 
 Backward views of forward tensors (``detach`` of a saved activation) are emitted right before
 their first reader; while such an alias lives, its storage must stay and cannot be recomputed.
@@ -43,6 +44,7 @@ import numpy as np
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.schedule import Compute, Schedule
+from planner.simulator import simulate
 
 
 @dataclass(frozen=True)
@@ -193,55 +195,125 @@ def block_backward_order(graph: TrainingGraph) -> tuple[int, ...]:
 def build_problem(graph: TrainingGraph, cost_model: CostModel,
                   backward_order: Sequence[int] | None = None) -> StagedProblem:
     """Coarsen ``graph`` into nodes and groups, find the stages of ``backward_order`` (graph
-    order if None; it must be a topological order of the backward ops), and replay the fixed
-    memory.
+    order if None; it must be a topological order of the backward ops), and read the fixed
+    memory off the simulator.
 
-    Complexity: O(ops + edges) plus one store-all replay.
+    Complexity: O(ops + edges) plus one store-all simulation.
     """
     times = np.asarray(cost_model.op_times(graph), dtype=np.float64)
     workspace = np.asarray(cost_model.workspace_bytes(graph), dtype=np.int64)
-    storage_bytes = graph.storage_bytes
-    resident = graph.resident_storages
+    sizes = graph.storage_bytes.copy()
+    sizes[list(graph.resident_storages)] = 0  # held by every schedule: no variable's business
+    readers = _readers_of_storage(graph)
+    forward = _coarsen(graph, sizes, readers)
+    stages = _stages(graph, backward_order, forward.storage_node)
+    groups, internal = _groups(graph, forward, stages, readers, sizes)
+    group_of_storage = {s: g for g, group in enumerate(groups) for s in group.storages}
+    nodes = _nodes(graph, forward, groups, group_of_storage, times)
+    last_useful, node_last = _usefulness(nodes, groups)
+    before, during, tail_fixed = _backward_profile(graph, cost_model, forward, stages)
+    return StagedProblem(
+        graph=graph, nodes=nodes, groups=groups, positions=tuple(forward.positions),
+        position_node=np.repeat(np.arange(len(nodes)), [len(ops) for ops in forward.node_list]),
+        position_is_view=forward.position_is_view(graph), position_transient=_transient(graph, forward, workspace, internal),
+        backward_order=tuple(stages.backward), stage_ops=tuple(stages.stage_ops),
+        stage_reads=tuple(tuple(sorted({group_of_storage[s] for s in _forward_reads(graph, op, forward.storage_node)}))
+                          for op in stages.stage_ops),
+        tails=tuple(tuple(t) for t in stages.tails), prefix=tuple(stages.prefix), lazy_views=stages.lazy_views,
+        stage_fixed_before=before, stage_fixed_during=during, tail_fixed=tail_fixed,
+        forward_rows=_forward_rows(graph, list(graph.forward_ops), group_of_storage, forward.storage_node, sizes,
+                                   workspace),
+        alias_held=_aliases(graph, stages, group_of_storage), last_useful=last_useful, node_last_useful=node_last,
+        base_time=float(times.sum()), resident_bytes=graph.resident_bytes)
 
-    def size(storage: int) -> int:
-        return 0 if storage in resident else int(storage_bytes[storage])
 
-    forward = list(graph.forward_ops)
-    is_forward = np.zeros(len(graph.ops), dtype=bool)
-    is_forward[forward] = True
-    readers_of_storage: dict[int, list[int]] = {}
+def _readers_of_storage(graph: TrainingGraph) -> dict[int, list[int]]:
+    """Storage -> the ops (forward and backward, graph order) that read a tensor living in it."""
+    readers: dict[int, list[int]] = {}
     for op in graph.ops:
         for tensor in op.inputs:
-            readers_of_storage.setdefault(graph.tensors[tensor].storage, []).append(op.id)
+            readers.setdefault(graph.tensors[tensor].storage, []).append(op.id)
+    return readers
 
-    # ---- nodes: views join their storage's owner; exclusive consumers join their producer ----
-    owner_op: dict[int, int] = {}  # storage -> forward op that allocated it (or first viewed it)
-    for op_id in forward:
-        op = graph.ops[op_id]
-        for tensor in op.outputs:
-            if graph.tensors[tensor].storage not in resident:
-                owner_op.setdefault(graph.tensors[tensor].storage, op_id)
-    parent = list(range(len(graph.ops)))
 
-    def find(x: int) -> int:
+@dataclass(frozen=True)
+class _Forward:
+    """The forward coarsened into nodes (topological order, ops in graph order in each)."""
+
+    node_list: list[list[int]]
+    owner_op: dict[int, int]  # storage -> forward op that allocated it (or first viewed it)
+
+    @cached_property
+    def node_of_op(self) -> dict[int, int]:
+        return {op: n for n, ops in enumerate(self.node_list) for op in ops}
+
+    @cached_property
+    def storage_node(self) -> dict[int, int]:
+        return {s: self.node_of_op[o] for s, o in self.owner_op.items()}
+
+    @cached_property
+    def positions(self) -> list[int]:
+        return [op for ops in self.node_list for op in ops]
+
+    @cached_property
+    def position_of(self) -> dict[int, int]:
+        return {op: p for p, op in enumerate(self.positions)}
+
+    def position_is_view(self, graph: TrainingGraph) -> np.ndarray:
+        return np.array([graph.ops[op].is_view for op in self.positions], dtype=bool)
+
+
+class _UnionFind:
+    """Forward ops joined into nodes: each root's members, path-halving ``find``."""
+
+    def __init__(self, n_ops: int, forward: Sequence[int]):
+        self.parent = list(range(n_ops))
+        self.members: dict[int, set[int]] = {op: {op} for op in forward}
+
+    def find(self, x: int) -> int:
+        parent = self.parent
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    members_of: dict[int, set[int]] = {op: {op} for op in forward}
-
-    def union(op: int, root: int) -> None:
-        old = find(op)
+    def union(self, op: int, root: int) -> None:
+        old = self.find(op)
         if old != root:
-            parent[old] = root
-            members_of[root] |= members_of.pop(old)
+            self.parent[old] = root
+            self.members[root] |= self.members.pop(old)
 
+
+def _coarsen(graph: TrainingGraph, sizes: np.ndarray, readers_of_storage: dict[int, list[int]]) -> _Forward:
+    """Nodes: a view joins the node of its storage's owner; an op joins the node of a producer
+    whose storages it alone reads (``_join_exclusive_consumers``). Nodes in topological order."""
+    forward = list(graph.forward_ops)
+    resident = graph.resident_storages
+    owner_op: dict[int, int] = {}
+    for op_id in forward:
+        for tensor in graph.ops[op_id].outputs:
+            if graph.tensors[tensor].storage not in resident:
+                owner_op.setdefault(graph.tensors[tensor].storage, op_id)
+    nodes = _UnionFind(len(graph.ops), forward)
     for op_id in forward:
         op = graph.ops[op_id]
         owner = owner_op.get(graph.tensors[op.outputs[0]].storage)
         if op.is_view and owner is not None:
-            union(op_id, find(owner))
+            nodes.union(op_id, nodes.find(owner))
+    _join_exclusive_consumers(graph, nodes, owner_op, sizes, readers_of_storage)
+    node_ops: dict[int, list[int]] = {}
+    for op_id in forward:
+        node_ops.setdefault(nodes.find(op_id), []).append(op_id)
+    return _Forward(_topological(graph, list(node_ops.values()), nodes.find), owner_op)
+
+
+def _join_exclusive_consumers(graph: TrainingGraph, nodes: _UnionFind, owner_op: dict[int, int], sizes: np.ndarray,
+                              readers_of_storage: dict[int, list[int]]) -> None:
+    """An op joins a producer's node when no one else reads the producer's storages it reads, it
+    allocates no more than those, and the merge makes no cycle (module docstring). Graph order."""
+    forward = graph.forward_ops
+    resident = graph.resident_storages
+    find = nodes.find
     allocated = {op_id: [s for s in {graph.tensors[t].storage for t in graph.ops[op_id].outputs}
                          if owner_op.get(s) == op_id and s not in resident] for op_id in forward}
     for op_id in forward:
@@ -253,44 +325,52 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel,
         for p in sorted(producers):
             if graph.ops[p].in_loss:
                 continue
-            members = members_of[p]
+            members = nodes.members[p]
             read = {graph.tensors[t].storage for t in op.inputs} & {s for o in members for s in allocated[o]}
             exclusive = read and all(r in members or r == op_id or graph.ops[r].is_view and find(r) == p
                                      for s in read for r in readers_of_storage[s])
-            others = producers - {p}
-            if exclusive and sum(size(s) for s in allocated[op_id]) <= sum(size(s) for s in read) \
-                    and not _reaches(graph, members, others, find):
-                union(op_id, p)
+            if exclusive and sizes[allocated[op_id]].sum() <= sizes[list(read)].sum() \
+                    and not _reaches(graph, members, producers - {p}, find):
+                nodes.union(op_id, p)
                 break
 
-    node_ops: dict[int, list[int]] = {}
-    for op_id in forward:
-        node_ops.setdefault(find(op_id), []).append(op_id)
-    node_list = _topological(graph, list(node_ops.values()), find)
-    node_index = {find(ops[0]): i for i, ops in enumerate(node_list)}
-    node_of_op = {op: node_index[find(op)] for op in forward}
-    storage_node = {s: node_of_op[o] for s, o in owner_op.items()}
-    positions = [op for ops in node_list for op in ops]
-    position_of = {op: p for p, op in enumerate(positions)}
-    starts = np.cumsum([0] + [len(ops) for ops in node_list])[:-1]
 
-    # ---- stages: backward ops reading forward storages; views of them are emitted lazily ----
+@dataclass(frozen=True)
+class _Stages:
+    """The backward in ``backward`` order: stage ops (they read forward storages), the ops after
+    each stage (``tails``) or before the first (``prefix``), and backward views of forward
+    storages, emitted lazily right before their first reader (``lazy_views``)."""
+
+    backward: list[int]
+    stage_ops: list[int]
+    tails: list[list[int]]
+    prefix: list[int]
+    lazy_views: dict[int, int]  # view -> the op it is emitted before
+
+    @cached_property
+    def stage_of(self) -> dict[int, int]:
+        return {op: k for k, op in enumerate(self.stage_ops)}
+
+
+def _forward_reads(graph: TrainingGraph, op_id: int, storage_node: dict[int, int]) -> set[int]:
+    """The forward storages op ``op_id`` reads."""
+    return {graph.tensors[t].storage for t in graph.ops[op_id].inputs} & storage_node.keys()
+
+
+def _stages(graph: TrainingGraph, backward_order: Sequence[int] | None, storage_node: dict[int, int]) -> _Stages:
+    """Stages, tails and lazy views of the backward in ``backward_order`` (graph order if None)."""
     backward = list(graph.backward_ops) if backward_order is None else [int(op) for op in backward_order]
     if sorted(backward) != list(graph.backward_ops):
         raise ValueError("backward_order must list every backward op once")
     backward_position = {op: i for i, op in enumerate(backward)}
-
-    def forward_storages(op_id: int) -> set[int]:
-        return {graph.tensors[t].storage for t in graph.ops[op_id].inputs} & storage_node.keys()
-
     lazy_views: dict[int, int] = {}
     for op_id in reversed(backward):
         op = graph.ops[op_id]
-        if op.is_view and forward_storages(op_id):
+        if op.is_view and _forward_reads(graph, op_id, storage_node):
             readers = [c for t in op.outputs for c in graph.tensors[t].consumers]
             if readers:
                 lazy_views[op_id] = min(readers, key=backward_position.__getitem__)
-    stage_ops = [o for o in backward if o not in lazy_views and forward_storages(o)]
+    stage_ops = [o for o in backward if o not in lazy_views and _forward_reads(graph, o, storage_node)]
     stage_of = {op: k for k, op in enumerate(stage_ops)}
     tails: list[list[int]] = [[] for _ in stage_ops]
     prefix: list[int] = []
@@ -300,45 +380,66 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel,
             current = stage_of[op_id]
         elif op_id not in lazy_views:
             (tails[current] if current >= 0 else prefix).append(op_id)
+    return _Stages(backward, stage_ops, tails, prefix, lazy_views)
 
-    # ---- groups: a node's storages by their maker and their readers ----
+
+def _groups(graph: TrainingGraph, forward: _Forward, stages: _Stages, readers_of_storage: dict[int, list[int]],
+            sizes: np.ndarray) -> tuple[tuple[Group, ...], list[tuple[int, int, int]]]:
+    """A node's storages grouped by their maker and their readers (positions and stages), and
+    the storages no one outside their node reads: (first position, last position, bytes) held
+    inside the node."""
+    is_forward = ~graph.op_arrays["is_backward"]
+    node_of_op, position_of, stage_of = forward.node_of_op, forward.position_of, stages.stage_of
     group_key: dict[tuple, list[int]] = {}
-    internal: list[tuple[int, int, int]] = []  # (first position, last position, bytes) held inside a node
-    for storage, n in storage_node.items():
+    internal: list[tuple[int, int, int]] = []
+    for storage, n in forward.storage_node.items():
         readers = readers_of_storage.get(storage, ())
         reader_positions = tuple(sorted({position_of[r] for r in readers if is_forward[r]}))
         outside = any(node_of_op[r] != n for r in readers if is_forward[r])
         stage_readers = tuple(sorted({stage_of[r] for r in readers if r in stage_of}))
-        made = position_of[owner_op[storage]]
+        made = position_of[forward.owner_op[storage]]
         if outside or stage_readers:
             group_key.setdefault((n, made, reader_positions, stage_readers), []).append(storage)
         else:
-            internal.append((made, max((made,) + reader_positions), size(storage)))
+            internal.append((made, max((made,) + reader_positions), int(sizes[storage])))
     groups = []
     for (n, made, reader_positions, stage_readers), storages in sorted(group_key.items()):
-        outside = sorted({node_of_op[positions[p]] for p in reader_positions} - {n})
-        groups.append(Group(node=n, size=sum(size(s) for s in storages), storages=tuple(sorted(storages)),
+        outside = sorted({node_of_op[forward.positions[p]] for p in reader_positions} - {n})
+        groups.append(Group(node=n, size=int(sizes[storages].sum()), storages=tuple(sorted(storages)),
                             producer=made, readers=reader_positions, forward_readers=tuple(outside),
                             stage_readers=stage_readers))
-    group_of_storage = {s: g for g, group in enumerate(groups) for s in group.storages}
-    stage_reads = tuple(tuple(sorted({group_of_storage[s] for s in forward_storages(op)})) for op in stage_ops)
+    return tuple(groups), internal
 
-    position_is_view = np.array([graph.ops[op].is_view for op in positions], dtype=bool)
-    transient = np.asarray(workspace[positions], dtype=np.int64).copy()
+
+def _transient(graph: TrainingGraph, forward: _Forward, workspace: np.ndarray,
+               internal: list[tuple[int, int, int]]) -> np.ndarray:
+    """Per position: the workspace and the node-internal bytes live while that op runs (none at a view)."""
+    transient = np.asarray(workspace[forward.positions], dtype=np.int64).copy()
     for first, last, n_bytes in internal:
         transient[first: last + 1] += n_bytes
-    transient[position_is_view] = 0
+    transient[forward.position_is_view(graph)] = 0
+    return transient
 
+
+def _nodes(graph: TrainingGraph, forward: _Forward, groups: tuple[Group, ...], group_of_storage: dict[int, int],
+           times: np.ndarray) -> tuple[Node, ...]:
     nodes = []
-    for n, ops in enumerate(node_list):
-        own = tuple(g for g, gr in enumerate(groups) if gr.node == n)
+    start = 0
+    for n, ops in enumerate(forward.node_list):
+        own = tuple(g for g, group in enumerate(groups) if group.node == n)
         inputs = {group_of_storage[graph.tensors[t].storage] for op in ops for t in graph.ops[op].inputs
                   if graph.tensors[t].storage in group_of_storage} - set(own)
-        nodes.append(Node(ops=tuple(ops), start=int(starts[n]), groups=own, input_groups=tuple(sorted(inputs)),
+        nodes.append(Node(ops=tuple(ops), start=start, groups=own, input_groups=tuple(sorted(inputs)),
                           time=float(times[list(ops)].sum()),
                           recomputable=not any(graph.ops[o].in_loss for o in ops)))
+        start += len(ops)
+    return tuple(nodes)
 
-    # ---- usefulness: the last stage a group (or a recomputation of a node) can serve ----
+
+def _usefulness(nodes: tuple[Node, ...], groups: tuple[Group, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The last stage a group can serve (read there, or by a recomputation that serves a later
+    one), and the last a recomputation of a node can serve; -1 for none. Nodes in reverse
+    topological order, so readers are settled first."""
     last_useful = np.full(len(groups), -1, dtype=np.int64)
     node_last = np.full(len(nodes), -1, dtype=np.int64)
     for n in reversed(range(len(nodes))):
@@ -348,32 +449,23 @@ def build_problem(graph: TrainingGraph, cost_model: CostModel,
             last_useful[g] = max(reach)
         if nodes[n].recomputable:
             node_last[n] = max((int(last_useful[g]) for g in nodes[n].groups), default=-1)
+    return last_useful, node_last
 
-    # ---- aliases: a backward view of a forward storage pins it from its first to its last reader ----
-    def view_reader_stages(view: int) -> list[int]:
+
+def _aliases(graph: TrainingGraph, stages: _Stages, group_of_storage: dict[int, int]) -> tuple[tuple[int, int, int], ...]:
+    """(group, first stage, last stage): a backward view of a forward storage pins its group from
+    its first to its last reader (through views of views)."""
+    def reader_stages(view: int) -> list[int]:
         readers = [c for t in graph.ops[view].outputs for c in graph.tensors[t].consumers]
-        return [k for r in readers for k in (view_reader_stages(r) if r in lazy_views else [stage_of[r]])]
+        return [k for r in readers for k in (reader_stages(r) if r in stages.lazy_views else [stages.stage_of[r]])]
 
-    alias_held = []
-    for view in lazy_views:
+    held = []
+    for view in stages.lazy_views:
         storage = graph.tensors[graph.ops[view].outputs[0]].storage
-        reader_stages = view_reader_stages(view)
-        if storage in group_of_storage and reader_stages:
-            alias_held.append((group_of_storage[storage], min(reader_stages), max(reader_stages)))
-
-    store_all_order = staged_order(graph, node_list, stage_ops, tails, prefix, lazy_views,
-                                   np.zeros((len(stage_ops), len(node_list)), dtype=bool))
-    before, during, tail_fixed = _backward_profile(graph, store_all_order, storage_node, workspace, stage_of,
-                                                   tails, prefix)
-    forward_rows = _forward_rows(graph, forward, group_of_storage, storage_node, size, workspace)
-    return StagedProblem(
-        graph=graph, nodes=tuple(nodes), groups=tuple(groups), positions=tuple(positions),
-        position_node=np.repeat(np.arange(len(nodes)), [len(ops) for ops in node_list]),
-        position_is_view=position_is_view, position_transient=transient, backward_order=tuple(backward),
-        stage_ops=tuple(stage_ops), stage_reads=stage_reads, tails=tuple(tuple(t) for t in tails),
-        prefix=tuple(prefix), lazy_views=lazy_views, stage_fixed_before=before, stage_fixed_during=during,
-        tail_fixed=tail_fixed, forward_rows=forward_rows, alias_held=tuple(alias_held), last_useful=last_useful,
-        node_last_useful=node_last, base_time=float(times.sum()), resident_bytes=graph.resident_bytes)
+        found = reader_stages(view)
+        if storage in group_of_storage and found:
+            held.append((group_of_storage[storage], min(found), max(found)))
+    return tuple(held)
 
 
 def _reaches(graph: TrainingGraph, sources: set[int], targets: set[int], find) -> bool:
@@ -424,51 +516,37 @@ def _topological(graph: TrainingGraph, node_list: list[list[int]], find) -> list
     return ordered
 
 
-def _backward_profile(graph: TrainingGraph, order: list[int], storage_node: dict[int, int],
-                      workspace: np.ndarray, stage_of: dict[int, int], tails, prefix):
-    """Backward-owned bytes (not forward storages, not resident) around every backward op of
-    the store-all staged schedule: the part of backward memory no plan changes."""
+def _backward_profile(graph: TrainingGraph, cost_model: CostModel, forward: _Forward,
+                      stages: _Stages) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward-owned bytes (neither forward storages nor resident) around every backward op of
+    the store-all staged schedule, the part of backward memory no plan changes, read off the
+    simulator (``part_timeline``): (before each stage op, while it runs, the most while a tail
+    runs: index K is the prefix). While an op runs means its outputs allocated, workspace on top."""
+    order = staged_order(graph, forward.node_list, stages.stage_ops, stages.tails, stages.prefix, stages.lazy_views,
+                         np.zeros((len(stages.stage_ops), len(forward.node_list)), dtype=bool))
     schedule = Schedule.from_order(graph, order)
-    resident = graph.resident_storages
-    refs: dict[int, int] = {}
-    memory = 0
-    n_stages = len(stage_of)
-    before = np.zeros(n_stages, dtype=np.int64)
-    during = np.zeros(n_stages, dtype=np.int64)
+    backward_owned = np.ones(len(graph.storages), dtype=bool)
+    backward_owned[list(graph.resident_storages)] = False
+    backward_owned[list(forward.storage_node)] = False
+    owned = simulate(graph, schedule, cost_model, part=backward_owned).part_timeline
+    is_compute, index = schedule.arrays
+    steps = np.flatnonzero(is_compute)
+    ops = index[steps]
+    after = owned[steps]  # after the op's outputs are allocated
+    before = np.where(steps > 0, owned[np.maximum(steps - 1, 0)], 0)
+    running = after + np.asarray(cost_model.workspace_bytes(graph), dtype=np.int64)[ops]
+    n_stages = len(stages.stage_ops)
+    step_of_op = dict(zip(ops.tolist(), range(len(ops))))  # backward ops run once: one compute each
+    stage_steps = np.array([step_of_op[op] for op in stages.stage_ops], dtype=np.int64)
     tail_fixed = np.zeros(n_stages + 1, dtype=np.int64)
-    tail_stage = {op: k for k, ops in enumerate(tails) for op in ops}
-    tail_stage.update({op: n_stages for op in prefix})
-    counted = lambda s: s not in resident and s not in storage_node  # noqa: E731
-    for step in schedule.steps:
-        if isinstance(step, Compute):
-            op = graph.ops[step.op]
-            if op.phase.value != "backward":
-                continue
-            if step.op in stage_of:
-                before[stage_of[step.op]] = memory
-            for tensor in op.outputs:
-                storage = graph.tensors[tensor].storage
-                if counted(storage):
-                    refs[storage] = refs.get(storage, 0) + 1
-                    if refs[storage] == 1:
-                        memory += int(graph.storage_bytes[storage])
-            running = memory + int(workspace[step.op])
-            if step.op in stage_of:
-                during[stage_of[step.op]] = running
-            elif step.op in tail_stage:
-                k = tail_stage[step.op]
-                tail_fixed[k] = max(tail_fixed[k], running)
-        else:
-            storage = graph.tensors[step.tensor].storage
-            if counted(storage):
-                refs[storage] -= 1
-                if refs[storage] == 0:
-                    memory -= int(graph.storage_bytes[storage])
-    return before, during, tail_fixed
+    for k, tail in enumerate([*stages.tails, stages.prefix]):
+        if tail:
+            tail_fixed[k] = running[[step_of_op[op] for op in tail]].max()
+    return before[stage_steps].astype(np.int64), running[stage_steps].astype(np.int64), tail_fixed
 
 
 def _forward_rows(graph: TrainingGraph, forward: list[int], group_of_storage: dict[int, int],
-                  storage_node: dict[int, int], size, workspace: np.ndarray):
+                  storage_node: dict[int, int], sizes: np.ndarray, workspace: np.ndarray):
     """Memory while each forward op runs, split into bytes every schedule holds there, groups
     still in forward use (held), and groups past their last forward use (held if kept)."""
     position = {op: i for i, op in enumerate(forward)}
@@ -497,7 +575,7 @@ def _forward_rows(graph: TrainingGraph, forward: list[int], group_of_storage: di
             g = group_of_storage.get(storage)
             if g is None:
                 if last_forward_use[storage] >= i:
-                    fixed += size(storage)
+                    fixed += int(sizes[storage])
             elif by_group_last[g] >= i:
                 held.add(g)
             else:

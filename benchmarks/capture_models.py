@@ -109,7 +109,7 @@ def measure(spec: ModelSpec, batch_size: int, repeats: int) -> CaptureRow:
     batch = torch.randn(shape)
     try:
         seconds, graph = time_captures(model, batch, repeats)
-        result = planner.simulate(graph, graph.store_all())
+        result = planner.simulate(graph, planner.Schedule.store_all(graph))
         return CaptureRow(
             model=spec.name, input_shape=shape, capture_seconds=tuple(seconds),
             forward_ops=len(graph.forward_ops), backward_ops=len(graph.backward_ops),
@@ -168,7 +168,7 @@ def section_body(rows: Sequence[CaptureRow], argv: Sequence[str], repeats: int) 
     environment = environment_line()
     notes = (f"Capture seconds: `time.perf_counter()` around `planner.capture` only, best of {repeats} "
              "(models captured in table order in one process, so the first model's first capture also pays "
-             "one-off import and cache costs). Peaks: `planner.simulate(graph, graph.store_all())` with the "
+             "one-off import and cache costs). Peaks: `planner.simulate(graph, planner.Schedule.store_all(graph))` with the "
              "default cost model; the activation peak is the peak minus the resident bytes. Ops are "
              "fx-level ATen ops (views included); total = forward + backward.")
     parts = ["```\n" + command_line(argv) + "\n```", environment, notes, markdown_table(rows)]

@@ -109,10 +109,10 @@ def measure_model(bench: BenchModel, budgets: Sequence[str], device: str, rounds
     held = [*bench.inputs, *bench.targets]
     graph = planner.capture(bench.model, bench.inputs, bench.loss_fn, targets=bench.targets)
     roofline = roofline_for(device)
-    roofline_store_all = planner.simulate(graph, graph.store_all(), roofline).time
+    roofline_store_all = planner.simulate(graph, planner.Schedule.store_all(graph), roofline).time
     eager = copy.deepcopy(bench.model)
     reference = gradients(eager, lambda: bench.step(eager))
-    result = ModelResult(bench.name, bench.description, device, planner.simulate(graph, graph.store_all()).peak_bytes,
+    result = ModelResult(bench.name, bench.description, device, planner.simulate(graph, planner.Schedule.store_all(graph)).peak_bytes,
                          measure_peak(eager, lambda: bench.step(eager), held, device))
     steps = {"eager": lambda: bench.step(eager)}
     for label in budgets:

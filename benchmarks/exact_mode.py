@@ -11,7 +11,9 @@ random weights, train mode, captured once with fake tensors) and budget (% of st
   MILP's incumbent, HiGHS's root and final bounds, the gap ((incumbent - bound) / incumbent, on
   the whole step), the status ``plan`` reports (``fallback`` where fast mode's plan is faster: it
   lies outside the staged class), wall time;
-- the MILP's size (binaries).
+- the MILP's size (binaries);
+- with ``--solver highs cpsat scip``: each cell once per solver, one after another (interleaved,
+  so a busy machine slows them alike); CP-SAT and SCIP are the optional extras.
 
 Bounds are over *staged* schedules (``planner.algorithms.milp.SCHEDULE_CLASS``).
 
@@ -19,6 +21,7 @@ Run from the repository root (about 2 minutes a cell)::
 
     python benchmarks/exact_mode.py --models resnet50 transformer_encoder --budgets 50 33
     python benchmarks/exact_mode.py --models vgg16 --budgets min --markdown docs/benchmarks.md
+    python benchmarks/exact_mode.py --models resnet50 --budgets 33 --solver highs cpsat scip
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 import planner
 from planner.algorithms.bounds import memory_lower_bound
 from planner.algorithms.milp import exact_search, lowest_peak_search
+from planner.algorithms.solvers import SOLVERS
 from planner.cost import default_cost_model
 from planner.errors import InfeasibleBudgetError
 from planner.simulator import simulate
@@ -51,9 +55,10 @@ def capture_model(name: str) -> planner.TrainingGraph:
     return planner.capture(model, inputs, spec.loss_fn, targets=targets)
 
 
-def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float) -> list[str]:
+def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float,
+                solvers: list[str]) -> list[str]:
     cost_model = default_cost_model(graph)
-    reference = simulate(graph, graph.store_all(), cost_model)
+    reference = simulate(graph, planner.Schedule.store_all(graph), cost_model)
 
     def overhead(seconds: float | None) -> str:
         return f"{seconds / reference.time - 1:+.2%}" if seconds is not None and math.isfinite(seconds) else "none"
@@ -61,28 +66,32 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
     rows = []
     for percent in budgets:
         budget = _budget(graph, reference, percent, time_limit)
-        cells = [name, f"{percent}%" if percent != "min" else f"min ({budget / reference.peak_bytes:.1%})"]
+        head = [name, f"{percent}%" if percent != "min" else f"min ({budget / reference.peak_bytes:.1%})"]
         try:
             fast = planner.plan(graph, budget, op_variants=False, cost_model=cost_model)
-            cells.append(f"{fast.overhead:+.2%}")
+            head.append(f"{fast.overhead:+.2%}")
         except InfeasibleBudgetError:
             fast = None
-            cells.append("does not fit")
-        began = time.perf_counter()
-        exact = exact_search(graph, cost_model, budget, time_limit, starts=[fast.schedule] if fast else [])
-        seconds = time.perf_counter() - began
-        if exact.schedule is None:
-            status = "fallback" if fast is not None else "infeasible"
-        elif fast is not None and fast.predicted_time < exact.time:
-            status = "fallback"
-        else:
-            status = "optimal" if exact.optimal else "feasible"
-        gap = (exact.time - exact.lower_bound) / exact.time if exact.time and math.isfinite(exact.lower_bound) else None
-        cells += [status, overhead(exact.start_time), overhead(exact.time), overhead(exact.root_bound),
-                  overhead(exact.lower_bound), f"{gap:.2%}" if gap is not None else "n/a", f"{seconds:.1f}",
-                  str(exact.binaries)]
-        rows.append("| " + " | ".join(cells) + " |")
-        print(rows[-1], f"({exact.message})", flush=True)
+            head.append("does not fit")
+        for solver in solvers:  # interleaved: each cell's solvers run one after another
+            began = time.perf_counter()
+            exact = exact_search(graph, cost_model, budget, time_limit, starts=[fast.schedule] if fast else [],
+                                 solver=solver)
+            seconds = time.perf_counter() - began
+            if exact.schedule is None:
+                status = "fallback" if fast is not None else "infeasible"
+            elif fast is not None and fast.predicted_time < exact.time:
+                status = "fallback"
+            else:
+                status = "optimal" if exact.optimal else "feasible"
+            gap = (exact.time - exact.lower_bound) / exact.time \
+                if exact.time and math.isfinite(exact.lower_bound) else None
+            cells = head + ([solver] if len(solvers) > 1 else []) + [
+                status, overhead(exact.start_time), overhead(exact.time), overhead(exact.root_bound),
+                overhead(exact.lower_bound), f"{gap:.2%}" if gap is not None else "n/a", f"{seconds:.1f}",
+                str(exact.binaries)]
+            rows.append("| " + " | ".join(cells) + " |")
+            print(rows[-1], f"({exact.message})", flush=True)
     return rows
 
 
@@ -109,7 +118,7 @@ def lowest_row(name: str, graph: planner.TrainingGraph, time_limit: float) -> st
     """Exact mode's least peak (``lowest_peak_search``, from fast mode's least-peak plan) against
     fast mode's smallest budget and ``memory_lower_bound``, as % of store-all's peak."""
     cost_model = default_cost_model(graph)
-    store_all = simulate(graph, graph.store_all(), cost_model).peak_bytes
+    store_all = simulate(graph, planner.Schedule.store_all(graph), cost_model).peak_bytes
     fast = _fast_lowest(graph)
     fast_plan = planner.plan(graph, fast, op_variants=False, cost_model=cost_model)
     began = time.perf_counter()
@@ -129,18 +138,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--budgets", nargs="*", default=["50", "33"], help="% of store-all's peak, or min")
     parser.add_argument("--lowest", action="store_true", help="exact mode's least peak per model")
     parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--solver", nargs="+", default=["highs"], choices=list(SOLVERS),
+                        help="the MILP solver(s); several run interleaved, cell by cell (cpsat, scip: extras)")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     rows, lowest = [], []
     for name in args.models:
         graph = capture_model(name)
-        rows += budget_rows(name, graph, args.budgets, args.time_limit)
+        rows += budget_rows(name, graph, args.budgets, args.time_limit, args.solver)
         if args.lowest:
             lowest.append(lowest_row(name, graph, args.time_limit))
     parts = [f"Command: `{command_line(['benchmarks/exact_mode.py'] + argv)}`", "", environment_line(), ""]
     if rows:
-        parts += ["| model | budget | fast | exact status | MIP start | MILP incumbent | root bound | final bound | gap | "
-                  "seconds | binaries |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+        solver = ["solver"] if len(args.solver) > 1 else []
+        columns = ["model", "budget", "fast", *solver, "exact status", "MIP start", "MILP incumbent", "root bound",
+                   "final bound", "gap", "seconds", "binaries"]
+        rules = ["---", "---", "---:", *(["---"] * len(solver)), "---", *(["---:"] * 7)]
+        parts += ["| " + " | ".join(columns) + " |", "|" + "|".join(rules) + "|", *rows, ""]
     if lowest:
         parts += ["Lowest feasible budget, % of store-all's peak:", "",
                   "| model | fast mode | exact: least peak found | exact: proven bound | exact status | "

@@ -196,7 +196,7 @@ def quality_section(graphs: dict, with_bounds: bool, time_limit: float) -> str:
     for name in QUALITY_MODELS:
         graph = graphs[name]
         cost = default_cost_model(graph)
-        reference = planner.simulate(graph, graph.store_all(), cost)
+        reference = planner.simulate(graph, planner.Schedule.store_all(graph), cost)
         for percent in BUDGETS:
             budget = reference.peak_bytes * percent // 100
             cell = _quality_cell(name, graph, cost, reference, budget, percent, with_bounds, time_limit)
@@ -239,7 +239,7 @@ def smallest_section(graphs: dict) -> str:
     for name in QUALITY_MODELS:
         graph = graphs[name]
         cost = default_cost_model(graph)
-        store_all = planner.simulate(graph, graph.store_all(), cost).peak_bytes
+        store_all = planner.simulate(graph, planner.Schedule.store_all(graph), cost).peak_bytes
         lowest = lowest_peak(graph, op_variants=False)
         planned = planner.plan(graph, lowest, op_variants=False)  # the minimum is a budget that works
         assert planned.predicted_peak_bytes <= lowest
@@ -254,7 +254,7 @@ def smallest_section(graphs: dict) -> str:
 
 def store_all_activations(graph) -> tuple[planner.SimResult, int]:
     """The store-all step's simulation and the bytes of activations at its peak."""
-    reference = planner.simulate(graph, graph.store_all(), default_cost_model(graph))
+    reference = planner.simulate(graph, planner.Schedule.store_all(graph), default_cost_model(graph))
     return reference, reference.peak_bytes - graph.resident_bytes
 
 

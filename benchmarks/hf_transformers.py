@@ -94,7 +94,7 @@ def measure(name: str, batch: int, sequence: int) -> dict:
     capture_seconds = time.perf_counter() - start
     row = {"name": name, "description": description, "ops": len(graph.ops), "capture_seconds": capture_seconds,
            "parameters": sum(p.numel() for p in model.parameters())}
-    store_all = planner.simulate(graph, graph.store_all())
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph))
     row["store_all"], row["resident"] = store_all.peak_bytes, graph.resident_bytes
     for budget in BUDGETS:
         start = time.perf_counter()

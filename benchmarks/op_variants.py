@@ -93,7 +93,7 @@ def run_model(name: str) -> ModelRow:
     inputs = (torch.randn(shape),)
     targets = (torch.randint(0, spec.classes, (shape[0],)),) if spec.classes else ()
     graph = planner.capture(model, inputs, spec.loss_fn, targets=targets)
-    reference = planner.simulate(graph, graph.store_all())
+    reference = planner.simulate(graph, planner.Schedule.store_all(graph))
     row = ModelRow(name, shape, len(graph.ops), reference.peak_bytes)
 
     eager = copy.deepcopy(model)
@@ -136,7 +136,7 @@ def run_model(name: str) -> ModelRow:
         except planner.InfeasibleBudgetError as error:
             setting.min_feasible = error.min_feasible_bytes
         rewritten = with_variants(graph, variant_kinds(option))  # what fast mode plans on
-        setting.store_all_peak = planner.simulate(rewritten, rewritten.store_all()).peak_bytes
+        setting.store_all_peak = planner.simulate(rewritten, planner.Schedule.store_all(rewritten)).peak_bytes
         run_plan(setting, option, int(BUDGET * reference.peak_bytes))
     stock, variants = row.settings
     if variants.min_feasible < stock.min_feasible:  # a budget only the variants reach

@@ -377,7 +377,7 @@ def run_model(spec: ModelSpec, compile_solver: str, with_compile: bool) -> Model
         result.error = f"capture failed: {type(error).__name__}: {error}"
         return result
     cost = default_cost_model(graph)
-    reference = planner.simulate(graph, graph.store_all(), cost)
+    reference = planner.simulate(graph, planner.Schedule.store_all(graph), cost)
     result.store_all_peak, result.store_all_time = reference.peak_bytes, reference.time
     result.resident_bytes = graph.resident_bytes
     result.forward_ops, result.backward_ops = len(graph.forward_ops), len(graph.backward_ops)

@@ -73,9 +73,9 @@ def measure(case: Case, batch: int) -> Row:
         graph = planner.capture(model, inputs, F.cross_entropy, targets=torch.randint(0, 1000, (batch,)))
     else:
         graph = planner.capture(model, inputs)
-    store_all = planner.simulate(graph, graph.store_all())
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph))
     start = time.perf_counter()
-    reordered = reorder_schedule(graph, graph.store_all())
+    reordered = reorder_schedule(graph, planner.Schedule.store_all(graph))
     seconds = time.perf_counter() - start
     return Row(case.name, batch, store_all.peak_bytes, planner.simulate(graph, reordered).peak_bytes,
                store_all.peak_activation_bytes, seconds)

@@ -78,7 +78,7 @@ def run(model_name: str, batch_size: int, image_size: int, repeats: int) -> list
     graph = planner.capture(model, x, F.cross_entropy, targets=y)
     rows = [_row("eager PyTorch", model, model, x, y, repeats)]
     print(f"  eager: {rows[0].seconds:.3f} s", file=sys.stderr, flush=True)
-    reference_peak = planner.simulate(graph, graph.store_all()).peak_bytes
+    reference_peak = planner.simulate(graph, planner.Schedule.store_all(graph)).peak_bytes
     for name in ALGORITHMS:
         working = copy.deepcopy(model)
         result = planner.plan(graph, reference_peak, algorithm=name, op_variants=False)

@@ -13,7 +13,9 @@ exact pure-PyTorch twin used everywhere else (CPU tensors, or CuPy missing or wi
   instead of the input, with an exact fallback for channels whose weight cannot be inverted
   (within a stated tolerance of stock).
 
-``planner.variants`` rewrites a captured graph to use them.
+Each op module also declares its ``Variant`` (``_registry.py``): the ATen op it replaces, where it
+applies in a captured graph, the rewrite and its workspace on a device that runs the kernels or
+the twins, registered once in ``VARIANTS``, which ``planner.variants`` reads to rewrite a graph.
 """
 from planner.gpu._cuda import kernels_available
 from planner.gpu.batchnorm import batch_norm_inverted, batch_norm_inverted_backward

@@ -27,7 +27,11 @@ import torch
 
 from planner.gpu import _cuda
 from planner.gpu._checks import check_float, check_same_device
-from planner.gpu._registry import variant_op
+from planner.gpu._registry import Variant, register_variant, variant_op
+from planner.gpu._sites import (
+    INT64, SUPPORTED_DTYPES, Rewriter, VariantSite, backward_call, call_arguments, itemsize, numel, ref,
+)
+from planner.graph import OpInfo, TensorRef, TrainingGraph, VariantCapability
 
 MAX_SHIFT = 8.0
 TOLERANCE = 1 + 2 * MAX_SHIFT
@@ -254,10 +258,90 @@ def _norm_autograd(ctx, grad_out, *_unused):
 batch_norm_inverted.register_autograd(_norm_autograd, setup_context=_setup_norm)
 
 
-def workspace_bytes(numel: int, dtype_bytes: int, channels: int, kernels: bool) -> tuple[int, int]:
+def workspace_bytes(numel: int, dtype_bytes: int, channels: int, kernels: bool, input_grad: bool = True
+                    ) -> tuple[int, int]:
     """Transient bytes of (forward, backward): the forward needs only per-channel vectors; the
-    twin's backward holds x_hat, the gradient in the accumulation dtype and their product."""
+    twin's backward holds the product of the gradient and x_hat, x_hat itself unless it becomes
+    the input gradient in place (fp32 and fp64, the input gradient wanted), and the gradient
+    in the accumulation dtype unless it is in it already (the fallback channels' exact x_hat,
+    at most x_hat's size, is freed before the product is made)."""
     acc_bytes = 8 if dtype_bytes == 8 else 4
     if kernels:
         return 0, 2 * channels * _PARTIALS * acc_bytes
-    return 0, 3 * numel * acc_bytes
+    accumulates_in_place = dtype_bytes == acc_bytes
+    copies = 1 + (not (accumulates_in_place and input_grad)) + (not accumulates_in_place)
+    return 0, copies * numel * acc_bytes
+
+
+# ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.batch_norm_inverted.default, torch.ops.remat_planner.batch_norm_inverted_backward.default
+
+
+def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
+    """A training-mode batch norm with an affine weight, whose one ``native_batch_norm_backward``
+    reads its input, its statistics and the same weight and eps.
+
+    Which channels fall back is known only when the step runs (it depends on the weights and the
+    batch), so the site saves their bound: the whole input and every channel number. The
+    simulator then never predicts less than the step holds, however many fall back."""
+    forward = call_arguments(graph.calls[op.id])
+    if forward is None or forward["training"] is not True or len(op.outputs) != 5:
+        return None
+    x, weight, bias = (ref(forward[name]) for name in ("input", "weight", "bias"))
+    if None in (x, weight, ref(forward["running_mean"]), ref(forward["running_var"])) or (
+            forward["bias"] is not None and bias is None):
+        return None
+    shape = graph.tensors[x].shape
+    if (len(shape) < 2 or str(graph.tensors[x].dtype) not in SUPPORTED_DTYPES
+            or graph.tensors[weight].shape != (shape[1],) or str(graph.tensors[weight].dtype) not in SUPPORTED_DTYPES):
+        return None
+    out, mean, rstd = op.outputs[:3]
+
+    def reads(consumer: int) -> bool:
+        stock = backward_call(graph, consumer, "aten.native_batch_norm_backward.default")
+        return (stock is not None and (ref(stock["input"]), ref(stock["weight"])) == (x, weight)
+                and (ref(stock["save_mean"]), ref(stock["save_invstd"])) == (mean, rstd)
+                and stock["train"] is True and stock["eps"] == forward["eps"]
+                and ref(stock["grad_out"]) not in (x, out))
+
+    backwards = [c for c in graph.tensors[x].consumers if reads(c)]
+    if len(backwards) != 1:
+        return None
+    fallback_bound = graph.tensors[x].nbytes + 8 * shape[1]  # every channel's input and number
+    return VariantSite("batch_norm_inverted", "", op.id, (backwards[0],), (), fallback_bound,
+                       graph.tensors[x].nbytes, reads=(out, mean, rstd))
+
+
+def _workspace(graph: TrainingGraph, site: VariantSite, capability: VariantCapability) -> tuple[int, int]:
+    x = ref(call_arguments(graph.calls[site.forward_op])["input"])
+    shape = graph.tensors[x].shape
+    input_grad = bool(call_arguments(graph.calls[site.backward_ops[0]])["output_mask"][0])
+    return workspace_bytes(numel(graph, x), itemsize(graph.tensors[x].dtype), shape[1], capability.cupy_kernels,
+                           input_grad)
+
+
+def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> None:
+    graph = rw.graph
+    forward = call_arguments(graph.calls[site.forward_op])
+    x, weight, bias = forward["input"], forward["weight"], forward["bias"]
+    info = graph.tensors[x.id]
+    out, mean, rstd, new_mean, new_var = graph.ops[site.forward_op].outputs
+    # at most every channel falls back: the fallback's bound, in the shape of the whole input
+    fallback = rw.new_tensor(f"{info.name}.fallback", info.shape, info.dtype, info.nbytes, site.forward_op)
+    channels = rw.new_tensor(f"{info.name}.fallback_channels", (info.shape[1],), INT64, 8 * info.shape[1],
+                             site.forward_op)
+    rw.set_call(site.forward_op, _FORWARD,
+                (x, weight, bias, forward["running_mean"], forward["running_var"], forward["momentum"], forward["eps"]),
+                (out, mean, rstd, new_mean, new_var, fallback, channels), workspace[0])
+    (backward,) = site.backward_ops
+    stock = call_arguments(graph.calls[backward])
+    rw.set_call(backward, _BACKWARD,
+                (stock["grad_out"], TensorRef(out), weight, bias, TensorRef(mean), TensorRef(rstd), TensorRef(fallback),
+                 TensorRef(channels), list(stock["output_mask"])), graph.calls[backward].output_slots, workspace[1])
+
+
+VARIANT = register_variant(Variant(
+    "batch_norm_inverted", "aten._native_batch_norm_legit_functional.default", bitwise=False,
+    backward_reads="the output (x̂ = (out − b) / w), not the input; channels whose weight cannot be inverted "
+                   "fall back to their saved input, counted at its bound (every channel)",
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

@@ -14,7 +14,12 @@ import torch
 
 from planner.gpu import _bits
 from planner.gpu._checks import check_float, check_same_device
-from planner.gpu._registry import variant_op
+from planner.gpu._registry import Variant, register_variant, variant_op
+from planner.gpu._sites import (
+    SUPPORTED_DTYPES, UINT8, Rewriter, VariantSite, backward_call, call_arguments, exclusive_storage, numel,
+    only_reader, ref,
+)
+from planner.graph import OpInfo, TensorRef, TrainingGraph, VariantCapability
 
 _aten = torch.ops.aten
 
@@ -78,3 +83,55 @@ def workspace_bytes(numel: int, kernels: bool) -> tuple[int, int]:
     twin's padded copy), the unpacked bool mask in the backward."""
     padded = 8 * _bits.packed_bytes(numel)
     return (numel if kernels else numel + padded), (numel if kernels else padded)
+
+
+# ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.dropout_packed.default, torch.ops.remat_planner.dropout_packed_backward.default
+
+
+def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
+    """A training-mode dropout whose bool mask only its ``native_dropout_backward`` reads, alone
+    in its storage (it is retyped to the packed bits)."""
+    arguments = call_arguments(graph.calls[op.id])
+    if arguments is None or arguments["train"] is not True or len(op.outputs) != 2:
+        return None
+    y, keep = op.outputs
+    if str(graph.tensors[y].dtype) not in SUPPORTED_DTYPES or str(graph.tensors[keep].dtype) != "torch.bool":
+        return None
+
+    def reads(consumer: int, tensor: int) -> bool:
+        backward = backward_call(graph, consumer, "aten.native_dropout_backward.default")
+        return backward is not None and ref(backward["mask"]) == tensor and ref(backward["grad_output"]) != tensor
+
+    found = only_reader(graph, keep, reads)
+    if found is None or not exclusive_storage(graph, keep, found[0]):
+        return None
+    views, backward = found
+    return VariantSite("dropout_packed", "", op.id, (backward,), views, _bits.packed_bytes(numel(graph, keep)),
+                       graph.tensors[keep].nbytes)
+
+
+def _workspace(graph: TrainingGraph, site: VariantSite, capability: VariantCapability) -> tuple[int, int]:
+    _, keep = graph.ops[site.forward_op].outputs
+    return workspace_bytes(numel(graph, keep), capability.cupy_kernels)
+
+
+def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> None:
+    graph = rw.graph
+    _, keep = graph.ops[site.forward_op].outputs
+    rw.retype(keep, (site.saved_bytes,), UINT8, site.saved_bytes)
+    call, arguments = graph.calls[site.forward_op], call_arguments(graph.calls[site.forward_op])
+    rw.set_call(site.forward_op, _FORWARD,
+                (arguments["input"], arguments["p"], arguments["train"]), call.output_slots, workspace[0])
+    read = rw.repoint_views(site.view_ops, keep)
+    (backward,) = site.backward_ops
+    stock = call_arguments(graph.calls[backward])
+    rw.set_call(backward, _BACKWARD,
+                (stock["grad_output"], TensorRef(read), stock["scale"]), graph.calls[backward].output_slots,
+                workspace[1])
+
+
+VARIANT = register_variant(Variant(
+    "dropout_packed", "aten.native_dropout.default", bitwise=True,
+    backward_reads="a 1-bit mask, not the bool mask (stock forward and RNG use)",
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

@@ -18,7 +18,12 @@ import torch
 
 from planner.gpu import _cuda
 from planner.gpu._checks import check_float, check_packed, check_same_device
-from planner.gpu._registry import variant_op
+from planner.gpu._registry import Variant, register_variant, variant_op
+from planner.gpu._sites import (
+    SUPPORTED_DTYPES, UINT8, Rewriter, VariantSite, backward_call, call_arguments, exclusive_storage,
+    is_contiguous, numel, only_reader, ref, stock_layout,
+)
+from planner.graph import OpCall, OpInfo, TensorRef, TrainingGraph, VariantCapability
 
 MAX_WINDOW = 256
 NIBBLE_WINDOW = 16
@@ -276,3 +281,84 @@ def workspace_bytes(output_numel: int, window: Window, kernels: bool, contiguous
     if kernels:
         return int64 + (0 if contiguous else int64), 0
     return int64 + int64 + 2 * output_numel + (0 if contiguous else output_numel), int64 + 3 * output_numel
+
+
+# ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.max_pool2d_packed.default, torch.ops.remat_planner.max_pool2d_packed_backward.default
+
+
+_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
+#: ATen's defaults in their shortest spelling, for the arguments a trace leaves out (the packed
+#: ops take them all; the form the fingerprints of plans saved so far hash)
+_OMITTED = {"stride": [], "padding": [0], "dilation": [1], "ceil_mode": False}
+
+
+def _window(arguments: dict) -> Window | None:
+    try:
+        return Window.of(*(arguments[name] for name in _GEOMETRY))
+    except (ValueError, TypeError):
+        return None
+
+
+def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
+    """A 2-D max-pooling (window of at most ``MAX_WINDOW`` positions) whose int64 indices only
+    its ``max_pool2d_with_indices_backward`` reads, with the same input and window."""
+    arguments = call_arguments(graph.calls[op.id])
+    x = ref(arguments["self"]) if arguments is not None else None
+    window = _window(arguments) if x is not None else None
+    if window is None or len(op.outputs) != 2:
+        return None
+    _, indices = op.outputs
+    if str(graph.tensors[x].dtype) not in SUPPORTED_DTYPES or len(graph.tensors[x].shape) not in (3, 4):
+        return None
+
+    def reads(consumer: int, tensor: int) -> bool:
+        stock = backward_call(graph, consumer, "aten.max_pool2d_with_indices_backward.default")
+        return (stock is not None and ref(stock["indices"]) == tensor and ref(stock["self"]) == x
+                and ref(stock["grad_output"]) not in (x, tensor) and _window(stock) == window
+                and bool(stock["ceil_mode"]) == bool(arguments["ceil_mode"]))
+
+    found = only_reader(graph, indices, reads)
+    if found is None or not exclusive_storage(graph, indices, found[0]):
+        return None
+    views, backward = found
+    return VariantSite("max_pool2d_packed", "", op.id, (backward,), views, packed_bytes(numel(graph, indices), window),
+                       graph.tensors[x].nbytes + graph.tensors[indices].nbytes)
+
+
+def _packed_arguments(call: OpCall) -> list:
+    """kernel_size, stride, padding, dilation and ceil_mode for the packed ops: as traced, and
+    ``_OMITTED`` for those the trace left out."""
+    arguments = call_arguments(call)
+    given = set(list(arguments)[: len(call.args)]) | set(call.kwargs)
+    *geometry, ceil_mode = (arguments[name] if name in given else _OMITTED[name] for name in (*_GEOMETRY, "ceil_mode"))
+    return [*(list(values) for values in geometry), bool(ceil_mode)]
+
+
+def _workspace(graph: TrainingGraph, site: VariantSite, capability: VariantCapability) -> tuple[int, int]:
+    _, indices = graph.ops[site.forward_op].outputs
+    window = _window(call_arguments(graph.calls[site.forward_op]))
+    return workspace_bytes(numel(graph, indices), window, capability.cupy_kernels, is_contiguous(graph, indices))
+
+
+def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> None:
+    graph = rw.graph
+    call = graph.calls[site.forward_op]
+    x, arguments = call_arguments(call)["self"], _packed_arguments(call)
+    _, indices = graph.ops[site.forward_op].outputs
+    rw.retype(indices, (site.saved_bytes,), UINT8, site.saved_bytes)
+    rw.set_call(site.forward_op, _FORWARD, (x, *arguments),
+                call.output_slots, workspace[0])
+    read = rw.repoint_views(site.view_ops, indices)
+    (backward,) = site.backward_ops
+    grad = call_arguments(graph.calls[backward])["grad_output"]
+    input_size = list(graph.tensors[x.id].shape)
+    rw.set_call(backward, _BACKWARD,
+                (grad, TensorRef(read), input_size, *arguments, stock_layout(graph, backward)),
+                graph.calls[backward].output_slots, workspace[1])
+
+
+VARIANT = register_variant(Variant(
+    "max_pool2d_packed", "aten.max_pool2d_with_indices.default", bitwise=True,
+    backward_reads="4/8-bit window positions, not the input and int64 indices",
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

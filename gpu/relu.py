@@ -14,7 +14,12 @@ import torch
 
 from planner.gpu import _bits, _cuda
 from planner.gpu._checks import check_float, check_packed, check_same_device
-from planner.gpu._registry import variant_op
+from planner.gpu._registry import Variant, register_variant, variant_op
+from planner.gpu._sites import (
+    SUPPORTED_DTYPES, UINT8, Rewriter, VariantSite, backward_call, call_arguments, numel, reads_through_views, ref,
+    stock_layout,
+)
+from planner.graph import OpInfo, TensorRef, TrainingGraph, VariantCapability
 
 # Stock's condition on the raw bits of y: the gradient passes where y is not <= 0, i.e. where
 # |y| != 0 and (y has no sign bit, or y is NaN: |y| above the infinity pattern).
@@ -143,3 +148,51 @@ def workspace_bytes(numel: int, kernels: bool) -> tuple[int, int]:
     mask to one byte per element; the kernels need nothing (contiguous tensors)."""
     expanded = 0 if kernels else 8 * _bits.packed_bytes(numel)
     return expanded, expanded
+
+
+# ---- the variant: where it applies in a graph, and the rewrite --------------------------------------
+_FORWARD, _BACKWARD = torch.ops.remat_planner.relu_packed.default, torch.ops.remat_planner.relu_packed_backward.default
+
+
+def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
+    """A ReLU whose output one ``threshold_backward(grad, y, 0)`` reads (through detach/alias ops
+    nothing else reads); other readers of the output are fine: the variant still writes it."""
+    (y,) = op.outputs
+    if str(graph.tensors[y].dtype) not in SUPPORTED_DTYPES or call_arguments(graph.calls[op.id]) is None:
+        return None
+
+    def reads(consumer: int, tensor: int) -> bool:
+        arguments = backward_call(graph, consumer, "aten.threshold_backward.default")
+        return (arguments is not None and ref(arguments["self"]) == tensor
+                and ref(arguments["grad_output"]) != tensor and arguments["threshold"] == 0)
+
+    chains = [c for c in (reads_through_views(graph, y, start, reads) for start in graph.tensors[y].consumers) if c]
+    if len(chains) != 1:
+        return None
+    views, backward = chains[0]
+    return VariantSite("relu_packed", "", op.id, (backward,), views, _bits.packed_bytes(numel(graph, y)),
+                       graph.tensors[y].nbytes)
+
+
+def _workspace(graph: TrainingGraph, site: VariantSite, capability: VariantCapability) -> tuple[int, int]:
+    (y,) = graph.ops[site.forward_op].outputs
+    return workspace_bytes(numel(graph, y), capability.cupy_kernels)
+
+
+def _rewrite(rw: Rewriter, site: VariantSite, workspace: tuple[int, int]) -> None:
+    graph = rw.graph
+    (y,) = graph.ops[site.forward_op].outputs
+    mask_bytes = site.saved_bytes
+    mask = rw.new_tensor(f"{graph.tensors[y].name}.mask", (mask_bytes,), UINT8, mask_bytes, site.forward_op)
+    x = call_arguments(graph.calls[site.forward_op])["self"]
+    rw.set_call(site.forward_op, _FORWARD, (x,), (y, mask), workspace[0])
+    read = rw.repoint_views(site.view_ops, mask)
+    (backward,) = site.backward_ops
+    grad = call_arguments(graph.calls[backward])["grad_output"]
+    rw.set_call(backward, _BACKWARD,
+                (grad, TensorRef(read), stock_layout(graph, backward)), graph.calls[backward].output_slots, workspace[1])
+
+
+VARIANT = register_variant(Variant(
+    "relu_packed", "aten.relu.default", bitwise=True, backward_reads="a 1-bit mask, not the ReLU output",
+    ops=(_FORWARD, _BACKWARD), find=_find, workspace=_workspace, rewrite=_rewrite))

@@ -10,7 +10,7 @@ from planner.profiled_cost import ProfiledCostModel
 from planner.calls import Call
 from planner.errors import (
     BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
-    PlanMismatchError, PlannerError, RankMismatchError, UnsupportedOperatorError,
+    PlanMismatchError, PlannerError, RankMismatchError, SolverUnavailableError, UnsupportedOperatorError,
 )
 from planner.guards import config
 from planner.graph import OpInfo, Phase, TensorInfo, TensorKind, TrainingGraph
@@ -33,5 +33,6 @@ __all__ = [
     "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
     "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError", "BackwardError",
+    "SolverUnavailableError",
     "Call", "config",
 ]

@@ -24,10 +24,11 @@ from planner.execute import lower
 from planner.measure import measure_step
 from planner.planning import Plan, plan
 from planner.plots import sweep_png, timeline_png
+from planner.schedule import Schedule
 from planner.search import DEFAULT_TIME_LIMIT
 from planner.simulator import simulate
-from planner.units import format_bytes
-from planner.variants import apply_variant_names
+from planner.units import format_bytes, labelled_rows
+from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS
 from planner.zoo import load_workload
 
 EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_CANNOT_PLAN = 2, 3, 4
@@ -58,10 +59,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _capture(spec: dict, quiet: bool = False):
-
+def _workload(spec: dict):
+    """The model, batch and loss ``spec`` names, built under seed 0 (a plan's file keeps ``spec``)."""
     torch.manual_seed(0)
-    work = load_workload(spec["model"], spec["batch_size"], spec.get("image_size"))
+    return load_workload(spec["model"], spec["batch_size"], spec.get("image_size"))
+
+
+def _capture(spec: dict, quiet: bool = False):
+    work = _workload(spec)
     with _progress(None, total=1, desc=f"capture {spec['model']} batch {spec['batch_size']}", quiet=quiet) as bar:
         graph = capture(work.model, work.inputs, work.loss_fn, targets=work.targets)
         bar.update(1)
@@ -80,7 +85,7 @@ def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_
                 bar.update(min(round(elapsed), bar.total) - bar.n)
                 bar.set_postfix_str(f"{incumbent / store_all - 1:+.2%} / {bound / store_all - 1:+.2%}")
 
-            store_all = simulate(graph, graph.store_all(), cost_model).time
+            store_all = simulate(graph, Schedule.store_all(graph), cost_model).time
             return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress,
                         op_variants=op_variants)
     return plan(graph, budget, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)
@@ -127,23 +132,16 @@ def _plan_payload(result, graph, capture_seconds: float, plan_seconds: float) ->
     }
 
 
-def _plan_text(payload: dict) -> str:
-    rows = [
-        ("store-all peak", format_bytes(payload["store_all_peak_bytes"])),
-        ("budget", format_bytes(payload["budget_bytes"])),
-        ("predicted peak", f"{format_bytes(payload['predicted_peak_bytes'])} "
-                           f"({payload['predicted_peak_bytes'] / payload['store_all_peak_bytes']:.1%} of store-all)"),
-        *[(f"  {k}", format_bytes(v)) for k, v in payload["breakdown"].items()],
-        ("overhead", f"{payload['overhead']:+.1%} compute time ({payload['cost_model']})"),
-        ("status", payload["status"] + (f", gap {payload['gap']:.2%}" if payload["gap"] is not None else "")),
-        ("algorithm", payload["algorithm"]),
+def _plan_text(result: Plan, payload: dict) -> str:
+    """The plan as it prints itself, then what the command line adds: the predicted peak's parts,
+    what is kept and recomputed, and the time taken."""
+    breakdown = ", ".join(f"{part} {format_bytes(n)}" for part, n in payload["breakdown"].items())
+    return str(result) + "\n" + labelled_rows([
+        ("peak breakdown", breakdown),
         ("kept for backward", f"{payload['kept_tensors']} tensors, {format_bytes(payload['kept_bytes'])}"),
         ("recomputed", f"{payload['recomputed_ops']} ops, {payload['recomputations']} extra computations"),
-        ("operator variants", payload["variants_summary"]),
         ("time", f"capture {payload['capture_seconds']:.2f} s, planning {payload['plan_seconds']:.2f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    ])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -160,7 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         result.save(args.out)
         payload["saved"] = str(args.out)
-    text = _plan_text(payload) + (f"\nsaved {args.out}" if args.out else "")
+    text = _plan_text(result, payload) + (f"\nsaved {args.out}" if args.out else "")
     if args.run:
         payload["run"] = _run(work, result, steps=1)
         text += "\n" + _run_text(payload["run"])
@@ -225,7 +223,7 @@ def _load_plan_with_workload(path: Path):
 
 def cmd_run(args: argparse.Namespace) -> int:
     result = _load_plan_with_workload(Path(args.plan))
-    work, _ = _capture(result.workload)
+    work = _workload(result.workload)  # apply() captures it and checks the plan against it
     payload = _run(work, result, args.steps)
     _emit(args, payload, _run_text(payload))
     return 0
@@ -234,9 +232,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---- show -----------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
     result = _load_plan_with_workload(Path(args.plan))
-    _, graph = _capture(result.workload)
-    graph = apply_variant_names(graph, result.variants)
-    result.schedule.check_graph(graph)
+    work = _workload(result.workload)
+    graph = result.graph_for(work.model, work.loss_fn, work.inputs, work.targets)  # checked as apply() checks
     spec = result.workload
     title = (f"{spec['model']}, batch {spec['batch_size']}: {result.algorithm}, "
              f"budget {format_bytes(result.budget_bytes)}, overhead {result.overhead:+.1%}")
@@ -322,8 +319,9 @@ def _model_arguments(parser: argparse.ArgumentParser, batch_default: int | None 
     parser.add_argument("--device-preset", choices=["cpu", "v100", "a100", "h100"], default=None,
                         help="roofline cost model (default: the graph's device)")
     parser.add_argument("--op-variants", choices=sorted(_OP_VARIANTS), default="on",
-                        help="low-memory operator implementations: on (bitwise-stock gradients, default), "
-                             "all (adds batch_norm_inverted), off (stock PyTorch ops only)")
+                        help="low-memory operator implementations: on (bitwise-stock gradients: "
+                             f"{', '.join(sorted(BITWISE_VARIANTS))}; default), all (adds "
+                             f"{', '.join(sorted(ALL_VARIANTS - BITWISE_VARIANTS))}), off (stock PyTorch ops only)")
 
 
 _OP_VARIANTS = {"on": True, "all": "all", "off": False}  # --op-variants -> plan(op_variants=...)

@@ -28,6 +28,9 @@ class CostModel(Protocol):
     """What algorithms and the simulator need to know about time and scratch memory."""
 
     name: str
+    # the device's sustained rates, for heuristics that judge an op by them rather than by its
+    # time (``recompute_cheap``: is an op compute- or memory-bound); the simulator does not read it
+    rates: "DeviceSpec"
 
     def op_times(self, graph: TrainingGraph) -> np.ndarray:
         """Seconds per op, indexed by op id."""
@@ -70,13 +73,13 @@ class RooflineCostModel:
             if preset not in DEVICE_PRESETS:
                 raise ValueError(f"unknown device preset {preset!r}: choose one of {sorted(DEVICE_PRESETS)}")
             preset = DEVICE_PRESETS[preset]
-        self.spec = preset
+        self.rates = preset
         self.name = f"roofline:{preset.name}"
         self._times: dict[str, np.ndarray] = {}
 
     def op_times(self, graph: TrainingGraph) -> np.ndarray:
         if graph.fingerprint not in self._times:
-            spec = self.spec
+            spec = self.rates
             times = np.zeros(len(graph.ops))
             for op in graph.ops:
                 if op.is_view:
@@ -93,9 +96,14 @@ class RooflineCostModel:
         return np.fromiter((op.workspace_bytes for op in graph.ops), dtype=np.int64, count=len(graph.ops))
 
 
+def device_preset(device: str) -> str:
+    """The preset standing for a device type: ``cpu``, else ``a100``."""
+    return "cpu" if device.startswith("cpu") else "a100"
+
+
 def default_cost_model(graph: TrainingGraph) -> CostModel:
-    """The roofline preset matching the graph's device type (``cpu``, else ``a100``)."""
-    return RooflineCostModel("cpu" if graph.device.startswith("cpu") else "a100")
+    """The roofline preset matching the graph's device type (``device_preset``)."""
+    return RooflineCostModel(device_preset(graph.device))
 
 
 #: the CUDA caching allocator hands out blocks in multiples of this many bytes
@@ -109,6 +117,14 @@ def describe(cost_model_name: str) -> str:
     if cost_model_name.startswith("roofline:"):
         return f"{cost_model_name} (estimated from FLOPs and bytes; not measured)"
     return cost_model_name
+
+
+def preset_name(cost_model: "CostModel | str | None") -> str | None:
+    """The roofline preset a cost model (or its name, or a preset name) stands for; None for a
+    profiled or custom one, which a plan file cannot rebuild."""
+    name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
+    preset = name.removeprefix("roofline:")
+    return preset if preset in DEVICE_PRESETS else None
 
 
 def recomputable(cost_model_name: str) -> tuple[CostModel | None, bool]:

@@ -58,6 +58,11 @@ class InfeasibleBudgetError(PlannerError):
         super().__init__(message + (f"; {detail}" if detail else ""))
 
 
+class SolverUnavailableError(PlannerError, ValueError):
+    """Exact mode was asked for a MILP solver that is unknown or not installed; the message names
+    the extra that installs it (``pip install remat-planner[cpsat]``)."""
+
+
 class BackwardError(PlannerError, RuntimeError):
     """A backward pass a planned step cannot run as asked (a second one without
     ``retain_graph=True``, higher-order gradients); the message says what to do."""

@@ -112,6 +112,23 @@ class InputSpec:
     device: str
 
 
+@dataclass(frozen=True)
+class VariantCapability:
+    """What the device a graph's operator variants were rewritten for runs them with.
+
+    Their workspace depends on it (the CuPy kernels need less scratch than the PyTorch twins), and
+    so do a plan's predicted peak and the graph's fingerprint: a plan made where the kernels run
+    does not belong to a graph rewritten where they do not. Whether the CUDA device can run them
+    is all that matters: the kernels compile for whatever device CuPy reports, with the same
+    workspace on every compute capability.
+    """
+
+    cupy_kernels: bool = False  # CUDA tensors and a usable CuPy: the kernels; else the PyTorch twins
+
+    def describe(self) -> str:
+        return "the CuPy kernels" if self.cupy_kernels else "the PyTorch twins (no CuPy kernels)"
+
+
 @dataclass(eq=False)
 class TrainingGraph:
     """One training step as a graph. Built by ``planner.capture``; never mutated afterwards."""
@@ -140,8 +157,10 @@ class TrainingGraph:
     call_form: Any = field(default=None, repr=False)
     output_form: Any = field(default=None, repr=False)
     assumptions: Any = field(default=None, repr=False)
-    # low-memory operator variants applied by planner.variants ("relu_packed@relu_3", ...)
+    # low-memory operator variants applied by planner.variants ("relu_packed@relu_3", ...), and
+    # what runs them (their workspace depends on it)
     variants: tuple[str, ...] = ()
+    variant_capability: VariantCapability = VariantCapability()
 
     # ---- derived views -------------------------------------------------------------------
     @cached_property
@@ -200,7 +219,8 @@ class TrainingGraph:
     # ---- identity ------------------------------------------------------------------------
     @cached_property
     def fingerprint(self) -> str:
-        """Stable hash of structure, shapes and dtypes: a schedule belongs to exactly one graph."""
+        """Stable hash of structure, shapes and dtypes, the operator variants applied and what runs
+        them: a schedule belongs to exactly one graph."""
         digest = hashlib.sha256()
         for t in self.tensors:
             named = t.name if t.kind in RESIDENT_KINDS else ""
@@ -211,6 +231,8 @@ class TrainingGraph:
         digest.update(repr((self.model_outputs, self.output_grads, self.loss)).encode())
         if self.variants:
             digest.update(repr(self.variants).encode())
+        if self.variant_capability.cupy_kernels:  # the twins hash as before capabilities were recorded
+            digest.update(b"variants run by the CuPy kernels")
         return digest.hexdigest()[:32]
 
     # ---- analysis --------------------------------------------------------------------------
@@ -231,17 +253,6 @@ class TrainingGraph:
                 for consumer in t.consumers:
                     dag.add_edge(t.producer, consumer, tensor=t.id, nbytes=t.nbytes)
         return dag
-
-    def store_all(self):
-        """What plain PyTorch does: every op once, in graph order, each tensor freed after its last
-        use. The reference every budget fraction refers to (built once per graph)."""
-        return self._store_all
-
-    @cached_property
-    def _store_all(self):
-        from planner.schedule import Schedule
-
-        return Schedule.from_order(self, range(len(self.ops)))
 
     def summary(self) -> dict[str, int]:
         """Resident bytes by kind: what any schedule of this step holds throughout."""

@@ -1,13 +1,12 @@
 """The user's entry point: ``plan(model, budget, inputs)`` -> ``Plan``.
 
 A plan is a schedule plus what the simulator predicts for it and how it was found. It can be
-saved, loaded, printed, and applied to the model it was made for.
+saved and loaded (``planner.plan_file``), printed, and applied to the model it was made for;
+``planner.search`` finds it.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,25 +14,24 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
-from planner.calls import Call, PytreeForm, call_arguments, split_call
-from planner.algorithms import ALGORITHMS
+from planner import plan_file
+from planner.algorithms.solvers import DEFAULT_SOLVER
 from planner.budgets import parse_budget
+from planner.calls import Call, PytreeForm, call_arguments, split_call
 from planner.capturing import LossFn, capture
-from planner.cost import DEVICE_PRESETS, CostModel, describe, recomputable
-from planner.errors import InvalidScheduleError
+from planner.cost import CostModel, describe, preset_name
 from planner.execute import PlannedModule
-from planner.graph import InputSpec, TrainingGraph
+from planner.graph import TrainingGraph, VariantCapability
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
 from planner.runtime import torch_dtype
 from planner.schedule import Schedule
-from planner.search import MODES, search
-from planner.simulator import simulate
-from planner.units import format_bytes
+from planner.search import SearchOutcome, check_choice, search
+from planner.simulator import SimResult, simulate
+from planner.units import format_bytes, labelled_rows
 from planner.variants import apply_variant_names, variant_kinds, with_variants
 
 logger = logging.getLogger("planner")
-PLAN_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class PlanRequest:
     cost_model: CostModel | str | None = None
     op_variants: bool | str | Collection[str] = True
     loss_fn: LossFn | None = None  # in memory only: a loaded plan gets it from apply()
+    solver: str = DEFAULT_SOLVER  # exact mode's MILP solver
 
     def plan(self, graph: TrainingGraph, model: torch.nn.Module | None = None, inputs: tuple = (),
              targets: tuple = ()) -> "Plan":
@@ -56,7 +55,7 @@ class PlanRequest:
         them, the default cost model measures this very step (``choose_cost_model``)."""
         cost_model = choose_cost_model(graph, self._cost_model_for(graph), model, inputs, targets)
         return plan(graph, self.budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
-                    cost_model=cost_model, op_variants=self.op_variants)
+                    cost_model=cost_model, op_variants=self.op_variants, solver=self.solver)
 
     def _cost_model_for(self, graph: TrainingGraph) -> CostModel | str | None:
         """The requested cost model, or the default when it cannot cost this graph (a
@@ -75,14 +74,15 @@ class PlanRequest:
         one is not saved: a loaded plan plans new states with the default cost model)."""
         variants = self.op_variants if isinstance(self.op_variants, (bool, str)) else sorted(self.op_variants)
         budget = self.budget if isinstance(self.budget, (str, int, float)) else str(self.budget)
-        return dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
-                    cost_model=_preset_of(self.cost_model), op_variants=variants)
+        data = dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
+                    cost_model=preset_name(self.cost_model), op_variants=variants)
+        if self.solver != DEFAULT_SOLVER:  # written only when chosen: files of HiGHS plans stay as they were
+            data["solver"] = self.solver
+        return data
 
-
-def _preset_of(cost_model: CostModel | str | None) -> str | None:
-    name = cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", "")
-    preset = name.removeprefix("roofline:")
-    return preset if preset in DEVICE_PRESETS else None
+    @classmethod
+    def from_json(cls, data: dict) -> "PlanRequest":
+        return cls(**data)
 
 
 @dataclass
@@ -112,6 +112,8 @@ class Plan:
     input_specs: tuple = ()  # model inputs, then loss targets: what the plan was made for
     n_inputs: int = 0  # how many of input_specs are model inputs
     variants: tuple[str, ...] = ()  # low-memory operator variants the schedule runs ("relu_packed@relu")
+    # what runs them (the CuPy kernels or the PyTorch twins): their workspace, and so the peak, depends on it
+    variant_capability: VariantCapability = VariantCapability()
     workload: dict | None = None  # how to rebuild the model (CLI plans: spec, batch size, image size)
     call: PytreeForm | None = field(default=None, repr=False)  # how the model is called (None: positionally)
     request: PlanRequest | None = field(default=None, repr=False, compare=False)
@@ -146,82 +148,68 @@ class Plan:
         with ``replan=False`` (to run exactly this plan), raise ``PlanMismatchError``.
         """
         loss_fn = loss_fn or (self.request.loss_fn if self.request else None)
-        graph = self._graph_for(model, loss_fn)
-        request = self.request or PlanRequest(self.budget_bytes)
-        replanner = Replanner(request.plan, loss_fn) if replan else None
+        graph = self.graph_for(model, loss_fn)
+        replanner = Replanner(self.replan_request.plan, loss_fn) if replan else None
         return PlannedModule(model, graph, self.schedule, plan=self, replanner=replanner)
 
-    def _graph_for(self, model: torch.nn.Module, loss_fn: LossFn | None) -> TrainingGraph:
+    @property
+    def replan_request(self) -> PlanRequest:
+        """What new states are planned with: the request, or (a plan built by hand) its byte budget."""
+        return self.request or PlanRequest(self.budget_bytes)
+
+    def graph_for(self, model: torch.nn.Module, loss_fn: LossFn | None, inputs: Sequence[torch.Tensor] | None = None,
+                  targets: Sequence[torch.Tensor] = ()) -> TrainingGraph:
+        """The graph this plan runs on for ``model``: the planned graph for the planned model, else
+        ``model`` captured again (on ``inputs`` and ``targets``, the call's tensors, or zeros of the
+        planned shapes) with the plan's operator variants, refused (``PlanMismatchError``) unless
+        its fingerprint is the schedule's, and ``InvalidScheduleError`` unless the recorded
+        predictions are the schedule's (``plan_file.check_predictions``). ``apply`` and the
+        command line take every graph of a plan from here."""
         source = self._source() if self._source is not None else None
         if self.graph is not None and source is model:
             return self.graph
         if loss_fn is None and len(self.input_specs) > self.n_inputs:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
-        examples = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
-        inputs = examples[: self.n_inputs]
-        call = Call(*self.call.fill(inputs)) if self.call is not None else inputs
-        graph = capture(model, call, loss_fn, targets=examples[self.n_inputs:])
+        if inputs is None:
+            examples = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
+            inputs, targets = examples[: self.n_inputs], examples[self.n_inputs:]
+        call = Call(*self.call.fill(list(inputs))) if self.call is not None else list(inputs)
+        graph = capture(model, call, loss_fn, targets=list(targets))
         if self.variants:
-            graph = apply_variant_names(graph, self.variants)
+            graph = apply_variant_names(graph, self.variants, self.variant_capability)
         self.schedule.check_graph(graph)
-        self._check_predictions(graph)
+        plan_file.check_predictions(self, graph)
         return graph
 
-    def _check_predictions(self, graph: TrainingGraph) -> None:
-        """A re-applied plan's recorded predictions must be its schedule's, so that an edited or
-        damaged file never prints numbers the step will not meet: what its cost model's name lets
-        us recompute (``planner.cost.recomputable``); the executor checks the schedule itself."""
-        checker, check_time = recomputable(self.cost_model)
-        if checker is None:
-            return
-        try:
-            result = simulate(graph, self.schedule, checker)
-        except InvalidScheduleError:
-            return  # the executor refuses an invalid schedule, saying why, before anything runs
-        if result.peak_bytes != self.predicted_peak_bytes or (
-                check_time and not math.isclose(result.time, self.predicted_time, rel_tol=1e-9)):
-            raise InvalidScheduleError(
-                f"the plan's recorded predictions (peak {self.predicted_peak_bytes} bytes, {self.predicted_time:.6g} s) "
-                f"are not its schedule's ({result.peak_bytes} bytes, {result.time:.6g} s): the file was edited or "
-                "damaged; plan again")
-
-    # ---- persistence --------------------------------------------------------------------------
+    # ---- persistence (planner.plan_file) -------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON: schedule, fingerprint, predictions, input shapes."""
-        meta = {k: getattr(self, k) for k in (
-            "budget_bytes", "predicted_peak_bytes", "predicted_time", "store_all_peak_bytes",
-            "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
-            "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
-        meta["variants"] = list(self.variants)
-        meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
-        meta["call"] = self.call.to_json() if self.call is not None else None
-        meta["request"] = (self.request or PlanRequest(self.budget_bytes)).to_json()
-        Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
+        plan_file.write(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan saved by ``save``; ``apply`` then checks it against the model."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise InvalidScheduleError(f"{path} is not valid JSON ({error}); it may be truncated: plan again") from error
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or "plan" not in data:
-            raise InvalidScheduleError(f"{path} is not a plan of format {PLAN_FORMAT}: plan again with this version")
-        try:
-            meta = dict(data["plan"])
-            specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
-            for spec in specs:
-                torch_dtype(spec.dtype)
-            meta.setdefault("workload", None)
-            meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
-            call = meta.pop("call", None)  # plan files from before keyword inputs: positional
-            meta["call"] = PytreeForm.from_json(call) if call is not None else None
-            request = meta.pop("request", None) or {"budget": meta["budget_bytes"], "cost_model": _preset_of(meta["cost_model"])}
-            meta["request"] = PlanRequest(**request)
-            return cls(schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs, **meta)
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error
+        return cls(**plan_file.read(path, PlanRequest.from_json))
+
+    @classmethod
+    def of_search(cls, outcome: SearchOutcome, stock: TrainingGraph, reference: SimResult, budget_bytes: int,
+                  cost_model: CostModel, request: PlanRequest) -> "Plan":
+        """The plan a search chose for ``stock`` (plain PyTorch's graph, whose store-all step is
+        ``reference``), with the simulator's predictions and the search's verdict."""
+        best, verdict = outcome.chosen, outcome.verdict
+        result = best.simulated
+        return cls(
+            schedule=best.schedule, graph=best.graph, budget_bytes=budget_bytes,
+            predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
+            store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
+            resident_bytes=result.resident_bytes, recomputations=result.recomputations,
+            algorithm=best.name, status=verdict.status, cost_model=cost_model.name, gap=verdict.gap,
+            lower_bound=verdict.lower_bound, message=verdict.message, input_specs=stock.input_specs,
+            n_inputs=len(stock.inputs), variants=best.graph.variants, variant_capability=best.graph.variant_capability,
+            candidates=outcome.candidates,
+            call=stock.call_form, request=request,
+        )
 
     # ---- reading ------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -237,11 +225,7 @@ class Plan:
             ("predicted overhead", f"{self.overhead:+.1%} compute time ({self.recomputations} ops recomputed)"),
             ("operator variants", self.variants_summary),
         ]
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        if self.message:
-            lines.append(self.message)
-        return "\n".join(lines)
+        return labelled_rows(rows) + (f"\n{self.message}" if self.message else "")
 
 
 @dataclass(frozen=True)
@@ -274,6 +258,7 @@ def plan(
     cost_model: CostModel | str | None = None,
     progress: Callable[[float, float, float], bool | None] | None = None,
     op_variants: bool | str | Collection[str] = True,
+    solver: str = DEFAULT_SOLVER,
 ) -> Plan:
     """Find a schedule for one training step of ``model`` that fits ``budget``.
 
@@ -312,44 +297,39 @@ def plan(
         ``"all"`` adds ``batch_norm_inverted`` (gradients within a tolerance); a collection of
         variant names; ``False``: stock PyTorch ops only.
         Budgets in percent and the overhead always refer to plain PyTorch's store-all step.
+    solver: exact mode's MILP solver: ``"highs"`` (default, installed), or the optional extras
+        ``"cpsat"`` (OR-Tools CP-SAT, ``pip install remat-planner[cpsat]``) and ``"scip"``
+        (``pip install remat-planner[scip]``); docs/benchmarks.md measures them side by side.
 
     Raises
     ------
-    ValueError: an unreadable budget, unknown mode, algorithm or operator variant.
+    ValueError: an unreadable budget, unknown mode, algorithm or operator variant, a solver
+        outside exact mode.
+    SolverUnavailableError: exact mode with a solver that is unknown or not installed (the
+        message names the extra to install).
     InfeasibleBudgetError: nothing fits; ``min_feasible_bytes`` is the smallest peak reached.
     """
-    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn)
-    if algorithm is not None and algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
-    if algorithm is None and mode not in MODES:
-        raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    request = PlanRequest(budget, mode, algorithm, time_limit, cost_model, op_variants, loss_fn, solver)
+    check_choice(mode, algorithm, solver)
     kinds = variant_kinds(op_variants)
-    if isinstance(model, TrainingGraph):
-        graph, source = model, None
-    else:
-        if inputs is None:
-            raise TypeError("plan(model, budget, inputs): inputs (an example batch) are required for a model")
-        graph, source = capture(model, inputs, loss_fn, targets=targets), model
-    batch = split_call(*call_arguments(inputs))[1] if source is not None else inputs  # the call's tensors
+    graph, source, batch = _step_of(model, inputs, loss_fn, targets)
     cost_model = choose_cost_model(graph, cost_model, source, batch, targets)
-
-    stock = graph
-    reference = simulate(stock, stock.store_all(), cost_model)
+    reference = simulate(graph, Schedule.store_all(graph), cost_model)
     budget_bytes = parse_budget(budget, reference.peak_bytes)
-    outcome = search(stock, with_variants(stock, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
-                     time_limit=time_limit, progress=progress)
-    best, verdict = outcome.chosen, outcome.verdict
-    result = best.simulated
-    chosen = Plan(
-        schedule=best.schedule, graph=best.graph, budget_bytes=budget_bytes,
-        predicted_peak_bytes=result.peak_bytes, predicted_time=result.time,
-        store_all_peak_bytes=reference.peak_bytes, store_all_time=reference.time,
-        resident_bytes=result.resident_bytes, recomputations=result.recomputations,
-        algorithm=best.name, status=verdict.status, cost_model=cost_model.name, gap=verdict.gap,
-        lower_bound=verdict.lower_bound, message=verdict.message, input_specs=stock.input_specs,
-        n_inputs=len(stock.inputs), variants=best.graph.variants, candidates=outcome.candidates,
-        call=stock.call_form, request=request,
-    )
+    outcome = search(graph, with_variants(graph, kinds), cost_model, budget_bytes, mode=mode, algorithm=algorithm,
+                     time_limit=time_limit, progress=progress, solver=solver)
+    chosen = Plan.of_search(outcome, graph, reference, budget_bytes, cost_model, request)
     if source is not None:
         chosen._source = weakref.ref(source)
     return chosen
+
+
+def _step_of(model: torch.nn.Module | TrainingGraph, inputs, loss_fn: LossFn | None, targets
+             ) -> tuple[TrainingGraph, torch.nn.Module | None, Any]:
+    """(the graph of one training step, the model it is of or None, the call's tensors) for
+    ``plan``'s arguments: a graph is taken as it is, a model is captured on ``inputs``."""
+    if isinstance(model, TrainingGraph):
+        return model, None, inputs
+    if inputs is None:
+        raise TypeError("plan(model, budget, inputs): inputs (an example batch) are required for a model")
+    return capture(model, inputs, loss_fn, targets=targets), model, split_call(*call_arguments(inputs))[1]

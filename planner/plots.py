@@ -43,7 +43,7 @@ def timeline_png(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel
     recomputations in orange, the budget dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.4), dpi=120)
-    t0, m0, _, _, base = _step_curve(graph, graph.store_all(), cost_model)
+    t0, m0, _, _, base = _step_curve(graph, Schedule.store_all(graph), cost_model)
     t1, m1, recompute, loss_steps, result = _step_curve(graph, schedule, cost_model)
     ax.plot(t0, m0, color="0.6", lw=1.2, label=f"store-all (peak {format_bytes(base.peak_bytes)})")
     ax.plot(t1, m1, color="tab:blue", lw=1.4, label=f"plan (peak {format_bytes(result.peak_bytes)})")

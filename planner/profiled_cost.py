@@ -21,11 +21,11 @@ import torch
 from planner._torch import FakeTensor
 from planner.algorithms import ALGORITHMS
 from planner.calls import as_tuple
-from planner.cost import CUDA_BLOCK_BYTES, CostModel, RooflineCostModel, default_cost_model
+from planner.cost import CUDA_BLOCK_BYTES, DEVICE_PRESETS, CostModel, RooflineCostModel, default_cost_model, device_preset
 from planner.graph import TrainingGraph
 from planner.guards import model_state
 from planner.runtime import initial_env, run_call, signature
-from planner.schedule import Compute
+from planner.schedule import Compute, Schedule
 from planner.simulator import simulate
 
 
@@ -116,6 +116,7 @@ class ProfiledCostModel:
     def __init__(self, times: dict[str, np.ndarray], workspace: dict[str, np.ndarray], device: str,
                  source: "_Source | None" = None):
         self.name = f"profiled:{device}"
+        self.rates = DEVICE_PRESETS[device_preset(device)]  # the roofline's rates for this device type
         self._times = times
         self._workspace = workspace
         self._source = source
@@ -229,7 +230,7 @@ def _available_bytes(device: torch.device) -> int:
 def _profiling_schedule(graph: TrainingGraph, available_bytes: int):
     """Store-all (what eager runs, every op once) when its activations fit in ``available_bytes``
     with a 10% margin; else the least-memory schedule (recomputations are timed too)."""
-    store_all = graph.store_all()
+    store_all = Schedule.store_all(graph)
     needed = simulate(graph, store_all).peak_activation_bytes
     if needed * 1.1 <= available_bytes:
         return store_all

@@ -7,6 +7,7 @@ graph they were made for by its fingerprint, in memory and in JSON.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -130,6 +131,16 @@ class Schedule:
         schedule.__dict__["arrays"] = (is_compute, index)  # known already: spare the cached property
         return schedule
 
+    @classmethod
+    def store_all(cls, graph: TrainingGraph) -> "Schedule":
+        """What plain PyTorch does: every op once, in graph order, each tensor freed after its last
+        use. The reference every budget fraction refers to, built once per graph (kept while the
+        graph lives: the schedule holds its fingerprint, not the graph)."""
+        schedule = _STORE_ALL.get(graph)
+        if schedule is None:
+            schedule = _STORE_ALL[graph] = cls.from_order(graph, range(len(graph.ops)))
+        return schedule
+
     @cached_property
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Steps as arrays for compiled loops: is-compute flags, and op or tensor ids."""
@@ -199,3 +210,6 @@ class Schedule:
         if graph is not None:
             schedule.check_graph(graph)
         return schedule
+
+
+_STORE_ALL: "weakref.WeakKeyDictionary[TrainingGraph, Schedule]" = weakref.WeakKeyDictionary()

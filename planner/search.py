@@ -8,13 +8,17 @@ each, the plan that recomputes nothing. Exact mode adds the staged MILP. Every c
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from planner.algorithms import ALGORITHMS
+from planner.algorithms.milp import SCHEDULE_CLASS, ExactResult, exact_search
 from planner.algorithms.result import AlgorithmResult, best
+from planner.algorithms.solvers import DEFAULT_SOLVER, require as require_solver
 from planner.cost import CostModel
 from planner.errors import InfeasibleBudgetError
 from planner.graph import TrainingGraph
@@ -23,6 +27,7 @@ from planner.units import format_bytes
 MODES = ("fast", "exact")
 FAST_ALGORITHM = "hierarchical"
 DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
+logger = logging.getLogger("planner")
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,21 @@ class SearchOutcome:
     verdict: Verdict
 
 
+def check_choice(mode: str, algorithm: str | None, solver: str = DEFAULT_SOLVER) -> None:
+    """Raise ``ValueError`` for an unknown algorithm, (without one) an unknown mode, or a solver
+    outside exact mode; ``SolverUnavailableError`` for a solver not installed. Called before
+    capture, so that a wrong choice fails at once."""
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
+    if algorithm is None and mode not in MODES:
+        raise ValueError(f"unknown or unavailable mode {mode!r}: this version offers {list(MODES)}")
+    if solver != DEFAULT_SOLVER and (algorithm is not None or mode != "exact"):
+        raise ValueError(f"solver={solver!r} chooses exact mode's MILP solver: pass mode=\"exact\" too")
+    require_solver(solver)
+
+
 def run(name: str, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> AlgorithmResult:
     """One algorithm of ``planner.algorithms.ALGORITHMS``, judged."""
-    from planner.algorithms import ALGORITHMS
-
     return AlgorithmResult.judge(name, graph, ALGORITHMS[name](graph, cost_model, budget_bytes), cost_model,
                                  budget_bytes)
 
@@ -65,8 +81,10 @@ def fast_candidates(stock: TrainingGraph, graph: TrainingGraph, cost_model: Cost
 
 def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, *,
            mode: str = "fast", algorithm: str | None = None, time_limit: float | None = None,
-           progress: Callable[[float, float, float], bool | None] | None = None) -> SearchOutcome:
-    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode``.
+           progress: Callable[[float, float, float], bool | None] | None = None,
+           solver: str = DEFAULT_SOLVER) -> SearchOutcome:
+    """The best schedule for ``budget_bytes`` by ``algorithm`` alone, or by ``mode`` (exact mode's
+    MILP on ``solver``, ``planner.algorithms.solvers.SOLVERS``).
 
     Raises ``InfeasibleBudgetError`` when nothing fits; its minimum is the lowest peak reached
     (with ``algorithm``, fast mode's too, and the message says when fast mode would fit).
@@ -78,12 +96,10 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         tried = fast_candidates(stock, graph, cost_model, budget_bytes)
     exact = None
     if algorithm is None and mode == "exact":
-        from planner.algorithms.milp import exact_search
-
         limit = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
         starts = [t.schedule for t in tried if t.graph is graph and t.fits]
         exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
-                             starts)
+                             starts, solver)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)
@@ -110,15 +126,10 @@ def _raise_infeasible(stock, graph, cost_model, budget_bytes, algorithm, tried) 
     raise InfeasibleBudgetError(budget_bytes, min(lowest, fast.simulated.peak_bytes), f"tried {names} and fast mode")
 
 
-def _exact_verdict(exact, chosen: AlgorithmResult) -> Verdict:
+def _exact_verdict(exact: ExactResult, chosen: AlgorithmResult) -> Verdict:
     """The bound covers staged schedules (``planner.algorithms.milp.SCHEDULE_CLASS``); a faster
     fast-mode plan lies outside that set. The message reports the MILP's incumbent, its root and
     final bounds, as overheads on store-all's step time."""
-    import logging
-
-    from planner.algorithms.milp import SCHEDULE_CLASS
-
-    logger = logging.getLogger("planner")
     bound = exact.lower_bound if np.isfinite(exact.lower_bound) else None
     chosen_time = chosen.simulated.time
     numbers = exact.summary()

@@ -26,6 +26,9 @@ class SimResult:
     timeline: np.ndarray  # memory after each step (int64, workspace excluded)
     resident_bytes: int  # parameters, buffers, inputs, .grad accumulators
     compute_counts: np.ndarray  # per op: how many times the schedule computes it
+    # with simulate(part=mask): memory of the storages in the mask alone after each step (int64,
+    # workspace excluded), e.g. what the backward allocates; None without a mask
+    part_timeline: np.ndarray | None = None
 
     @property
     def peak_activation_bytes(self) -> int:
@@ -42,12 +45,15 @@ _OK, _NO_OP, _READS_DEAD, _OUTPUT_LIVE, _VIEW_LIVE, _FREES_DEAD, _FREES_RESIDENT
 
 @numba.njit(cache=True)
 def _replay(is_compute, index, in_ptr, in_idx, out_ptr, out_idx, is_view, resident, tensor_storage,
-            storage_bytes, pinned, op_times, workspace, start_bytes, timeline, counts, live):
-    """Returns (status, failing step, offending tensor, peak, peak step, total time)."""
+            storage_bytes, pinned, op_times, workspace, start_bytes, timeline, counts, live, part, part_timeline):
+    """Returns (status, failing step, offending tensor, peak, peak step, total time). With a
+    non-empty ``part_timeline``, also the memory of the storages flagged in ``part``."""
     n_ops = len(in_ptr) - 1
     n_tensors = len(resident)
+    track_part = len(part_timeline) > 0
     refs = pinned.copy()
     memory = start_bytes
+    part_memory = 0
     peak, peak_step, total = start_bytes, -1, 0.0
     for step in range(len(is_compute)):
         i = index[step]
@@ -76,6 +82,8 @@ def _replay(is_compute, index, in_ptr, in_idx, out_ptr, out_idx, is_view, reside
                 refs[s] += 1
                 if refs[s] == 1:
                     memory += storage_bytes[s]
+                    if track_part and part[s]:
+                        part_memory += storage_bytes[s]
             counts[i] += 1
             total += op_times[i]
             if memory + workspace[i] > peak:
@@ -90,12 +98,18 @@ def _replay(is_compute, index, in_ptr, in_idx, out_ptr, out_idx, is_view, reside
             refs[s] -= 1
             if refs[s] == 0:
                 memory -= storage_bytes[s]
+                if track_part and part[s]:
+                    part_memory -= storage_bytes[s]
         timeline[step] = memory
+        if track_part:
+            part_timeline[step] = part_memory
     return _OK, -1, -1, peak, peak_step, total
 
 
-def simulate(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> SimResult:
-    """Replay ``schedule`` and return its peak memory, time and memory curve.
+def simulate(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None, *,
+             part: np.ndarray | None = None) -> SimResult:
+    """Replay ``schedule`` and return its peak memory, time and memory curve; with ``part`` (a
+    boolean mask over storages) also the curve of those storages alone (``part_timeline``).
 
     Raises ``PlanMismatchError`` for a schedule of another graph and ``InvalidScheduleError`` if a
     step reads or frees a tensor that is not live, recomputes an op whose output (or a view of
@@ -111,16 +125,19 @@ def simulate(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | N
     timeline = np.empty(len(index), dtype=np.int64)
     counts = np.zeros(len(graph.ops), dtype=np.int64)
     live = arrays["resident"].copy()
+    part_mask = np.zeros(len(graph.storages), dtype=np.bool_) if part is None else np.asarray(part, dtype=np.bool_)
+    part_timeline = np.empty(0 if part is None else len(index), dtype=np.int64)
     status, step, tensor, peak, peak_step, total = _replay(
         is_compute, index, arrays["in_ptr"], arrays["in_idx"], arrays["out_ptr"], arrays["out_idx"],
         arrays["is_view"], arrays["resident"], graph.tensor_storage, graph.storage_bytes, pinned,
         np.asarray(cost_model.op_times(graph), dtype=np.float64),
         np.asarray(cost_model.workspace_bytes(graph), dtype=np.int64), graph.resident_bytes,
-        timeline, counts, live)
+        timeline, counts, live, part_mask, part_timeline)
     if status != _OK:
         raise InvalidScheduleError(_describe(graph, schedule, status, step, tensor))
     _check_complete(graph, counts, live)
-    return SimResult(int(peak), int(peak_step), float(total), timeline, graph.resident_bytes, counts)
+    return SimResult(int(peak), int(peak_step), float(total), timeline, graph.resident_bytes, counts,
+                     None if part is None else part_timeline)
 
 
 def _describe(graph: TrainingGraph, schedule: Schedule, status: int, step: int, tensor: int) -> str:

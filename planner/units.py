@@ -1,4 +1,5 @@
-"""Printing byte sizes (the bottom of the package: every layer prints sizes, errors included)."""
+"""Printing byte sizes and labelled rows (the bottom of the package: every layer prints sizes,
+errors included)."""
 from __future__ import annotations
 
 
@@ -11,3 +12,9 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def labelled_rows(rows: list[tuple[str, str]], width: int = 0) -> str:
+    """``label  value`` lines, values aligned after the longest label (or ``width``)."""
+    width = max([width] + [len(label) for label, _ in rows])
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -142,7 +142,7 @@ class Workload:
 
     def schedule(self, algorithm: str) -> Schedule:
         if algorithm not in self._schedules:
-            budget = int(0.9 * self.simulate(self.graph.store_all()).peak_bytes)
+            budget = int(0.9 * self.simulate(Schedule.store_all(self.graph)).peak_bytes)
             self._schedules[algorithm] = ALGORITHMS[algorithm](self.graph, self.cost_model, budget)
         return self._schedules[algorithm]
 

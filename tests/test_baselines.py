@@ -67,10 +67,10 @@ def test_schedule_is_valid_for_its_graph(workload: Workload, algorithm: str) -> 
     result = workload.sim(algorithm)  # simulate validates the schedule (raises if invalid)
     assert result.peak_bytes >= workload.graph.resident_bytes
     if algorithm == "store_all":
-        assert schedule == workload.graph.store_all()
+        assert schedule == planner.Schedule.store_all(workload.graph)
         assert result.recomputations == 0
     elif algorithm == "reorder":  # the store-all computations, in an order of lower (or equal) peak
-        assert sorted(c.op for c in schedule.computes) == sorted(c.op for c in workload.graph.store_all().computes)
+        assert sorted(c.op for c in schedule.computes) == sorted(c.op for c in planner.Schedule.store_all(workload.graph).computes)
         assert result.recomputations == 0
         assert result.peak_bytes <= workload.sim("store_all").peak_bytes
     else:
@@ -125,3 +125,23 @@ def test_vgg16_planned_step_matches_eager(vgg16: Workload, algorithm: str) -> No
 @pytest.mark.parametrize("algorithm", VGG_ALGORITHMS)
 def test_vgg16_measured_peak_matches_simulation(vgg16: Workload, algorithm: str) -> None:
     _check_peak_matches_simulation(vgg16, algorithm)
+
+
+def test_recompute_cheap_judges_ops_by_the_cost_models_rates() -> None:
+    """``recompute_cheap`` reads ``CostModel.rates``, which every cost model has: a model that is
+    not a roofline is judged by its own rates (before, by the CPU's, whatever its device), and a
+    CUDA profile by the GPU preset. Two devices far apart (a slow and a fast FLOP rate at the same
+    bandwidth) keep different ops, so the test can tell which rates were read."""
+    graph = build_workload("transformer").graph
+    slow, fast = (planner.DeviceSpec(f"x{rate:g}", rate, rate, 8e9, 5e-6) for rate in (1e8, 1e14))
+    cheap = ALGORITHMS["recompute_cheap"]
+    by_rates = {spec.name: cheap(graph, planner.RooflineCostModel(spec), 10**12) for spec in (slow, fast)}
+    assert by_rates[slow.name] != by_rates[fast.name]
+    roofline = planner.RooflineCostModel("cpu")
+    times, workspace = {graph.fingerprint: roofline.op_times(graph)}, {graph.fingerprint: roofline.workspace_bytes(graph)}
+    profiled = planner.ProfiledCostModel(times, workspace, "cpu (1 thread)")
+    for spec in (slow, fast):
+        profiled.rates = spec  # a profile of a device with these rates
+        assert cheap(graph, profiled, 10**12) == by_rates[spec.name]
+    assert planner.ProfiledCostModel(times, workspace, "cuda (a GPU)").rates == planner.DEVICE_PRESETS["a100"]
+    assert planner.ProfiledCostModel(times, workspace, "cpu (2 threads)").rates == planner.DEVICE_PRESETS["cpu"]

@@ -37,8 +37,10 @@ TINY = ["preset:transformer-tiny", "--batch-size", "2"]
 RESNET = ["torchvision:resnet18", "--batch-size", "2", "--image-size", "32"]
 MLP = [f"{FACTORY_MODULE}:mlp", "--batch-size", "64"]
 MLP_WORKLOAD = [f"{FACTORY_MODULE}:mlp_workload", "--batch-size", "64"]
-PLAN_TEXT_LINES = ("store-all peak", "predicted peak", "parameters", "gradients (.grad)", "activations",
-                   "overhead", "status", "kept for backward", "recomputed", "operator variants")
+#: Plan's own table (str(plan)), then the command line's rows
+PLAN_TEXT_LINES = ("algorithm", "cost model", "budget", "store-all peak", "predicted peak", "resident", "activations",
+                   "predicted overhead", "operator variants", "peak breakdown", "kept for backward", "recomputed",
+                   "time")
 
 FACTORY_SOURCE = textwrap.dedent('''
     """Model factories for the CLI tests: narrow and deep, so activations outweigh parameters."""
@@ -178,7 +180,17 @@ def test_plan_text_has_every_line(capsys):
     labels = plan_labels(out)
     for label in PLAN_TEXT_LINES:
         assert label in labels, f"no {label!r} line in:\n{out}"
-    assert "feasible" in next(line for line in out.splitlines() if line.startswith("status"))
+    assert "(feasible)" in next(line for line in out.splitlines() if line.startswith("algorithm"))
+
+
+def test_plan_text_starts_with_the_plans_own(capsys, tiny_plan):
+    """The command line prints the plan as ``str(Plan)`` does (one table, no second copy of it),
+    then its own rows."""
+    _, path = tiny_plan
+    code, out, err = cli(capsys, "plan", *TINY, "--budget", "80%")
+    assert code == 0, err
+    own = str(Plan.load(path)).splitlines()
+    assert out.splitlines()[: len(own)] == own
 
 
 def test_plan_exact_mode_reports_status_and_bound(capsys):
@@ -546,6 +558,22 @@ def test_plan_no_longer_matches_model(capsys, tmp_path, mlp_plan, command, edit)
     bad = write_json(tmp_path / "edited.json", data)
     extra = ["--png", tmp_path / "x.png"] if command == "show" else []
     assert_one_line_error(cli(capsys, command, bad, *extra), 4)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("command", ["show", "run"])
+def test_plan_with_edited_predictions_is_refused(capsys, tmp_path, mlp_plan, command):
+    """A plan file whose recorded peak is not its schedule's: both commands take the plan's graph
+    through ``Plan.graph_for``, the path ``Plan.apply`` takes, whose prediction check raises
+    ``InvalidScheduleError`` (exit 2) before any picture or step (before, ``show`` drew it)."""
+    _, good = mlp_plan
+    data = json.loads(good.read_text())
+    data["plan"]["predicted_peak_bytes"] -= 4096
+    bad = write_json(tmp_path / "edited.json", data)
+    extra = ["--png", tmp_path / "x.png"] if command == "show" else []
+    with pytest.raises(planner.InvalidScheduleError, match="edited or damaged"):
+        main(["--debug", command, str(bad), *map(str, extra)])
+    assert_one_line_error(cli(capsys, command, bad, *extra), 2, "edited or damaged")
     assert not (tmp_path / "x.png").exists()
 
 

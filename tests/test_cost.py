@@ -47,14 +47,14 @@ def test_faster_presets_are_faster(resnet18_case: Case) -> None:
     totals = [RooflineCostModel(p).op_times(g).sum() for p in ("cpu", "v100", "a100", "h100")]
     assert totals == sorted(totals, reverse=True)
     assert len(set(totals)) == 4
-    sims = [planner.simulate(g, g.store_all(), RooflineCostModel(p)).time for p in ("cpu", "h100")]
+    sims = [planner.simulate(g, planner.Schedule.store_all(g), RooflineCostModel(p)).time for p in ("cpu", "h100")]
     assert sims[0] > sims[1]
     assert sims[0] == pytest.approx(totals[0])
 
 
 def test_default_cost_model_is_cpu_roofline(resnet18_case: Case) -> None:
     g = resnet18_case.graph
-    assert planner.simulate(g, g.store_all()).time == pytest.approx(RooflineCostModel("cpu").op_times(g).sum())
+    assert planner.simulate(g, planner.Schedule.store_all(g)).time == pytest.approx(RooflineCostModel("cpu").op_times(g).sum())
 
 
 def test_unknown_preset_raises() -> None:
@@ -103,9 +103,9 @@ def test_profiled_times_and_cache(tiny: Case, tmp_path: Path) -> None:
     entries = json.loads(cache.read_text())
     assert entries and all(len(v) == 2 and v[0] > 0 for v in entries.values())
     assert len(entries) <= sum(not op.is_view for op in g.ops)
-    result = planner.simulate(g, g.store_all(), cost)
+    result = planner.simulate(g, planner.Schedule.store_all(g), cost)
     assert result.time == pytest.approx(times.sum())
-    assert result.peak_bytes >= planner.simulate(g, g.store_all()).peak_bytes
+    assert result.peak_bytes >= planner.simulate(g, planner.Schedule.store_all(g)).peak_bytes
 
 
 def test_profiled_cache_is_reused(tiny: Case, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_every_op_instance_is_timed_in_place(tiny: Case, monkeypatch, no_profile
 def test_low_memory_profiling_when_store_all_does_not_fit(tiny: Case, monkeypatch, no_profiles) -> None:
     g = tiny.graph
     store_all = profiled_cost._profiling_schedule(g, 10**12)
-    assert store_all == g.store_all()
+    assert store_all == planner.Schedule.store_all(g)
     tight = profiled_cost._profiling_schedule(g, 0)
     assert tight != store_all and tight.recomputed_ops()
     assert planner.simulate(g, tight).peak_bytes < planner.simulate(g, store_all).peak_bytes

@@ -28,3 +28,17 @@ def test_readme_quickstart_has_exactly_two_commands() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert _quickstart_commands()[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_architecture_lists_every_registered_variant() -> None:
+    """The variants table of docs/architecture.md names exactly the registry's variants, each with
+    what its backward reads and whether its gradients are bitwise stock, as its ``Variant`` says."""
+    from planner.variants import VARIANTS
+
+    section = (ROOT / "docs" / "architecture.md").read_text().split("## Low-memory variants", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| `(\w+)` \| (.+) \| (.+) \|$", section, re.M)}
+    assert set(rows) == set(VARIANTS)
+    for name, variant in VARIANTS.items():
+        reads, gradients = rows[name]
+        assert reads == variant.backward_reads, name
+        assert (gradients == "bitwise stock") == variant.bitwise, name

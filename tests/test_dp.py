@@ -43,7 +43,7 @@ BRANCHES = DagSpec(12, 6, (("linear", 0, 0), ("relu", 1, 1), ("tanh", 1, 1), ("m
 
 def _activation_peak(graph) -> int:
     """Store-all's simulated peak beyond resident memory."""
-    return planner.simulate(graph, graph.store_all(), CPU).peak_bytes - graph.resident_bytes
+    return planner.simulate(graph, planner.Schedule.store_all(graph), CPU).peak_bytes - graph.resident_bytes
 
 
 def _segmentations(n: int):
@@ -124,7 +124,7 @@ def test_dp_schedules_and_fast_plans_on_random_models(spec: DagSpec) -> None:
     of them (the DP alone misses it on a few graphs, its memory model being an estimate; then
     another of fast mode's candidates must make up for it)."""
     graph = build_dag(spec).graph
-    store_all = planner.simulate(graph, graph.store_all(), CPU)
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU)
     lower = memory_lower_bound(graph, CPU)
     segmentations = _every_segmentation(graph)
     for budget in _budgets(graph):

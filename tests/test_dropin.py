@@ -292,7 +292,7 @@ def test_schedule_without_a_plan_names_the_fix(mlp_case) -> None:
     """A ``PlannedModule`` built from a bare graph and schedule has nothing to re-plan with."""
     model, x, y = mlp_case
     graph = planner.capture(model, x, F.cross_entropy, targets=y)
-    pm = planner.PlannedModule(model, graph, graph.store_all())
+    pm = planner.PlannedModule(model, graph, planner.Schedule.store_all(graph))
     with pytest.raises(PlanMismatchError, match="planner.plan"):
         pm(x[:100])
 

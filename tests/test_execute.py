@@ -89,7 +89,7 @@ def test_dropout_recomputed_twice_replays_the_same_mask_each_time(transformer: W
     outputs = set(graph.ops[dropout].outputs)
     reader = next(c for t in outputs for c in graph.tensors[t].consumers if graph.ops[c].phase is Phase.BACKWARD)
     order = []
-    for op in (c.op for c in graph.store_all().computes):
+    for op in (c.op for c in Schedule.store_all(graph).computes):
         order += [dropout, dropout, op] if op == reader else [op]  # the first recomputation is dropped unused
     schedule = Schedule.from_order(graph, order)
     assert Counter(c.op for c in schedule.computes)[dropout] == 3
@@ -410,7 +410,7 @@ def test_schedule_of_another_batch_size_is_refused(resnet: Workload) -> None:
     graph_batch1 = planner.capture(resnet.model, resnet.x[:1], F.cross_entropy, targets=resnet.y[:1])
     assert graph_batch1.fingerprint != resnet.graph.fingerprint
     with pytest.raises(PlanMismatchError):
-        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, graph_batch1.store_all())
+        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, Schedule.store_all(graph_batch1))
     with pytest.raises(PlanMismatchError):
         planner.PlannedModule(resnet.fresh_copy(), graph_batch1, resnet.schedule("checkpoint_all"))
 
@@ -451,9 +451,9 @@ def test_schedule_of_other_implementations_is_refused(resnet: Workload) -> None:
 
     variant = apply_variants(resnet.graph, variant_sites(resnet.graph))
     with pytest.raises(PlanMismatchError):
-        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, variant.store_all())
+        planner.PlannedModule(resnet.fresh_copy(), resnet.graph, Schedule.store_all(variant))
     with pytest.raises(PlanMismatchError):
-        planner.PlannedModule(resnet.fresh_copy(), variant, resnet.graph.store_all())
+        planner.PlannedModule(resnet.fresh_copy(), variant, Schedule.store_all(resnet.graph))
 
 
 def test_model_op_inside_the_loss_is_refused(resnet: Workload) -> None:

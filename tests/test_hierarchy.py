@@ -20,6 +20,7 @@ import planner
 from planner.algorithms import hierarchical
 from planner.algorithms.block_options import _trade_off
 from planner.algorithms.blocks import partition
+from planner.schedule import Schedule
 
 from _workloads import assert_same_step, eager_step, planned_step
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
@@ -101,7 +102,7 @@ def test_a_pair_drops_its_middle_output_where_no_single_block_can(bottlenecks) -
 def test_the_paired_partition_alone_plans_a_step_equal_to_eager(bottlenecks) -> None:
     model, x, y, graph = bottlenecks
     _, paired = _solved(graph, 0)
-    store_all = planner.simulate(graph, graph.store_all(), CPU)
+    store_all = planner.simulate(graph, Schedule.store_all(graph), CPU)
     budget = graph.resident_bytes + (store_all.peak_bytes - graph.resident_bytes) // 2
     schedule, result = hierarchical.search(paired, CPU, budget)
     assert result.peak_bytes <= budget
@@ -121,7 +122,7 @@ def test_pairs_plan_faster_than_small_blocks_where_memory_is_short() -> None:
     torch.manual_seed(0)
     model = Bottlenecks(channels=64, blocks=6).train()
     graph = planner.capture(model, torch.randn(8, 3, 16, 16), F.cross_entropy, targets=torch.randint(0, 10, (8,)))
-    store_all = planner.simulate(graph, graph.store_all(), CPU)
+    store_all = planner.simulate(graph, Schedule.store_all(graph), CPU)
     budget = graph.resident_bytes + (store_all.peak_bytes - graph.resident_bytes) // 2
     solver = hierarchical._BlockSolver(graph, CPU)
     small = solver.hierarchy(partition(graph))

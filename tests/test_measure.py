@@ -83,7 +83,7 @@ def test_measure_step_counts_resident_memory() -> None:
 def _compare(model: nn.Module, x: torch.Tensor) -> tuple[int, planner.MeasuredStep, planner.TrainingGraph]:
     model.train()
     graph = planner.capture(model, x)
-    simulated = planner.simulate(graph, graph.store_all()).peak_bytes
+    simulated = planner.simulate(graph, planner.Schedule.store_all(graph)).peak_bytes
     measured = planner.measure_training_step(model, x)
     return simulated, measured, graph
 
@@ -110,7 +110,7 @@ def test_store_all_peak_matches_eager_with_loss_and_targets() -> None:
     model = torchvision.models.resnet18().train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
     graph = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
-    simulated = planner.simulate(graph, graph.store_all()).peak_bytes
+    simulated = planner.simulate(graph, planner.Schedule.store_all(graph)).peak_bytes
     measured = planner.measure_training_step(model, x, nn.functional.cross_entropy, y)
     assert simulated == pytest.approx(measured.peak_bytes, rel=0.01)
 

@@ -30,7 +30,7 @@ BRUTE_FORCE_COLUMNS = 12  # 4096 recomputation patterns
 
 
 def _budget(graph, fraction: float) -> int:
-    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU).peak_bytes
     return graph.resident_bytes + int(fraction * (store_all - graph.resident_bytes))
 
 
@@ -39,7 +39,7 @@ def _budget_above_floor(graph, fraction: float) -> int:
     random graphs most budgets below that) to store-all's peak."""
     floor = formulate(exact_problem(graph, CPU), None)
     floor_bytes = graph.resident_bytes + floor.unit * int(floor.memory_fixed.max())
-    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU).peak_bytes
     return floor_bytes + int(fraction * (store_all - floor_bytes))
 
 
@@ -63,7 +63,7 @@ def test_staged_store_all_is_store_all(name: str, request: pytest.FixtureRequest
     problem = build_problem(graph, CPU)
     assert sorted(op for node in problem.nodes for op in node.ops) == list(graph.forward_ops)
     staged = planner.simulate(graph, problem.schedule(np.zeros((problem.n_stages, len(problem.nodes)), bool)), CPU)
-    reference = planner.simulate(graph, graph.store_all(), CPU)
+    reference = planner.simulate(graph, planner.Schedule.store_all(graph), CPU)
     assert staged.peak_bytes == reference.peak_bytes
     assert staged.time == pytest.approx(reference.time, rel=1e-12)
 

@@ -77,7 +77,7 @@ def test_plan_fits_budget_and_agrees_with_simulator(transformer: Workload, budge
     assert chosen.status == "feasible"
     assert chosen.cost_model == CPU.name
     # nothing beats store-all on the plan's own graph (with variants it can beat plain PyTorch's)
-    assert chosen.predicted_time >= planner.simulate(chosen.graph, chosen.graph.store_all(), CPU).time * (1 - 1e-12)
+    assert chosen.predicted_time >= planner.simulate(chosen.graph, planner.Schedule.store_all(chosen.graph), CPU).time * (1 - 1e-12)
     assert "predicted peak" in str(chosen)
     if budget == "80%":
         assert chosen.recomputations > 0
@@ -98,7 +98,7 @@ def test_fast_mode_returns_the_fastest_baseline_in_budget(transformer: Workload)
 def test_full_budget_plans_no_recomputation(transformer: Workload) -> None:
     """At the store-all budget nothing needs recomputing; fast mode may still reorder."""
     chosen = planner.plan(transformer.graph, "100%", op_variants=False)
-    assert sorted(c.op for c in chosen.schedule.computes) == sorted(c.op for c in transformer.graph.store_all().computes)
+    assert sorted(c.op for c in chosen.schedule.computes) == sorted(c.op for c in planner.Schedule.store_all(transformer.graph).computes)
     assert chosen.recomputations == 0
     assert chosen.overhead == 0
     assert chosen.predicted_peak_bytes <= chosen.store_all_peak_bytes
@@ -238,6 +238,7 @@ def _damaged(text: str) -> dict[str, str]:
         "schedule-step-garbled": json.dumps({**data, "schedule": {**data["schedule"], "steps": [["x", 1]]}}),
         "no-input-specs": json.dumps({**data, "plan": {k: v for k, v in data["plan"].items() if k != "input_specs"}}),
         "plan-null": json.dumps({**data, "plan": None}),
+        "unknown-key": json.dumps({**data, "plan": {**data["plan"], "peak": 1}}),
     }
 
 
@@ -248,6 +249,24 @@ def test_damaged_plan_file_is_refused(saved_resnet_plan: tuple[Plan, Path], tmp_
     damaged.write_text(_damaged(path.read_text())[damage])
     with pytest.raises(InvalidScheduleError):
         Plan.load(damaged)
+
+
+def test_format_1_file_of_an_older_writer_is_migrated(transformer: Workload, tmp_path: Path) -> None:
+    """Format-1 files written before keyword inputs, re-planning and operator variants lack
+    ``call``, ``request``, ``workload`` and ``variants``; ``plan_file`` reads them as those
+    versions meant (positional call, the byte budget and the preset, no workload, stock ops)."""
+    original = planner.plan(transformer.graph, "80%", op_variants=False)
+    path = tmp_path / "new.plan.json"
+    original.save(path)
+    data = json.loads(path.read_text())
+    for key in ("call", "request", "workload", "variants"):
+        del data["plan"][key]
+    old = tmp_path / "old.plan.json"
+    old.write_text(json.dumps(data))
+    loaded = Plan.load(old)
+    assert (loaded.call, loaded.workload, loaded.variants) == (None, None, ())
+    assert loaded.request == planner.planning.PlanRequest(original.budget_bytes, cost_model="cpu")
+    assert loaded.schedule == original.schedule and str(loaded) == str(original)
 
 
 def test_plan_with_a_nonexistent_op_is_refused(resnet: Workload, saved_resnet_plan: tuple[Plan, Path],

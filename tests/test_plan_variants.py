@@ -17,7 +17,9 @@ import torch.nn.functional as F
 import planner
 from planner import InfeasibleBudgetError, Plan, PlanMismatchError
 from planner.algorithms import ALGORITHMS, BASELINES
-from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS, variant_kinds
+import planner.variants
+from planner.graph import VariantCapability
+from planner.variants import ALL_VARIANTS, BITWISE_VARIANTS, apply_variants, variant_kinds, variant_sites
 from _workloads import Workload, assert_same_step, build_workload, planned_step
 
 
@@ -64,7 +66,7 @@ def test_variants_lower_the_reachable_peak(stem_heavy: Workload) -> None:
 @pytest.mark.parametrize("name", ["transformer", "resnet"])
 def test_variants_never_cost_more(name: str, request) -> None:
     graph = request.getfixturevalue(name).graph
-    store_all = planner.simulate(graph, graph.store_all(), CPU).peak_bytes
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU).peak_bytes
     for fraction in (1.0, 0.95, 0.9, 0.85, 0.75):  # the variants' plan is no slower than any stock plan that fits
         budget = int(fraction * store_all)
         try:
@@ -168,3 +170,27 @@ def test_meter_counts_the_temporaries_of_variant_ops() -> None:
     held = grad.nbytes + mask.nbytes
     assert meter.peak_bytes - held >= out.nbytes + x.numel()  # output plus the unpacked byte per element
     assert meter.current_bytes - held == out.nbytes
+
+
+def test_plan_for_the_cupy_kernels_is_refused_where_the_twins_run(transformer: Workload, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The variants' workspace depends on what runs them, so the capability is in the graph, its
+    fingerprint and the plan file: a plan made where the CuPy kernels run is accepted where they
+    run and refused, saying so, where the PyTorch twins run (it was refused as "edited or
+    damaged": its predicted peak was not the re-applied graph's)."""
+    kernels = VariantCapability(cupy_kernels=True)
+    sites = variant_sites(transformer.graph)
+    assert (apply_variants(transformer.graph, sites, kernels).fingerprint
+            != apply_variants(transformer.graph, sites).fingerprint)
+    path = tmp_path / "plan.json"
+    with monkeypatch.context() as patch:  # this process as one where the CuPy kernels run
+        patch.setattr(planner.variants, "device_capability", lambda device: kernels)
+        chosen = planner.plan(transformer.fresh_copy(), "64%", transformer.x, loss_fn=transformer.loss_fn,
+                              targets=transformer.y, cost_model="cpu")
+        assert chosen.variants and chosen.graph.variant_capability == kernels
+        chosen.save(path)
+        again = Plan.load(path).apply(transformer.fresh_copy(), loss_fn=transformer.loss_fn)
+        assert again.runner.graph.fingerprint == chosen.graph.fingerprint
+    assert json.loads(path.read_text())["plan"]["variant_capability"] == {"cupy_kernels": True}
+    with pytest.raises(PlanMismatchError, match="CuPy kernels.*PyTorch twins"):
+        Plan.load(path).apply(transformer.fresh_copy(), loss_fn=transformer.loss_fn)

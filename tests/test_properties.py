@@ -49,7 +49,7 @@ def _keeps_its_claim(graph, budget: int, **how) -> planner.Plan | None:
 @given(spec=dag_specs(), fraction=BUDGET_FRACTIONS)
 def test_every_algorithm_and_fast_mode_keep_their_claims(spec, fraction: float) -> None:
     graph = build_dag(spec).graph
-    store_all = planner.simulate(graph, graph.store_all(), CPU)
+    store_all = planner.simulate(graph, planner.Schedule.store_all(graph), CPU)
     budget = max(1, int(fraction * store_all.peak_bytes))
     for name, algorithm in ALGORITHMS.items():
         result = planner.simulate(graph, algorithm(graph, CPU, budget), CPU)  # raises if invalid
@@ -76,7 +76,7 @@ def _default_loss(output) -> torch.Tensor:
 @given(spec=dag_specs(min_ops=6), fraction=st.floats(0.3, 0.9))
 def test_measured_peak_is_the_simulated_peak_on_random_models(spec, fraction: float) -> None:
     case = build_dag(spec)
-    store_all = planner.simulate(case.graph, case.graph.store_all(), CPU).peak_bytes
+    store_all = planner.simulate(case.graph, planner.Schedule.store_all(case.graph), CPU).peak_bytes
     try:
         chosen = planner.plan(case.graph, max(1, int(fraction * store_all)), cost_model=CPU)
     except InfeasibleBudgetError as error:

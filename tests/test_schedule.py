@@ -69,7 +69,7 @@ def test_fingerprint_differs_for_constants() -> None:
 
 def test_store_all_computes_every_op_once_and_frees_everything(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    schedule = g.store_all()
+    schedule = Schedule.store_all(g)
     assert schedule.fingerprint == g.fingerprint
     assert [c.op for c in schedule.computes] == list(range(len(g.ops)))
     assert schedule.recomputed_ops() == {}
@@ -104,7 +104,7 @@ def test_from_order_rejects_consumer_first(tiny_cnn_case: Case) -> None:
 
 def test_from_order_accepts_compute_steps(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    assert Schedule.from_order(g, [Compute(i) for i in range(len(g.ops))]) == g.store_all()
+    assert Schedule.from_order(g, [Compute(i) for i in range(len(g.ops))]) == Schedule.store_all(g)
 
 
 def test_recomputed_ops_counts_extra_computes(tiny_cnn_case: Case) -> None:
@@ -117,7 +117,7 @@ def test_recomputed_ops_counts_extra_computes(tiny_cnn_case: Case) -> None:
 
 def test_json_round_trip(tiny_cnn_case: Case, tmp_path: Path) -> None:
     g = tiny_cnn_case.graph
-    schedule = g.store_all()
+    schedule = Schedule.store_all(g)
     path = tmp_path / "store_all.plan.json"
     schedule.save(path)
     loaded = Schedule.load(path)
@@ -130,9 +130,9 @@ def test_json_round_trip(tiny_cnn_case: Case, tmp_path: Path) -> None:
 def test_json_steps_have_two_elements(tiny_cnn_case: Case) -> None:
     """Steps are written ["c", op] and ["f", tensor]; a step with a third element (which
     implementation to run, before variants moved into the graph) is refused: format 1 never had it."""
-    data = tiny_cnn_case.graph.store_all().to_json()
+    data = Schedule.store_all(tiny_cnn_case.graph).to_json()
     assert all(len(row) == 2 for row in data["steps"])
-    assert Schedule.from_json(data) == tiny_cnn_case.graph.store_all()
+    assert Schedule.from_json(data) == Schedule.store_all(tiny_cnn_case.graph)
     for extra in ("default", "lowmem_cupy"):
         steps = [row + [extra] if row[0] == "c" else row for row in data["steps"]]
         with pytest.raises(InvalidScheduleError, match="corrupted"):
@@ -141,7 +141,7 @@ def test_json_steps_have_two_elements(tiny_cnn_case: Case) -> None:
 
 def test_load_with_another_graph_raises_mismatch(tiny_cnn_case: Case, tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    tiny_cnn_case.graph.store_all().save(path)
+    Schedule.store_all(tiny_cnn_case.graph).save(path)
     other = _capture_cnn(batch=3)
     with pytest.raises(PlanMismatchError, match="plan again"):
         Schedule.load(path, graph=other)
@@ -150,12 +150,12 @@ def test_load_with_another_graph_raises_mismatch(tiny_cnn_case: Case, tmp_path: 
 def test_simulate_with_another_graph_raises_mismatch(tiny_cnn_case: Case) -> None:
     other = _capture_cnn(batch=3)
     with pytest.raises(PlanMismatchError):
-        planner.simulate(other, tiny_cnn_case.graph.store_all())
+        planner.simulate(other, Schedule.store_all(tiny_cnn_case.graph))
 
 
 def test_truncated_json_raises(tiny_cnn_case: Case, tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    tiny_cnn_case.graph.store_all().save(path)
+    Schedule.store_all(tiny_cnn_case.graph).save(path)
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
     with pytest.raises(InvalidScheduleError, match="truncated"):
@@ -171,7 +171,7 @@ def test_empty_file_raises(tmp_path: Path) -> None:
 
 def test_wrong_format_raises(tiny_cnn_case: Case, tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    data = tiny_cnn_case.graph.store_all().to_json()
+    data = Schedule.store_all(tiny_cnn_case.graph).to_json()
     assert data["format"] == 1
     data["format"] = 2
     path.write_text(json.dumps(data))

@@ -54,7 +54,7 @@ def _recompute_candidate(g: TrainingGraph) -> tuple[int, int]:
 
 def test_store_all_result_fields(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    schedule = g.store_all()
+    schedule = Schedule.store_all(g)
     result = planner.simulate(g, schedule)
     assert len(result.timeline) == len(schedule.steps)
     assert result.timeline.dtype == np.int64
@@ -74,7 +74,7 @@ def test_store_all_result_fields(tiny_cnn_case: Case) -> None:
 def test_timeline_tracks_allocations_by_hand(tiny_cnn_case: Case) -> None:
     """Recompute the memory curve independently: a storage is held while any tensor in it lives."""
     g = tiny_cnn_case.graph
-    schedule = g.store_all()
+    schedule = Schedule.store_all(g)
     result = planner.simulate(g, schedule)
     live: set[int] = set()
     expected = []
@@ -92,7 +92,7 @@ def test_timeline_tracks_allocations_by_hand(tiny_cnn_case: Case) -> None:
 def test_random_topological_orders_are_valid(tiny_cnn_case: Case) -> None:
     """Any topological order of the ops, freed by ``from_order``, is a valid schedule."""
     g = tiny_cnn_case.graph
-    store_all = planner.simulate(g, g.store_all())
+    store_all = planner.simulate(g, Schedule.store_all(g))
     rng = random.Random(0)
     deps = {op.id: {g.tensors[t].producer for t in op.inputs if g.tensors[t].producer is not None}
             for op in g.ops}
@@ -116,7 +116,7 @@ def test_recomputation_from_order(which: str, request: pytest.FixtureRequest) ->
     f, b = _recompute_candidate(g)
     schedule = Schedule.from_order(g, _order_with(g, f, b))
     assert schedule.recomputed_ops() == {f: 1}
-    base = planner.simulate(g, g.store_all())
+    base = planner.simulate(g, Schedule.store_all(g))
     result = planner.simulate(g, schedule)
     assert result.recomputations == 1
     assert result.compute_counts[f] == 2
@@ -134,13 +134,13 @@ def test_recomputation_by_hand(tiny_cnn_case: Case) -> None:
     f, b = _recompute_candidate(g)
     (out,) = g.ops[f].outputs
     last_forward = max(c for c in g.tensors[out].consumers if g.ops[c].phase is Phase.FORWARD)
-    steps = _steps(g.store_all())
+    steps = _steps(Schedule.store_all(g))
     steps.remove(Free(out))
     steps.insert(_position(steps, Compute(last_forward)) + 1, Free(out))
     steps.insert(_position(steps, Compute(b)), Compute(f))
     steps.insert(_position(steps, Compute(max(g.tensors[out].consumers))) + 1, Free(out))
     schedule = Schedule(tuple(steps), g.fingerprint)
-    base = planner.simulate(g, g.store_all())
+    base = planner.simulate(g, Schedule.store_all(g))
     result = planner.simulate(g, schedule)
     assert result.recomputations == 1
     assert result.peak_bytes <= base.peak_bytes
@@ -177,7 +177,7 @@ def test_workspace_and_custom_cost_model(tiny_cnn_case: Case) -> None:
             workspace[heavy] = 10**9
             return workspace
 
-    schedule = g.store_all()
+    schedule = Schedule.store_all(g)
     result = planner.simulate(g, schedule, Fixed())
     assert result.time == pytest.approx(0.5 * len(g.ops))
     assert schedule.steps[result.peak_step] == Compute(heavy)
@@ -191,7 +191,7 @@ def test_reading_a_freed_tensor_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     tensor = next(t for t in g.tensors if t.producer is not None and t.consumers
                   and not g.ops[t.producer].is_view)
-    steps = _steps(g.store_all())
+    steps = _steps(Schedule.store_all(g))
     steps.remove(Free(tensor.id))
     steps.insert(_position(steps, Compute(tensor.producer)) + 1, Free(tensor.id))
     with pytest.raises(InvalidScheduleError, match="reads .* which is not live"):
@@ -200,7 +200,7 @@ def test_reading_a_freed_tensor_raises(tiny_cnn_case: Case) -> None:
 
 def test_double_free_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    steps = _steps(g.store_all())
+    steps = _steps(Schedule.store_all(g))
     index = next(i for i, s in enumerate(steps) if isinstance(s, Free))
     steps.insert(index + 1, steps[index])
     with pytest.raises(InvalidScheduleError, match="frees tensor .* not live"):
@@ -209,7 +209,7 @@ def test_double_free_raises(tiny_cnn_case: Case) -> None:
 
 def test_freeing_a_resident_tensor_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    steps = _steps(g.store_all()) + [Free(g.inputs[0])]
+    steps = _steps(Schedule.store_all(g)) + [Free(g.inputs[0])]
     with pytest.raises(InvalidScheduleError, match="resident"):
         planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
 
@@ -217,7 +217,7 @@ def test_freeing_a_resident_tensor_raises(tiny_cnn_case: Case) -> None:
 def test_freeing_an_unknown_tensor_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     for bad in (-1, len(g.tensors)):
-        steps = _steps(g.store_all()) + [Free(bad)]
+        steps = _steps(Schedule.store_all(g)) + [Free(bad)]
         with pytest.raises(InvalidScheduleError):
             planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
 
@@ -225,7 +225,7 @@ def test_freeing_an_unknown_tensor_raises(tiny_cnn_case: Case) -> None:
 def test_unknown_op_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     for bad in (-1, len(g.ops)):
-        steps = [Compute(bad)] + _steps(g.store_all())
+        steps = [Compute(bad)] + _steps(Schedule.store_all(g))
         with pytest.raises(InvalidScheduleError, match="does not exist"):
             planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
 
@@ -242,7 +242,7 @@ def test_skipping_a_backward_op_others_need_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     skipped = next(op.id for op in g.ops if op.phase is Phase.BACKWARD and op.outputs
                    and any(g.tensors[t].consumers for t in op.outputs))
-    steps = [s for s in _steps(g.store_all())
+    steps = [s for s in _steps(Schedule.store_all(g))
              if s != Compute(skipped) and not (isinstance(s, Free) and s.tensor in g.ops[skipped].outputs)]
     with pytest.raises(InvalidScheduleError):
         planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
@@ -260,7 +260,7 @@ def test_computing_a_backward_op_twice_raises(tiny_cnn_case: Case) -> None:
 def test_computing_an_op_while_its_output_is_live_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     op = next(op.id for op in g.ops if op.phase is Phase.BACKWARD and not op.is_view and op.outputs)
-    steps = _steps(g.store_all())
+    steps = _steps(Schedule.store_all(g))
     steps.insert(_position(steps, Compute(op)) + 1, Compute(op))
     with pytest.raises(InvalidScheduleError, match="while its output .* is live"):
         planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
@@ -291,7 +291,7 @@ def test_never_computing_a_forward_op_raises(tiny_cnn_case: Case) -> None:
 
 def test_never_freeing_a_tensor_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
-    steps = _steps(g.store_all())
+    steps = _steps(Schedule.store_all(g))
     last_free = max(i for i, s in enumerate(steps) if isinstance(s, Free))
     del steps[last_free]
     with pytest.raises(InvalidScheduleError, match="never freed"):
@@ -301,7 +301,7 @@ def test_never_freeing_a_tensor_raises(tiny_cnn_case: Case) -> None:
 def test_never_freeing_a_gradient_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     grad = next(iter(g.gradients))
-    steps = [s for s in _steps(g.store_all()) if s != Free(grad)]
+    steps = [s for s in _steps(Schedule.store_all(g)) if s != Free(grad)]
     with pytest.raises(InvalidScheduleError, match="never freed"):
         planner.simulate(g, Schedule(tuple(steps), g.fingerprint))
 
@@ -310,3 +310,21 @@ def test_empty_schedule_raises(tiny_cnn_case: Case) -> None:
     g = tiny_cnn_case.graph
     with pytest.raises(InvalidScheduleError):
         planner.simulate(g, Schedule((), g.fingerprint))
+
+
+def test_part_timeline_counts_only_the_masked_storages(tiny_cnn_case: Case) -> None:
+    """``part_timeline`` is the memory of the masked storages alone: every non-resident storage
+    gives the timeline less the resident bytes, none gives zeros, and two disjoint halves add up
+    to the whole (what staging reads the backward's own memory off)."""
+    g = tiny_cnn_case.graph
+    schedule = Schedule.store_all(g)
+    full = planner.simulate(g, schedule)
+    assert full.part_timeline is None
+    everything = np.ones(len(g.storages), dtype=bool)
+    everything[list(g.resident_storages)] = False
+    whole = planner.simulate(g, schedule, part=everything).part_timeline
+    assert np.array_equal(whole, full.timeline - g.resident_bytes)
+    assert not planner.simulate(g, schedule, part=np.zeros(len(g.storages), dtype=bool)).part_timeline.any()
+    half = everything & (np.arange(len(g.storages)) % 2 == 0)
+    halves = [planner.simulate(g, schedule, part=mask).part_timeline for mask in (half, everything & ~half)]
+    assert np.array_equal(halves[0] + halves[1], whole) and halves[0].any() and halves[1].any()

@@ -46,7 +46,7 @@ def test_views_share_storage() -> None:
     view_shapes = {g.tensors[op.outputs[0]].shape for op in views}
     assert view_shapes == {(8,), (4, 2)}
     # Views are free in the simulator: the store-all peak counts h's storage once.
-    result = planner.simulate(g, g.store_all())
+    result = planner.simulate(g, planner.Schedule.store_all(g))
     assert result.peak_bytes >= g.resident_bytes + 32
 
 
@@ -100,7 +100,7 @@ def test_resident_bytes_add_up() -> None:
     assert g.summary() == {"parameter": params, "buffer": buffers, "input": inputs, "tangent": tangent,
                            "gradient accumulators": grads}
     assert len(g.gradients) == len(list(model.parameters())) - 1
-    result = planner.simulate(g, g.store_all())
+    result = planner.simulate(g, planner.Schedule.store_all(g))
     assert result.resident_bytes == g.resident_bytes
     assert result.timeline[-1] == g.resident_bytes
 

@@ -13,20 +13,26 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import planner
 from planner import PlanMismatchError, Schedule
+from planner._torch import bind_arguments
 from planner.algorithms import ALGORITHMS
 from planner.graph import Phase
 from planner.variants import (
-    BITWISE_VARIANTS, apply_variant_names, apply_variants, held_for_backward_bytes, select_variants, variant_sites,
+    ALL_VARIANTS, BITWISE_VARIANTS, VARIANTS, apply_variant_names, apply_variants, held_for_backward_bytes, select_variants, variant_sites,
 )
 from planner.zoo import load_workload
 
 from _workloads import Workload, assert_same_step, build_workload, planned_step, projection_loss
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 from conftest import TinyCNN
+
+
+#: measured against predicted peak, relative: a stock step's meter sees a few bytes of scalars more
+PEAK_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +80,35 @@ def test_sites_of_resnet_and_transformer(resnet: Workload, transformer: Workload
             assert (site.saved_bytes, site.released_bytes) == (math.ceil(numel / 2), x.nbytes + 8 * numel)
 
 
+def test_every_registered_variant_is_found_and_its_ops_run(resnet: Workload, transformer: Workload) -> None:
+    """The registry is the one list of variants: each has sites in resnet or the transformer, at
+    forward ops of the target it replaces, and a rewritten site calls its ops."""
+    found = set()
+    for workload in (resnet, transformer):
+        sites = variant_sites(workload.graph)
+        graph = apply_variants(workload.graph, sites)
+        for site in sites:
+            variant = VARIANTS[site.variant]
+            forward, backward = variant.ops
+            assert workload.graph.ops[site.forward_op].target == variant.replaces
+            assert graph.calls[site.forward_op].target is forward
+            assert all(graph.calls[op].target is backward for op in site.backward_ops)
+            found.add(site.variant)
+    assert found == set(VARIANTS) == ALL_VARIANTS
+    assert BITWISE_VARIANTS == {name for name, variant in VARIANTS.items() if variant.bitwise}
+
+
+def test_calls_are_matched_by_their_schema_names() -> None:
+    """A finder reads ``arguments["ceil_mode"]`` however the trace spelled the call: by position,
+    by keyword or left to its default; a call that does not fit the schema matches nothing."""
+    op = torch.ops.aten.max_pool2d_with_indices.default
+    assert bind_arguments(op, ("x", [3, 3]), {"ceil_mode": True}) == {
+        "self": "x", "kernel_size": [3, 3], "stride": [], "padding": [0, 0], "dilation": [1, 1], "ceil_mode": True}
+    for args, kwargs in ((("x",), {}), (("x", [3, 3]), {"kernel_size": [2, 2]}), (("x", [3, 3]), {"window": 1})):
+        with pytest.raises(TypeError):
+            bind_arguments(op, args, kwargs)
+
+
 def test_sites_need_an_affine_weight_and_a_reading_backward() -> None:
     class Model(nn.Module):
         def __init__(self):
@@ -113,7 +148,7 @@ def test_rewrite_keeps_ops_ids_and_order_and_appends_tensors(resnet: Workload) -
     assert rewritten.variants == tuple(s.name for s in sites) and rewritten.fingerprint != graph.fingerprint
     assert variant_sites(rewritten) == ()  # nothing left to apply
     # any order of the original graph is an order of the rewritten one
-    assert Schedule.from_order(rewritten, range(len(graph.ops))) == rewritten.store_all()
+    assert Schedule.from_order(rewritten, range(len(graph.ops))) == Schedule.store_all(rewritten)
     with pytest.raises(ValueError):
         apply_variants(rewritten, sites)
     with pytest.raises(ValueError):
@@ -129,7 +164,7 @@ def test_variant_names_reapply_after_recapture(transformer: Workload) -> None:
     assert apply_variant_names(again, rewritten.variants).fingerprint == rewritten.fingerprint
     with pytest.raises(PlanMismatchError):
         apply_variant_names(again, ["relu_packed@no_such_op"])
-    schedule = rewritten.store_all()
+    schedule = Schedule.store_all(rewritten)
     with pytest.raises(PlanMismatchError):  # implementations live in the graph: schedules do not mix
         planner.simulate(transformer.graph, schedule)
 
@@ -168,7 +203,16 @@ def test_rewritten_graph_runs_like_eager(name: str, algorithm: str, request) -> 
     else:
         _assert_close_step(got, want, relative=1e-4)  # batch norm within its tolerance, through 20 layers
     measured, predicted = workload.measure(algorithm).peak_bytes, workload.sim(algorithm).peak_bytes
-    assert abs(measured - predicted) <= 0.01 * predicted, f"measured {measured} vs simulated {predicted}"
+    # batch norm's fallback is counted at its bound (every channel); none falls back here
+    unused = _fallback_bound_bytes(workload.graph)
+    assert measured <= predicted * (1 + PEAK_TOLERANCE), f"measured {measured} above simulated {predicted}"
+    assert predicted - unused - measured <= 0.01 * predicted, f"measured {measured} vs simulated {predicted} - {unused}"
+
+
+def _fallback_bound_bytes(graph) -> int:
+    """Bytes the graph gives batch_norm_inverted's fallback channels and their numbers: the bound."""
+    return sum(graph.tensors[t].nbytes for op in graph.ops if op.target == "remat_planner.batch_norm_inverted.default"
+               for t in op.outputs[5:])
 
 
 def test_bitwise_variants_on_resnet_are_bitwise(resnet: Workload) -> None:
@@ -191,7 +235,7 @@ def test_channels_last_network_with_variants_is_bitwise() -> None:
     graph = apply_variants(stock, [s for s in variant_sites(stock) if s.variant in BITWISE_VARIANTS])
     assert {name.split("@")[0] for name in graph.variants} == {"relu_packed", "max_pool2d_packed"}
     planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
-    planned = planner.PlannedModule(planned_model, graph, graph.store_all())
+    planned = planner.PlannedModule(planned_model, graph, Schedule.store_all(graph))
     planned(x).mean((2, 3)).square().sum().backward()
     reference(x).mean((2, 3)).square().sum().backward()
     for (name, got), want in zip(planned_model.named_parameters(), reference.parameters()):
@@ -201,9 +245,9 @@ def test_channels_last_network_with_variants_is_bitwise() -> None:
 def test_variants_lower_the_transformer_store_all_peak(resnet: Workload, transformer: Workload, capsys) -> None:
     lines = []
     for workload in (resnet, transformer):
-        stock = planner.simulate(workload.graph, workload.graph.store_all()).peak_bytes
+        stock = planner.simulate(workload.graph, Schedule.store_all(workload.graph)).peak_bytes
         rewritten = apply_variants(workload.graph, variant_sites(workload.graph))
-        with_variants = planner.simulate(rewritten, rewritten.store_all()).peak_bytes
+        with_variants = planner.simulate(rewritten, Schedule.store_all(rewritten)).peak_bytes
         lines.append(f"{workload.name}: store-all peak {stock} B stock, {with_variants} B with all variants")
         if workload is transformer:
             assert with_variants < stock
@@ -236,3 +280,34 @@ def test_batch_norm_fallback_runs_in_a_planned_step() -> None:
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+
+
+@pytest.mark.parametrize("algorithm", ["store_all", "checkpoint_all"])
+@pytest.mark.parametrize("falling_back", [8, 3, 0])
+def test_batch_norm_fallback_bytes_are_counted(falling_back: int, algorithm: str) -> None:
+    """Which channels fall back to their saved input (here those of zero weight) is known only
+    when the step runs, so the simulator counts the bound, every channel: the measured peak never
+    exceeds the prediction, and is the prediction less the channels that did not fall back (all
+    falling back: the prediction itself). Counted as 0 bytes, the measured peak exceeded the
+    prediction by the channels that fell back (6.9% here when all do)."""
+    torch.manual_seed(0)
+    # the peak is in the wide convolution's backward, while the fallback waits for its batch norm's
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).train()
+    with torch.no_grad():
+        model[1].weight[:falling_back] = 0.0
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    stock = planner.capture(model, x, F.cross_entropy, targets=y)
+    graph = apply_variants(stock, [s for s in variant_sites(stock) if s.variant == "batch_norm_inverted"])
+    cost = planner.RooflineCostModel("cpu")
+    schedule = ALGORITHMS[algorithm](graph, cost, 10**12)
+    predicted = planner.simulate(graph, schedule, cost).peak_bytes
+    reference = copy.deepcopy(model)
+    planned = planner.PlannedModule(model, graph, schedule)
+    measured = planner.measure_step(model, lambda: F.cross_entropy(planned(x), y).backward(), [x, y]).peak_bytes
+    F.cross_entropy(reference(x), y).backward()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    unused = _fallback_bound_bytes(graph) * (8 - falling_back) // 8  # the bound's channels that did not fall back
+    assert measured <= predicted * (1 + PEAK_TOLERANCE), f"measured {measured} above the prediction {predicted}"
+    assert predicted - unused - measured <= PEAK_TOLERANCE * predicted, f"measured {measured}, predicted {predicted} - {unused}"
