@@ -29,6 +29,7 @@ O(c^2 x (ops + edges)).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -40,6 +41,8 @@ from planner.algorithms.blocks import (
 from planner.graph import TrainingGraph
 
 EXHAUSTIVE_CANDIDATES = 13
+COMPOSITE_CANDIDATES = 8  # a joined block with more candidates combines its parts' options
+PART_OPTIONS = 8  # of each part's trade-off between kept memory and time, spread over it
 MAX_OPTIONS = 32
 TINY_SHARE = 100  # a candidate under 1/100 of the block's keepable bytes is always kept
 SHORTCUT_RATIO = 2.0
@@ -544,11 +547,14 @@ def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
             for m, (a, k, b, f), (t, tb, out) in zip(masks, ints.tolist(), floats.tolist())]
 
 
-def block_options(local: LocalBlock) -> BlockOptions:
-    """The Pareto set of options of one block (see the module docstring)."""
+def block_options(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOptions]] = ()) -> BlockOptions:
+    """The Pareto set of options of one block (see the module docstring). ``parts``: the blocks
+    it joins, with their own options, for a block made of several (``_composite_masks``)."""
     c = local.n_free
     forced = ((1 << local.n_candidates) - 1) ^ ((1 << c) - 1)
-    if c <= EXHAUSTIVE_CANDIDATES:
+    if len(parts) > 1 and c > COMPOSITE_CANDIDATES:
+        masks = _composite_masks(local, parts, forced)
+    elif c <= EXHAUSTIVE_CANDIDATES:
         masks = [mask | forced for mask in range(1 << c)]
     else:
         masks = _greedy_masks(local, forced)
@@ -565,6 +571,53 @@ def block_options(local: LocalBlock) -> BlockOptions:
         checkpoint_forward_peak=int(checkpoint[0]), checkpoint_forward_time=float(checkpoint[3]),
         first_forward_time=float(local.op_time[: local.n_forward].sum()),
         first_checkpoint_peak=int(first_checkpoint[0]))
+
+
+def _composite_masks(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOptions]], forced: int) -> list[int]:
+    """Masks of a block made of consecutive ``parts``: every combination of one option per part
+    from that part's trade-off between kept memory and time (``_trade_off``, at most
+    ``PART_OPTIONS`` of it, from least time to least memory), each candidate set
+    as the part's option sets it, and both states of the candidates making a part's output (inside
+    the joined block they are ordinary values: kept, or dropped and recomputed from the
+    convolution before them and the block input) and of any candidate no part has.
+    O(PART_OPTIONS^parts x 2^boundary) masks, where enumerating all 2^c would be too many."""
+    bit_of_op = {int(local.ops[k]): i for i, k in enumerate(local.candidates[: local.n_free])}
+    covered = 0
+    boundary = 0
+    choices: list[list[int]] = []
+    for part, options in parts:
+        translated = []
+        trade = _trade_off(options.kept, options.time)
+        spread = np.unique(np.linspace(0, len(trade) - 1, min(len(trade), PART_OPTIONS)).round().astype(int))
+        for mask in options.masks[trade[spread]]:
+            bits = 0
+            for i in range(part.n_candidates):
+                op = int(part.ops[part.candidates[i]])
+                if mask >> i & 1 and op in bit_of_op:
+                    bits |= 1 << bit_of_op[op]
+            translated.append(bits)
+        choices.append(list(dict.fromkeys(translated)))
+        for i in range(part.n_candidates):
+            op = int(part.ops[part.candidates[i]])
+            if op in bit_of_op:
+                covered |= 1 << bit_of_op[op]
+                tensors = part.candidate_idx[part.candidate_ptr[i]: part.candidate_ptr[i + 1]]
+                if part.tensor_output[tensors].any():
+                    boundary |= 1 << bit_of_op[op]
+    free = [1 << i for i in range(local.n_free) if (boundary | ~covered) >> i & 1]
+    masks = [0]
+    for options in choices:
+        masks = [m | o for m in masks for o in options]
+    for bit in free:
+        masks = [m & ~bit for m in masks] + [m | bit for m in masks]
+    return list(dict.fromkeys(m | forced for m in masks))
+
+
+def _trade_off(kept: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """Indices of the options no other beats on kept memory and time together, by time."""
+    order = np.lexsort((kept, time))
+    least = np.minimum.accumulate(kept[order])
+    return order[np.concatenate(([True], least[1:] < least[:-1]))]
 
 
 def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
@@ -594,19 +647,40 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
 def _pareto(rows: list[tuple]) -> list[tuple]:
     """Rows no other row beats or ties on all of the peaks, kept memory, time, backward time (what
     a block costs in the first forward, where its forward is paid anyway) and the time to
-    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: first those no other beats on
-    kept memory and time together, then others spread over the rest."""
+    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: first
+    those no other beats on kept memory and time together, then others spread over the rest.
+    O(rows x front), compiled."""
     rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
-    front: list[tuple] = []
-    for row in rows:
-        if not any(f[1] <= row[1] and f[2] <= row[2] and f[3] <= row[3] and f[4] <= row[4] and f[5] <= row[5]
-                   and f[6] <= row[6] and f[7] <= row[7] for f in front):
-            front.append(row)
+    values = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 7)
+    front = [rows[i] for i in _non_dominated(values)]
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
-        by_time = sorted(front, key=lambda r: (r[4], r[2]))
-        trade = [r for i, r in enumerate(by_time) if all(r[2] < f[2] for f in by_time[:i])]
-        rest = [r for r in front if r not in trade]
+        chosen = _trade_off(np.array([r[2] for r in front]), np.array([r[4] for r in front]))
+        trade = [front[i] for i in chosen]
+        rest = [r for i, r in enumerate(front) if i not in set(chosen.tolist())]
         picks = np.unique(np.linspace(0, len(rest) - 1, max(MAX_OPTIONS - len(trade), 0)).round().astype(int))
         front = sorted(trade[:MAX_OPTIONS] + [rest[i] for i in picks if len(trade) < MAX_OPTIONS],
                        key=lambda r: (r[4], r[2]))
     return front
+
+
+@numba.njit(cache=True)
+def _non_dominated(values):
+    """Indices of the rows (sorted so that a row's dominators come before it) no earlier row is
+    at most on every column."""
+    front = np.empty(len(values), dtype=np.int64)
+    size = 0
+    for i in range(len(values)):
+        dominated = False
+        for k in range(size):
+            f = front[k]
+            dominated = True
+            for j in range(values.shape[1]):
+                if values[f, j] > values[i, j]:
+                    dominated = False
+                    break
+            if dominated:
+                break
+        if not dominated:
+            front[size] = i
+            size += 1
+    return front[:size]

@@ -11,7 +11,8 @@ or more ops after they are made: rotary tables, attention masks, U-Net skips). C
 articulation points of the graph without its long-range edges (ResNet blocks, transformer
 residual adds). Regions between clean cuts longer than ``MAX_BLOCK_OPS`` (a DenseNet dense block)
 are split where the fewest bytes cross; tiny regions are merged (``_merge_small``). A chain of
-more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled.
+more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled. With
+``pairing``, adjacent blocks are then joined in pairs (``_paired``).
 
 What crosses. Once cut, each storage a block makes is classified by the blocks that read it,
 forward or backward: *internal* (read by its own block only), a *checkpoint* of the cut after its
@@ -97,12 +98,44 @@ class BlockChain:
         return len(self.blocks) - 1
 
 
-def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0]) -> BlockChain:
+@dataclass(frozen=True)
+class CutSites:
+    """What choosing block ends needs, the same for every policy and size (``cut_sites``):
+    positions are into ``model_forward``, the model's forward ops in graph order."""
+
+    model_forward: list[int]
+    clean: list[int]  # clean cuts (ends, exclusive), the last one ``len(model_forward)``
+    crossing: np.ndarray  # bytes crossing the cut after each position
+    counted: np.ndarray  # counted ops before each position
+    waste: np.ndarray  # bytes crossing each cut that no backward op reads
+
+
+def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0],
+              pairing: int | None = None) -> BlockChain:
     """Cut ``graph`` into blocks (see the module docstring), merging tiny regions by ``policy``
     (one of ``TINY_MERGE_POLICIES``), with block sizes ``scale`` times the defaults, and classify
-    what crosses the cuts."""
-    model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
-    cuts = _cut_positions(graph, model_forward, policy, scale)
+    what crosses the cuts. With ``pairing`` (0 or 1), adjacent blocks are then joined in pairs,
+    the first pair starting at block ``pairing`` (``_paired``)."""
+    sites = cut_sites(graph)
+    return chain_of(graph, sites, block_ends(sites, policy, scale, pairing))
+
+
+def block_ends(sites: CutSites, policy: str, scale: int, pairing: int | None = None) -> tuple[int, ...]:
+    """The ends of ``partition``'s blocks (exclusive positions into ``sites.model_forward``)."""
+    if not sites.model_forward:
+        return ()
+    while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
+        ends = _sized_ends(sites.clean, sites.crossing, sites.counted, sites.waste, MAX_BLOCK_OPS * scale,
+                           MERGE_BLOCK_OPS * scale, policy)
+        if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
+            break
+        scale *= 2
+    return tuple(_paired(ends, pairing) if pairing is not None else ends)
+
+
+def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> BlockChain:
+    """The blocks ending at ``cuts`` and what crosses between them."""
+    model_forward = sites.model_forward
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
     for b, end in enumerate(cuts):
@@ -165,11 +198,13 @@ def _storage_spans(graph: TrainingGraph, model_forward: list[int]):
     return made_at, last_read, np.concatenate(([0], np.cumsum(counted)))
 
 
-def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, scale: int) -> list[int]:
-    """Block ends (exclusive positions into ``model_forward``), the last one ``n``."""
+def cut_sites(graph: TrainingGraph) -> CutSites:
+    """Where blocks may end and what each cut costs. O(ops + edges)."""
+    model_forward = [op for op in graph.forward_ops if not graph.ops[op].in_loss]
     n = len(model_forward)
     if n == 0:
-        return []
+        return CutSites(model_forward, [], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                        np.zeros(2, dtype=np.int64))
     made_at, last_read, counted = _storage_spans(graph, model_forward)
     live = np.flatnonzero((made_at >= 0) & (last_read > made_at))
     made, read = made_at[live], last_read[live]
@@ -206,12 +241,15 @@ def _cut_positions(graph: TrainingGraph, model_forward: list[int], policy: str, 
     waste = np.zeros(n + 2, dtype=np.int64)
     np.add.at(waste, made[unsaved] + 1, graph.storage_bytes[live][unsaved])
     np.add.at(waste, read[unsaved] + 1, -graph.storage_bytes[live][unsaved])
-    waste = np.cumsum(waste)
-    while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
-        ends = _sized_ends(clean, crossing, counted, waste, MAX_BLOCK_OPS * scale, MERGE_BLOCK_OPS * scale, policy)
-        if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
-            return ends
-        scale *= 2
+    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste))
+
+
+def _paired(ends: list[int], offset: int) -> list[int]:
+    """Block ends with adjacent blocks joined in pairs, the first pair starting at block
+    ``offset`` (0 or 1): a pair's options hold parts of both blocks at once (a residual block's
+    output dropped and recomputed from the convolution before it and the block input), which
+    options of single blocks chained by the DP cannot express."""
+    return [end for i, end in enumerate(ends) if (i - offset) % 2 == 1 or i == len(ends) - 1]
 
 
 def _sized_ends(clean: list[int], crossing: np.ndarray, counted: np.ndarray, waste: np.ndarray, max_ops: int,

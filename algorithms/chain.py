@@ -125,56 +125,59 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
     soft = np.full((n_blocks, n_blocks, quanta + 1), inf)
     decision = np.full((n_blocks, n_blocks, quanta + 1), none, dtype=np.int32)
     soft_decision = np.full((n_blocks, n_blocks, quanta + 1), none, dtype=np.int32)
+    best = np.empty(quanta + 1)  # per memory amount, over the choices in the original order
+    choice = np.empty(quanta + 1, dtype=np.int32)
     for d in range(n_blocks):
         for s in range(n_blocks - d):
             t = s + d
             fwd_extra = frontier[t] + wb[t]
             bwd_extra = through[s] + wb[s]
             x_in = ckpt[s - 1] if s > 0 else 0
-            for m in range(quanta + 1):
-                best, choice = inf, none
-                for o in range(n_options):
-                    if time[s, o] == inf or fpeak[s, o] + fwd_extra > m or bpeak[s, o] + bwd_extra > m:
-                        continue
+            best[:] = inf
+            choice[:] = none
+            for o in range(n_options):  # m innermost: the tables are read along memory
+                if time[s, o] == inf:
+                    continue
+                low = max(fpeak[s, o] + fwd_extra, bpeak[s, o] + bwd_extra, kept[s, o] if d > 0 else 0, 0)
+                for m in range(low, quanta + 1):
                     if d == 0:
                         c, pick = time[s, o], o
                     else:
                         rest = m - kept[s, o]
-                        if rest < 0:
-                            continue
                         c, pick = time[s, o] + cost[s + 1, t, rest], o
                         c_soft = time[s, o] + soft[s + 1, t, rest] + out_time[s, o]
                         if c_soft < c:
                             c, pick = c_soft, n_options + o
-                    if c < best:
-                        best, choice = c, pick
-                for s2 in range(s + 1, t + 1):
-                    if ck_need[s, s2 - 1] + fwd_extra > m or m - ckpt[s2 - 1] < 0:
-                        continue
+                    if c < best[m]:
+                        best[m], choice[m] = c, pick
+            for s2 in range(s + 1, t + 1):
+                for m in range(max(ck_need[s, s2 - 1] + fwd_extra, ckpt[s2 - 1], 0), quanta + 1):
                     c = ck_sum[s, s2 - 1] + cost[s2, t, m - ckpt[s2 - 1]] + cost[s, s2 - 1, m]
-                    if c < best:
-                        best, choice = c, -s2
-                cost[s, t, m] = best
-                decision[s, t, m] = choice
-                if s == 0 or d == 0:
+                    if c < best[m]:
+                        best[m], choice[m] = c, -s2
+            cost[s, t, :] = best
+            decision[s, t, :] = choice
+            if s == 0 or d == 0:
+                continue
+            best[:] = inf  # soft: the input is dropped after block s's forward
+            choice[:] = none
+            for o in range(n_options):
+                if time[s, o] == inf:
                     continue
-                best, choice = inf, none  # soft: the input is dropped after block s's forward
-                for o in range(n_options):
-                    if time[s, o] == inf or fpeak[s, o] + fwd_extra > m or bpeak[s, o] + bwd_extra > m \
-                            or m - kept[s, o] < 0 or ck_peak[s - 1] + kept[s, o] + frontier[s] + wb[s] > m + x_in:
-                        continue
+                low = max(fpeak[s, o] + fwd_extra, bpeak[s, o] + bwd_extra, kept[s, o],
+                          ck_peak[s - 1] + kept[s, o] + frontier[s] + wb[s] - x_in, 0)
+                for m in range(low, quanta + 1):
                     c = time[s, o] + cost[s + 1, t, min(m - kept[s, o] + x_in, quanta)]
-                    if c < best:
-                        best, choice = c, o
-                for s2 in range(s + 1, t + 1):
-                    if ck_need[s, s2 - 1] + fwd_extra > m or m - ckpt[s2 - 1] < 0 \
-                            or ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] > m + x_in:
-                        continue
+                    if c < best[m]:
+                        best[m], choice[m] = c, o
+            for s2 in range(s + 1, t + 1):
+                low = max(ck_need[s, s2 - 1] + fwd_extra, ckpt[s2 - 1], ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] - x_in, 0)
+                for m in range(low, quanta + 1):
                     c = ck_sum[s, s2 - 1] + cost[s2, t, min(m - ckpt[s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
-                    if c < best:
-                        best, choice = c, -s2
-                soft[s, t, m] = best
-                soft_decision[s, t, m] = choice
+                    if c < best[m]:
+                        best[m], choice[m] = c, -s2
+            soft[s, t, :] = best
+            soft_decision[s, t, :] = choice
     first = np.full((n_blocks + 1, quanta + 1), inf)
     first_soft = np.full((n_blocks + 1, quanta + 1), inf)
     first_decision = np.full((n_blocks + 1, quanta + 1), none, dtype=np.int32)

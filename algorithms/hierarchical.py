@@ -1,7 +1,8 @@
 """Hierarchical planning: blocks, each block's Pareto set of options, and a chain DP across them.
 
 1. ``blocks.partition`` cuts the step into a chain of small blocks (the loss last) and says what
-   crosses between them.
+   crosses between them; ``prepare_all`` weighs several partitions, one of them the small blocks
+   joined in pairs.
 2. ``block_options`` enumerates, once per distinct block (identical transformer layers or ResNet
    blocks share one key), what its forward can keep and what its backward then recomputes: the
    selective keeping (keep a convolution's output, recompute the BatchNorm and ReLU after it) is
@@ -13,8 +14,9 @@
    so its limit is bisected against simulated peaks, as the segment DP's is.
 
 Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
-O(2^c (ops + edges)) with c <= 12 candidates; the chain DP O(L^2 Q (P + L)) for L blocks; one
-DP, emission and simulation per bisection step.
+O(2^c (ops + edges)) with c <= 13 candidates (a joined block: O(8^2 x 2^boundary) combined
+masks); the chain DP O(L^2 Q (P + L)) for L blocks; one emission and simulation per column
+tried (at most 10 bisection steps, then 32 more columns where none fitted).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import numpy as np
 from planner.algorithms.block_options import (
     BlockOptions, LocalBlock, block_options, checkpoint_forward, local_block, orders, output_order,
 )
-from planner.algorithms.blocks import BLOCK_SCALES, TINY_MERGE_POLICIES, BlockChain, partition
+from planner.algorithms.blocks import (
+    BLOCK_SCALES, TINY_MERGE_POLICIES, BlockChain, block_ends, chain_of, cut_sites, partition,
+)
 from planner.algorithms.chain import ChainProblem, ChainSolution, ChainTables, tabulate
 from planner.algorithms.reorder import reorder_schedule
 from planner.algorithms.result import rank
@@ -35,8 +39,12 @@ from planner.schedule import Schedule
 from planner.simulator import SimResult, simulate
 
 LIMIT_SEARCH_STEPS = 10
+SCAN_COLUMNS = 32  # columns tried where bisection finds nothing fitting
 QUANTA = 512  # memory units of the DP's tables, spanning twice the activation budget
 LEAST_MEMORY_COLUMNS = 16  # columns above the fewest units that fit, tried for the lowest peak
+JOINED_CANDIDATES = 32  # a pairing whose pairs hold more candidates than this is not weighed
+MASK_BITS = 62  # candidates an int64 option mask holds
+PAIRINGS = (0,)  # offsets of the first pair where small blocks are joined in pairs (each costs a DP)
 
 
 @dataclass
@@ -139,16 +147,29 @@ def prepare(graph: TrainingGraph, cost_model: CostModel, policy: str = TINY_MERG
 
 
 def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
-    """One hierarchy per distinct partition: small blocks with either tiny-region policy, and
-    large blocks (``BLOCK_SCALES``) with the first policy only (each partition costs a DP). A
-    block the partitions share is solved once."""
-    chains: dict[tuple, BlockChain] = {}
-    for scale, policy in [(BLOCK_SCALES[0], policy) for policy in TINY_MERGE_POLICIES] + \
-            [(scale, TINY_MERGE_POLICIES[0]) for scale in BLOCK_SCALES[1:]]:
-        chain = partition(graph, policy, scale)
-        chains.setdefault(tuple(block.forward_ops for block in chain.blocks), chain)
+    """One hierarchy per distinct partition: small blocks with either tiny-region policy, large
+    blocks (``BLOCK_SCALES``) with the first policy only, and the small blocks of the first policy
+    joined in pairs (``PAIRINGS``: each offset) where no pair holds more than
+    ``JOINED_CANDIDATES`` candidates; each partition costs a DP. A block the
+    partitions share is solved once; a joined block combines its parts' options."""
     solver = _BlockSolver(graph, cost_model)
-    return [solver.hierarchy(chain) for chain in chains.values()]
+    sites = cut_sites(graph)
+    small_ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0])
+    small = solver.hierarchy(chain_of(graph, sites, small_ends))
+    found = {small_ends: small}
+    for policy, scale in [(policy, BLOCK_SCALES[0]) for policy in TINY_MERGE_POLICIES[1:]] + \
+            [(TINY_MERGE_POLICIES[0], scale) for scale in BLOCK_SCALES[1:]]:
+        ends = block_ends(sites, policy, scale)
+        if ends not in found:
+            found[ends] = solver.hierarchy(chain_of(graph, sites, ends))
+    candidates = np.array([local.n_candidates for local in small.locals[: small.n_blocks]])
+    for offset in PAIRINGS:
+        ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0], offset)
+        joined = np.add.reduceat(candidates, np.searchsorted(small_ends, (0,) + ends[:-1], side="right")) \
+            if len(candidates) else candidates
+        if ends not in found and len(joined) and joined.max() <= JOINED_CANDIDATES:
+            found[ends] = solver.hierarchy(chain_of(graph, sites, ends), small)
+    return [hierarchy for hierarchy in found.values() if hierarchy is not None]
 
 
 class _BlockSolver:
@@ -161,47 +182,68 @@ class _BlockSolver:
         self.workspace = cost_model.workspace_bytes(graph)
         self.by_key: dict[str, BlockOptions] = {}
 
-    def hierarchy(self, chain: BlockChain) -> Hierarchy:
+    def hierarchy(self, chain: BlockChain, parts: Hierarchy | None = None) -> Hierarchy | None:
+        """The hierarchy of ``chain``; ``parts``: that of a finer chain whose consecutive blocks
+        ``chain``'s blocks join (None if a joined block has more candidates than a mask holds:
+        joined, a storage its parts held long-lived can become a candidate)."""
         locals_ = [local_block(self.graph, chain, block, self.times, self.workspace) for block in chain.blocks]
-        for local in locals_:
+        if parts is not None and max(local.n_candidates for local in locals_) > MASK_BITS:
+            return None
+        for block, local in zip(chain.blocks, locals_):
             if local.key not in self.by_key:
-                self.by_key[local.key] = block_options(local)
+                joined = () if parts is None else [
+                    (parts.locals[b], parts.options[b])
+                    for b in np.unique(parts.chain.block_of_op[list(block.forward_ops)])]
+                self.by_key[local.key] = block_options(local, joined)
         return Hierarchy(self.graph, chain, locals_, [self.by_key[local.key] for local in locals_])
 
 
-def _bisect(hierarchy: Hierarchy, cost_model: CostModel, tables: ChainTables, budget_bytes: int,
-            low: int, high: int, column: int) -> tuple[Schedule, SimResult] | None:
-    """Bisect the DP's memory column in [low, high] against simulated peaks: the DP's memory
-    model is conservative but not exact, so the largest column whose schedule really fits is
-    searched from ``column`` on, keeping the best (``result.rank``) schedule seen."""
-    graph = hierarchy.graph
-    best, best_key, seen = None, None, {}
+class _Columns:
+    """Schedules of a DP table's memory columns, each distinct solution emitted and simulated
+    once, and the best one (``result.rank`` for ``budget_bytes``) seen."""
+
+    def __init__(self, hierarchy: Hierarchy, cost_model: CostModel, tables: ChainTables, budget_bytes: int):
+        self.hierarchy, self.cost_model, self.tables, self.budget_bytes = hierarchy, cost_model, tables, budget_bytes
+        self.seen: dict[tuple, tuple[Schedule, SimResult]] = {}
+        self.best: tuple[Schedule, SimResult] | None = None
+        self._best_key = None
+
+    def fits(self, column: int) -> bool | None:
+        """Whether the schedule of ``column`` fits the budget (None: the DP has none there)."""
+        solution = self.tables.solution(column)
+        if solution is None:
+            return None
+        if solution.actions not in self.seen:
+            schedule = self.hierarchy.schedule(solution)
+            self.seen[solution.actions] = (schedule, simulate(self.hierarchy.graph, schedule, self.cost_model))
+        found = self.seen[solution.actions]
+        key = rank(found[1], self.budget_bytes)
+        if self._best_key is None or key < self._best_key:
+            self.best, self._best_key = found, key
+        return key[0] == 0
+
+
+def _bisect(columns: _Columns, low: int, high: int, column: int) -> None:
+    """Bisect the DP's memory column in [low, high] against simulated peaks, from ``column``: the
+    DP's memory model is conservative but not exact, so the largest column whose schedule
+    really fits is searched."""
     for _ in range(LIMIT_SEARCH_STEPS):
         if low > high:
             break
-        solution = tables.solution(column)
-        if solution is None:
-            low = column + 1
+        if columns.fits(column) is False:  # None: nothing fits the DP's model there
+            high = column - 1
         else:
-            if solution.actions not in seen:
-                schedule = hierarchy.schedule(solution)
-                seen[solution.actions] = (schedule, simulate(graph, schedule, cost_model))
-            schedule, result = seen[solution.actions]
-            key = rank(result, budget_bytes)
-            if best_key is None or key < best_key:
-                best, best_key = (schedule, result), key
-            if key[0] == 0:
-                low = column + 1
-            else:
-                high = column - 1
+            low = column + 1
         column = (low + high) // 2
-    return best
 
 
 def search(hierarchy: Hierarchy, cost_model: CostModel, budget_bytes: int) -> tuple[Schedule, SimResult] | None:
     """The fastest schedule the chain DP finds whose simulated peak fits ``budget_bytes``; if
     none fits, the lowest-peak one found (None if the DP found nothing). One DP over memory
-    amounts up to twice the activation budget, then bisection over its columns."""
+    amounts up to twice the activation budget, then bisection over its columns; if that finds
+    nothing fitting, ``SCAN_COLUMNS`` columns spread over the rest (where memory the DP's model
+    does not see, gradients shared across blocks, makes the simulated peak not grow with the
+    column, as in an unrolled LSTM, bisection misses columns that fit)."""
     activation_budget = float(budget_bytes - hierarchy.graph.resident_bytes)
     if activation_budget <= 0:
         return None
@@ -209,7 +251,12 @@ def search(hierarchy: Hierarchy, cost_model: CostModel, budget_bytes: int) -> tu
     least = tables.least_quanta()
     if least is None:
         return None
-    return _bisect(hierarchy, cost_model, tables, budget_bytes, least, QUANTA, max(least, QUANTA // 2))
+    columns = _Columns(hierarchy, cost_model, tables, budget_bytes)
+    _bisect(columns, least, QUANTA, max(least, QUANTA // 2))
+    if columns.best[1].peak_bytes > budget_bytes:
+        for column in np.unique(np.linspace(least, QUANTA, SCAN_COLUMNS).round().astype(int)):
+            columns.fits(int(column))
+    return columns.best
 
 
 def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule, SimResult] | None:

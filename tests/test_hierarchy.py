@@ -1,0 +1,133 @@
+"""Hierarchical planning's joined blocks and column search (``planner.algorithms.hierarchical``).
+
+Small blocks joined in pairs are one more partition, whose options combine each part's own
+(``block_options._composite_masks``). These tests check that a pair is exactly two adjacent small
+blocks, that its options reach what no single block's option can (a residual block's output
+dropped inside the pair), and that a schedule of the paired partition alone, at a budget that
+forces recomputation, runs with eager PyTorch's loss and gradients, bitwise, at the simulator's
+peak.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import planner
+from planner.algorithms import hierarchical
+from planner.algorithms.block_options import _trade_off
+from planner.algorithms.blocks import partition
+from planner.schedule import Schedule
+
+from _workloads import assert_same_step, eager_step, planned_step
+from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
+
+CPU = planner.RooflineCostModel("cpu")
+
+
+class Bottlenecks(nn.Module):
+    """ResNet-style bottleneck blocks (1x1, 3x3, 1x1 convolutions with BatchNorm and ReLU, residual
+    add): the block output is as wide as the 1x1 convolution before it, so a pair can drop its
+    middle output and recompute it from that convolution and the pair's input."""
+
+    def __init__(self, channels: int = 16, blocks: int = 4, classes: int = 10):
+        super().__init__()
+        c, thin = channels, channels // 4
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(c, thin, 1, bias=False), nn.BatchNorm2d(thin), nn.ReLU(),
+            nn.Conv2d(thin, thin, 3, padding=1, bias=False), nn.BatchNorm2d(thin), nn.ReLU(),
+            nn.Conv2d(thin, c, 1, bias=False), nn.BatchNorm2d(c)) for _ in range(blocks))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.relu(h + block(h))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def bottlenecks():
+    torch.manual_seed(0)
+    model = Bottlenecks().train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    graph = planner.capture(copy.deepcopy(model), x, F.cross_entropy, targets=y)
+    return model, x, y, graph
+
+
+def _solved(graph, offset: int):
+    solver = hierarchical._BlockSolver(graph, CPU)
+    small = solver.hierarchy(partition(graph))
+    return small, solver.hierarchy(partition(graph, pairing=offset), small)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_a_paired_partition_joins_adjacent_small_blocks(bottlenecks, offset: int) -> None:
+    graph = bottlenecks[3]
+    small, paired = partition(graph), partition(graph, pairing=offset)
+    groups = [sorted({int(small.block_of_op[op]) for op in block.forward_ops}) for block in paired.blocks[:-1]]
+    assert [b for group in groups for b in group] == list(range(small.n_model_blocks))
+    assert all(len(group) == (1 if i == 0 and offset == 1 else 2) or i == len(groups) - 1
+               for i, group in enumerate(groups))
+    assert sum(len(group) == 2 for group in groups) >= 2
+
+
+def test_a_pair_drops_its_middle_output_where_no_single_block_can(bottlenecks) -> None:
+    """Every option of a small block keeps its output (it crosses to the next block as a
+    checkpoint); some option on a pair's trade-off between kept memory and time does not keep
+    the middle output, recomputing it in the backward."""
+    graph = bottlenecks[3]
+    small, paired = _solved(graph, 0)
+    joined = [b for b, block in enumerate(paired.chain.blocks[:-1])
+              if len({int(small.chain.block_of_op[op]) for op in block.forward_ops}) == 2]
+    assert joined
+    found = False
+    for b in joined:
+        local, options = paired.locals[b], paired.options[b]
+        parts = sorted({int(small.chain.block_of_op[op]) for op in paired.chain.blocks[b].forward_ops})
+        first = small.locals[parts[0]]
+        middle = {int(first.ops[p]) for p in first.tensor_producer[first.tensor_output] if p >= 0}
+        middle_bits = [i for i, c in enumerate(local.candidates) if int(local.ops[c]) in middle]
+        assert middle_bits, "the first part's output is a candidate of the pair"
+        for k in _trade_off(options.kept, options.time):
+            if not any(options.masks[k] >> i & 1 for i in middle_bits):
+                found = True
+    assert found, "no trade-off option of a pair drops the middle output"
+
+
+def test_the_paired_partition_alone_plans_a_step_equal_to_eager(bottlenecks) -> None:
+    model, x, y, graph = bottlenecks
+    _, paired = _solved(graph, 0)
+    store_all = planner.simulate(graph, Schedule.store_all(graph), CPU)
+    budget = graph.resident_bytes + (store_all.peak_bytes - graph.resident_bytes) // 2
+    schedule, result = hierarchical.search(paired, CPU, budget)
+    assert result.peak_bytes <= budget
+    assert result.recomputations > 0
+    assert planner.simulate(graph, schedule, CPU).peak_bytes == result.peak_bytes
+    loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    eager_model = copy.deepcopy(model)
+    want = eager_step(eager_model, x, loss, seed=1)
+    planned_model = copy.deepcopy(model)
+    got = planned_step(planned_model, planner.PlannedModule(planned_model, graph, schedule), x, loss, seed=1)
+    assert_same_step(got, want)
+
+
+def test_pairs_plan_faster_than_small_blocks_where_memory_is_short() -> None:
+    """Half the activations of six wide bottlenecks: the paired partition's schedule takes less
+    simulated time than either small-block partition's (each within the budget)."""
+    torch.manual_seed(0)
+    model = Bottlenecks(channels=64, blocks=6).train()
+    graph = planner.capture(model, torch.randn(8, 3, 16, 16), F.cross_entropy, targets=torch.randint(0, 10, (8,)))
+    store_all = planner.simulate(graph, Schedule.store_all(graph), CPU)
+    budget = graph.resident_bytes + (store_all.peak_bytes - graph.resident_bytes) // 2
+    solver = hierarchical._BlockSolver(graph, CPU)
+    small = solver.hierarchy(partition(graph))
+    found = {name: hierarchical.search(h, CPU, budget)[1] for name, h in [
+        ("small", small), ("least waste", solver.hierarchy(partition(graph, "least waste"))),
+        ("pairs", solver.hierarchy(partition(graph, pairing=0), small))]}
+    assert all(result.peak_bytes <= budget for result in found.values())
+    assert found["pairs"].time < min(found["small"].time, found["least waste"].time), found
