@@ -25,7 +25,6 @@ from planner.execute import PlannedModule
 from planner.graph import InputSpec, TrainingGraph
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
-from planner.runtime import torch_dtype
 from planner.schedule import Schedule
 from planner.search import MODES, search
 from planner.simulator import simulate
@@ -77,6 +76,15 @@ class PlanRequest:
         budget = self.budget if isinstance(self.budget, (str, int, float)) else str(self.budget)
         return dict(budget=budget, mode=self.mode, algorithm=self.algorithm, time_limit=self.time_limit,
                     cost_model=_preset_of(self.cost_model), op_variants=variants)
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    """A plan file's dtype, ``"torch.float32"`` (``str(torch.float32)``), as the dtype: the one
+    place a dtype is read from text. ``ValueError`` for anything that is not a dtype."""
+    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return value
 
 
 def _preset_of(cost_model: CostModel | str | None) -> str | None:
@@ -158,7 +166,7 @@ class Plan:
         if loss_fn is None and len(self.input_specs) > self.n_inputs:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
-        examples = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
+        examples = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.input_specs]
         inputs = examples[: self.n_inputs]
         call = Call(*self.call.fill(inputs)) if self.call is not None else inputs
         graph = capture(model, call, loss_fn, targets=examples[self.n_inputs:])
@@ -194,7 +202,7 @@ class Plan:
             "store_all_time", "resident_bytes", "recomputations", "algorithm", "status",
             "cost_model", "gap", "lower_bound", "message", "n_inputs", "workload")}
         meta["variants"] = list(self.variants)
-        meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in self.input_specs]
+        meta["input_specs"] = [[list(s.shape), str(s.dtype), s.device] for s in self.input_specs]
         meta["call"] = self.call.to_json() if self.call is not None else None
         meta["request"] = (self.request or PlanRequest(self.budget_bytes)).to_json()
         Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": self.schedule.to_json()}))
@@ -210,9 +218,7 @@ class Plan:
             raise InvalidScheduleError(f"{path} is not a plan of format {PLAN_FORMAT}: plan again with this version")
         try:
             meta = dict(data["plan"])
-            specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
-            for spec in specs:
-                torch_dtype(spec.dtype)
+            specs = tuple(InputSpec(tuple(s[0]), _dtype_named(s[1]), s[2]) for s in meta.pop("input_specs"))
             meta.setdefault("workload", None)
             meta["variants"] = tuple(str(name) for name in meta.get("variants", ()))
             call = meta.pop("call", None)  # plan files from before keyword inputs: positional
