@@ -240,6 +240,8 @@ class TrainingGraph:
         _check_rows(self)
         _check_ops(self)
         _check_tensors(self)
+        for op in self.ops:
+            _check_op_costs(self, op)
         _check_fields(self)
 
     # ---- identity ------------------------------------------------------------------------
@@ -358,7 +360,6 @@ def _check_ops(graph: TrainingGraph) -> None:
             seen_backward = True
         elif seen_backward:
             raise GraphLintError("forward ops before backward ops", "a forward op after a backward op", op=op.id)
-        _check_op_costs(graph, op)
         if (op.differentiates is not None) and (op.phase is Phase.FORWARD or not 0 <= op.differentiates < op.id
                                                 or graph.ops[op.differentiates].phase is not Phase.FORWARD):
             raise GraphLintError("differentiates a forward op", f"differentiates {op.differentiates}", op=op.id)
