@@ -462,24 +462,7 @@ class _JointReader:
         kwargs = tree_map(lambda a: self._ref(a) if isinstance(a, torch.fx.Node) else a, node.kwargs)
         input_ids = OpCall(target, tuple(args), dict(kwargs), (), False).input_ids()
         value = node.meta["val"]
-        if isinstance(value, torch.Tensor):
-            output_slots = (self._new_tensor(node.name, value, TensorKind.ACTIVATION, input_ids),)
-            self.tensor_of[node] = output_slots[0]
-        elif isinstance(value, (tuple, list)):
-            slots = []
-            for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, input_ids))
-                    self._separate_from_siblings(target, i, slots)
-                elif item is None:
-                    slots.append(None)
-                else:
-                    raise UnsupportedOperatorError(str(target), f"it returns a {type(item).__name__} "
-                                                   "(symbolic sizes or scalars), which cannot be planned")
-            output_slots = tuple(slots)
-            self.slots_of[node] = output_slots
-        else:
-            raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        output_slots = self._outputs(node, input_ids)
         vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
         if target in GRAD_MODE_OPS and self.device != "meta":  # its meta kernel states the inference outputs
             self._resize(output_slots, real_outputs(target, *vals))
@@ -493,6 +476,28 @@ class _JointReader:
         self.ir.add_op(node.name, Phase.FORWARD if is_forward else Phase.BACKWARD, call,
                        flops=_flops(target, vals[0], vals[1], value), in_loss=node in self.loss_nodes,
                        is_random=torch.Tag.nondeterministic_seeded in target.tags, differentiates=differentiates)
+
+    def _outputs(self, node: torch.fx.Node, input_ids: tuple[int, ...]) -> tuple[int | None, ...]:
+        """A tensor for each tensor ``node`` returns (``None`` where it returns None): the op's
+        output slots, in storages of their own or, for views, of the input they view."""
+        target, value = node.target, node.meta["val"]
+        if isinstance(value, torch.Tensor):
+            self.tensor_of[node] = self._new_tensor(node.name, value, TensorKind.ACTIVATION, input_ids)
+            return (self.tensor_of[node],)
+        if not isinstance(value, (tuple, list)):
+            raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        slots = []
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, input_ids))
+                self._separate_from_siblings(target, i, slots)
+            elif item is None:
+                slots.append(None)
+            else:
+                raise UnsupportedOperatorError(str(target), f"it returns a {type(item).__name__} "
+                                               "(symbolic sizes or scalars), which cannot be planned")
+        self.slots_of[node] = tuple(slots)
+        return self.slots_of[node]
 
     def _get_attr(self, node: torch.fx.Node) -> None:
         """A tensor the forward creates from constants (``torch.tensor([])`` in transformers'

@@ -251,6 +251,7 @@ class TrainingGraph:
         digest = hashlib.sha256()
         for t in self.tensors:
             named = t.name if t.kind in RESIDENT_KINDS else ""
+            # a dtype by its name, "torch.float32": the hash dtypes had as strings (plan files keep it)
             digest.update(repr((t.shape, str(t.dtype), t.storage, t.kind.value, t.producer, named)).encode())
         for op, call in zip(self.ops, self.calls):
             digest.update(repr((op.target, op.phase.value, op.inputs, op.outputs)).encode())
@@ -403,6 +404,9 @@ def _check_tensors(graph: TrainingGraph) -> None:
         if not made_by_view and t.nbytes > graph.storages[t.storage].nbytes:  # a view may broadcast (expand)
             raise GraphLintError("a tensor fits its storage", f"{t.nbytes} bytes in storage {t.storage} of "
                                  f"{graph.storages[t.storage].nbytes}", tensor=t.id)
+    empty = set(range(len(graph.storages))) - {t.storage for t in graph.tensors}
+    if empty:
+        raise GraphLintError("every storage holds a tensor", f"storages {sorted(empty)[:5]} hold none")
 
 
 def _check_fields(graph: TrainingGraph) -> None:

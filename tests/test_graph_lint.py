@@ -13,7 +13,7 @@ import torch
 
 import planner
 from planner.errors import GraphLintError, PlannerError
-from planner.graph import OpCall, Phase, TensorKind, TensorRef, TrainingGraph
+from planner.graph import OpCall, Phase, StorageInfo, TensorKind, TensorRef, TrainingGraph
 from planner.graph_builder import GraphBuilder
 from planner.variants import apply_variants, variant_sites
 
@@ -78,6 +78,9 @@ CORRUPTIONS: list[tuple[str, Callable[[TrainingGraph], TrainingGraph], Callable,
      lambda g: dataclasses.replace(g, storages=tuple(
          dataclasses.replace(s, nbytes=0) if s.id == g.tensors[_activation(g)].storage else s for s in g.storages)),
      lambda g: None, _activation),
+    ("every storage holds a tensor",
+     lambda g: dataclasses.replace(g, storages=g.storages + (StorageInfo(len(g.storages), 8),)),
+     lambda g: None, lambda g: None),
     ("gradients are gradient tensors",
      lambda g: dataclasses.replace(g, gradients={_activation(g): next(iter(g.parameters.values()))}),
      lambda g: None, _activation),
