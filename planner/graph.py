@@ -400,13 +400,22 @@ def _check_tensors(graph: TrainingGraph) -> None:
         if t.nbytes != tensor_bytes(t.shape, t.dtype):
             raise GraphLintError("bytes are shape times element size", f"{t.nbytes} bytes for {t.shape} {t.dtype}",
                                  tensor=t.id)
+        # views are exempt: their offset in the storage they view is not recorded
         made_by_view = t.producer is not None and graph.ops[t.producer].is_view
-        if not made_by_view and t.nbytes > graph.storages[t.storage].nbytes:  # a view may broadcast (expand)
-            raise GraphLintError("a tensor fits its storage", f"{t.nbytes} bytes in storage {t.storage} of "
-                                 f"{graph.storages[t.storage].nbytes}", tensor=t.id)
+        if not made_by_view and _extent_bytes(t) > graph.storages[t.storage].nbytes:
+            raise GraphLintError("a tensor fits its storage", f"spans {_extent_bytes(t)} bytes in storage {t.storage} "
+                                 f"of {graph.storages[t.storage].nbytes}", tensor=t.id)
     empty = set(range(len(graph.storages))) - {t.storage for t in graph.tensors}
     if empty:
         raise GraphLintError("every storage holds a tensor", f"storages {sorted(empty)[:5]} hold none")
+
+
+def _extent_bytes(t: TensorInfo) -> int:
+    """The bytes ``t`` spans in its storage from its first element, by its strides (a broadcast
+    tensor, stride 0, spans less than its numel); its bytes where no strides were recorded."""
+    if not t.strides or 0 in t.shape:
+        return t.nbytes if not t.strides else 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.strides))) * t.dtype.itemsize
 
 
 def _check_fields(graph: TrainingGraph) -> None:
