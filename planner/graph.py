@@ -411,10 +411,10 @@ def _check_tensors(graph: TrainingGraph) -> None:
 
 
 def _extent_bytes(t: TensorInfo) -> int:
-    """The bytes ``t`` spans in its storage from its first element, by its strides (a broadcast
-    tensor, stride 0, spans less than its numel); its bytes where no strides were recorded."""
-    if not t.strides or 0 in t.shape:
-        return t.nbytes if not t.strides else 0
+    """The bytes ``t`` needs in its storage: its bytes, or for a broadcast tensor (a stride 0 over
+    a dimension of size > 1: an expanded input) the span of its strides from its first element."""
+    if 0 in t.shape or not any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.strides)):
+        return t.nbytes
     return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.strides))) * t.dtype.itemsize
 
 
