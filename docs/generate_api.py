@@ -20,7 +20,7 @@ SECTIONS = [
     ("Units", ["parse_budget", "format_bytes", "reserved_budget"]),
     ("Errors", ["PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
                 "PlanMismatchError", "RankMismatchError", "InfeasibleBudgetError", "InvalidBudgetError",
-                "BackwardError", "SolverUnavailableError"]),
+                "BackwardError", "GraphLintError", "SolverUnavailableError"]),
 ]
 
 

@@ -17,10 +17,8 @@ from planner._torch import bind_arguments
 from planner.gpu._checks import FLOAT_DTYPES
 from planner.graph import OpCall, Phase, TensorRef, TrainingGraph
 
-#: dtypes compared by name (``str(torch.float32)``), however a graph spells them
-SUPPORTED_DTYPES = frozenset(str(d) for d in FLOAT_DTYPES)
-_ITEMSIZE = {str(d): d.itemsize for d in FLOAT_DTYPES}
-UINT8, INT64 = str(torch.uint8), str(torch.int64)
+SUPPORTED_DTYPES = frozenset(FLOAT_DTYPES)
+UINT8, INT64 = torch.uint8, torch.int64
 _VIEW_TARGETS = frozenset({"aten.detach.default", "aten.alias.default"})
 
 
@@ -80,9 +78,9 @@ def ref(value: Any) -> int | None:
     return value.id if isinstance(value, TensorRef) else None
 
 
-def itemsize(dtype: Any) -> int:
+def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of a supported float dtype."""
-    return _ITEMSIZE[str(dtype)]
+    return dtype.itemsize
 
 
 def numel(graph: TrainingGraph, tensor: int) -> int:

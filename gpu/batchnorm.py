@@ -292,8 +292,8 @@ def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
             forward["bias"] is not None and bias is None):
         return None
     shape = graph.tensors[x].shape
-    if (len(shape) < 2 or str(graph.tensors[x].dtype) not in SUPPORTED_DTYPES
-            or graph.tensors[weight].shape != (shape[1],) or str(graph.tensors[weight].dtype) not in SUPPORTED_DTYPES):
+    if (len(shape) < 2 or graph.tensors[x].dtype not in SUPPORTED_DTYPES
+            or graph.tensors[weight].shape != (shape[1],) or graph.tensors[weight].dtype not in SUPPORTED_DTYPES):
         return None
     out, mean, rstd = op.outputs[:3]
 

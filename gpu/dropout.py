@@ -96,7 +96,7 @@ def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     if arguments is None or arguments["train"] is not True or len(op.outputs) != 2:
         return None
     y, keep = op.outputs
-    if str(graph.tensors[y].dtype) not in SUPPORTED_DTYPES or str(graph.tensors[keep].dtype) != "torch.bool":
+    if graph.tensors[y].dtype not in SUPPORTED_DTYPES or graph.tensors[keep].dtype != torch.bool:
         return None
 
     def reads(consumer: int, tensor: int) -> bool:

@@ -309,7 +309,7 @@ def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     if window is None or len(op.outputs) != 2:
         return None
     _, indices = op.outputs
-    if str(graph.tensors[x].dtype) not in SUPPORTED_DTYPES or len(graph.tensors[x].shape) not in (3, 4):
+    if graph.tensors[x].dtype not in SUPPORTED_DTYPES or len(graph.tensors[x].shape) not in (3, 4):
         return None
 
     def reads(consumer: int, tensor: int) -> bool:

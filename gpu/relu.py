@@ -158,7 +158,7 @@ def _find(graph: TrainingGraph, op: OpInfo) -> VariantSite | None:
     """A ReLU whose output one ``threshold_backward(grad, y, 0)`` reads (through detach/alias ops
     nothing else reads); other readers of the output are fine: the variant still writes it."""
     (y,) = op.outputs
-    if str(graph.tensors[y].dtype) not in SUPPORTED_DTYPES or call_arguments(graph.calls[op.id]) is None:
+    if graph.tensors[y].dtype not in SUPPORTED_DTYPES or call_arguments(graph.calls[op.id]) is None:
         return None
 
     def reads(consumer: int, tensor: int) -> bool:

@@ -9,7 +9,7 @@ from planner.cost import DEVICE_PRESETS, CostModel, DeviceSpec, RooflineCostMode
 from planner.profiled_cost import ProfiledCostModel
 from planner.calls import Call
 from planner.errors import (
-    BackwardError, CaptureError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
+    BackwardError, CaptureError, GraphLintError, InfeasibleBudgetError, InvalidBudgetError, InvalidScheduleError,
     PlanMismatchError, PlannerError, RankMismatchError, SolverUnavailableError, UnsupportedOperatorError,
 )
 from planner.guards import config
@@ -33,6 +33,5 @@ __all__ = [
     "parse_budget", "format_bytes", "reserved_budget",
     "PlannerError", "CaptureError", "UnsupportedOperatorError", "InvalidScheduleError",
     "PlanMismatchError", "InfeasibleBudgetError", "InvalidBudgetError", "RankMismatchError", "BackwardError",
-    "SolverUnavailableError",
-    "Call", "config",
+    "GraphLintError", "SolverUnavailableError", "Call", "config",
 ]

@@ -323,7 +323,7 @@ class _PlannedBlock:
         for name, parameter in block.named_parameters(remove_duplicate=False):
             tensor = self.graph.parameters.get(f"block.{name}")
             info = self.graph.tensors[tensor] if tensor is not None else None
-            if info is None or tuple(parameter.shape) != info.shape or str(parameter.dtype) != info.dtype \
+            if info is None or tuple(parameter.shape) != info.shape or parameter.dtype != info.dtype \
                     or type(parameter) not in (torch.nn.Parameter, torch.Tensor):
                 raise PlanMismatchError(
                     f"block {self.name}'s parameter {name} is a {type(parameter).__name__} of shape "

@@ -20,9 +20,8 @@ from planner._torch import OpOverload, schema_is_mutable, schema_returns, tree_f
 from planner.calls import PytreeForm, Slot, as_tuple, call_arguments, split, split_call
 from planner.errors import CaptureError, PlannerError, UnsupportedOperatorError
 from planner.guards import step_key
-from planner.graph import (
-    InputSpec, OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorKind, TensorRef, TrainingGraph,
-)
+from planner.graph import InputSpec, OpCall, Phase, TensorKind, TensorRef, TrainingGraph
+from planner.graph_builder import GraphBuilder
 from planner.runtime import GRAD_MODE_OPS, real_outputs
 
 LossFn = Callable[..., torch.Tensor]
@@ -201,11 +200,11 @@ def capture(
     _drop_assertions(joint.graph)
     _sum_tied_gradients(joint)
     _one_node_per_output(joint)
-    specs = tuple(InputSpec(tuple(v.shape), str(v.dtype), str(v.device)) for v in tensors + targets)
-    builder = _GraphBuilder(joint, n_inputs=len(tensors), input_specs=specs, device=str(device))
-    graph = builder.build()
-    graph.call_form, graph.output_form, graph.assumptions = call_form, step.output_form, assumptions
-    return graph
+    specs = tuple(InputSpec(tuple(v.shape), v.dtype, str(v.device)) for v in tensors + targets)
+    reader = _JointReader(joint, n_inputs=len(tensors), device=str(device))
+    fields = reader.read()
+    return reader.ir.build(**fields, input_specs=specs, call_form=call_form, output_form=step.output_form,
+                           assumptions=assumptions)
 
 
 def _drop_assertions(graph: torch.fx.Graph) -> None:
@@ -348,22 +347,19 @@ def _explain_trace_failure(error: Exception) -> str:
     return f"could not trace the training step: {first_line}"
 
 
-class _GraphBuilder:
-    """Turns AOT's joint fx graph into the IR: contracts getitem and marker nodes, assigns storages."""
+class _JointReader:
+    """Turns AOT's joint fx graph into the IR (through ``GraphBuilder``): contracts getitem and
+    marker nodes, assigns storages, tells the loss's ops apart."""
 
-    def __init__(self, joint: torch.fx.GraphModule, n_inputs: int, input_specs: tuple, device: str):
+    def __init__(self, joint: torch.fx.GraphModule, n_inputs: int, device: str):
         self.joint = joint
         self.n_inputs = n_inputs
-        self.input_specs = input_specs
         self.device = device
+        self.ir = GraphBuilder()
         self.tensor_of: dict[torch.fx.Node, int] = {}  # fx node (single-tensor value) -> tensor id
         self.slots_of: dict[torch.fx.Node, tuple[int | None, ...]] = {}  # multi-output op node -> tensor ids
         self.storage_ids: dict[Any, int] = {}  # fake storage -> storage id
         self.storage_keys: list[Any] = []  # tensor id -> its fake storage
-        self.storage_sizes: list[int] = []
-        self.tensor_rows: list[dict] = []
-        self.op_rows: list[dict] = []
-        self.calls: list[OpCall] = []
         self.parameters: dict[str, int] = {}
         self.buffers: dict[str, int] = {}
         self.inputs: list[int] = []
@@ -384,23 +380,17 @@ class _GraphBuilder:
         key = _aot.storage_key(value)
         for source in sources:
             if self.storage_keys[source] == key:
-                return self.tensor_rows[source]["storage"]
+                return self.ir.tensors[source].storage
         if key not in self.storage_ids:
-            self.storage_ids[key] = len(self.storage_sizes)
-            self.storage_sizes.append(int(value.untyped_storage().nbytes()))
+            self.storage_ids[key] = self.ir.add_storage(value.untyped_storage().nbytes())
         return self.storage_ids[key]
 
-    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, producer: int | None,
-                    sources: Sequence[int] = ()) -> int:
+    def _new_tensor(self, name: str, value: torch.Tensor, kind: TensorKind, sources: Sequence[int] = ()) -> int:
         if value.layout is not torch.strided:
             raise CaptureError(f"{name} is a {value.layout} tensor, whose memory the planner cannot count: "
                                "keep the model's tensors dense (torch.strided)")
-        tensor_id = len(self.tensor_rows)
-        self.tensor_rows.append(dict(
-            id=tensor_id, name=name, shape=tuple(int(s) for s in value.shape), dtype=str(value.dtype),
-            nbytes=int(value.numel() * value.element_size()), storage=self._storage(value, sources), kind=kind,
-            producer=producer, consumers=[], strides=tuple(int(s) for s in value.stride()),
-        ))
+        tensor_id = self.ir.add_tensor(name, tuple(value.shape), value.dtype, kind, self._storage(value, sources),
+                                       tuple(value.stride()))
         self.storage_keys.append(_aot.storage_key(value))
         return tensor_id
 
@@ -411,26 +401,25 @@ class _GraphBuilder:
         returns one fake bias gradient for both biases, while the real kernel returns two tensors.
         Views of either find their storage through the op they are read by (``_storage``)."""
         returns = schema_returns(target)
-        row = self.tensor_rows[slots[-1]]
-        siblings = {self.tensor_rows[t]["storage"] for t in slots[:-1] if t is not None}
-        if row["storage"] in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
-            self.storage_sizes.append(self.storage_sizes[row["storage"]])
-            row["storage"] = len(self.storage_sizes) - 1
+        storage = self.ir.tensors[slots[-1]].storage
+        siblings = {self.ir.tensors[t].storage for t in slots[:-1] if t is not None}
+        if storage in siblings and returns[min(index, len(returns) - 1)].alias_info is None:
+            self.ir.set_tensor(slots[-1], storage=self.ir.add_storage(self.ir.storage_sizes[storage]))
 
     # -- nodes ----------------------------------------------------------------------------------
     def _placeholder(self, node: torch.fx.Node) -> None:
         role = _aot.input_role(node, _MODEL_PREFIX)
         value = node.meta["val"]
         if role.kind == "parameter":
-            self.tensor_of[node] = self.parameters[role.name] = self._new_tensor(role.name, value, TensorKind.PARAMETER, None)
+            self.tensor_of[node] = self.parameters[role.name] = self._new_tensor(role.name, value, TensorKind.PARAMETER)
         elif role.kind == "buffer":
-            self.tensor_of[node] = self.buffers[role.name] = self._new_tensor(role.name, value, TensorKind.BUFFER, None)
+            self.tensor_of[node] = self.buffers[role.name] = self._new_tensor(role.name, value, TensorKind.BUFFER)
         elif role.kind == "tangent":
-            self.tensor_of[node] = self.tangent = self._new_tensor("loss_grad", value, TensorKind.TANGENT, None)
+            self.tensor_of[node] = self.tangent = self._new_tensor("loss_grad", value, TensorKind.TANGENT)
         else:
             is_target = role.index >= self.n_inputs
             name = f"target{role.index - self.n_inputs}" if is_target else f"input{role.index}"
-            tensor_id = self._new_tensor(name, value, TensorKind.INPUT, None)
+            tensor_id = self._new_tensor(name, value, TensorKind.INPUT)
             (self.targets if is_target else self.inputs).append(tensor_id)
             self.tensor_of[node] = tensor_id
 
@@ -456,7 +445,7 @@ class _GraphBuilder:
                 self.loss_nodes.add(node)
             self.tensor_of[node] = self.tensor_of[source]
             # later views of the marker's output live in the source's storage
-            self.storage_ids.setdefault(_aot.storage_key(node.meta["val"]), self.tensor_rows[self.tensor_of[source]]["storage"])
+            self.storage_ids.setdefault(_aot.storage_key(node.meta["val"]), self.ir.tensors[self.tensor_of[source]].storage)
             is_forward = node.meta.get("partitioner_tag") == _aot.FORWARD_TAG
             (self.model_outputs if is_forward else self.output_grads)[index] = self.tensor_of[source]
             return
@@ -471,52 +460,44 @@ class _GraphBuilder:
             self.loss_nodes.add(node)  # reads the marked model output (or loss values): part of the loss
         args = tree_map(lambda a: self._ref(a) if isinstance(a, torch.fx.Node) else a, node.args)
         kwargs = tree_map(lambda a: self._ref(a) if isinstance(a, torch.fx.Node) else a, node.kwargs)
-        input_ids = list(dict.fromkeys(r.id for r in tree_flatten((args, kwargs))[0] if isinstance(r, TensorRef)))
-        op_id = len(self.op_rows)
+        input_ids = OpCall(target, tuple(args), dict(kwargs), (), False).input_ids()
         value = node.meta["val"]
-        if isinstance(value, torch.Tensor):
-            outputs = [self._new_tensor(node.name, value, TensorKind.ACTIVATION, op_id, input_ids)]
-            output_slots = (outputs[0],)
-            self.tensor_of[node] = outputs[0]
-        elif isinstance(value, (tuple, list)):
-            slots = []
-            for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, op_id, input_ids))
-                    self._separate_from_siblings(target, i, slots)
-                elif item is None:
-                    slots.append(None)
-                else:
-                    raise UnsupportedOperatorError(str(target), f"it returns a {type(item).__name__} "
-                                                   "(symbolic sizes or scalars), which cannot be planned")
-            output_slots = tuple(slots)
-            self.slots_of[node] = output_slots
-            outputs = [s for s in slots if s is not None]
-        else:
-            raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        output_slots = self._outputs(node, input_ids)
         vals = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs))
         if target in GRAD_MODE_OPS and self.device != "meta":  # its meta kernel states the inference outputs
             self._resize(output_slots, real_outputs(target, *vals))
-        input_storages = {self.tensor_rows[i]["storage"] for i in input_ids}
-        is_view = all(self.tensor_rows[o]["storage"] in input_storages for o in outputs)
-        for i in input_ids:
-            self.tensor_rows[i]["consumers"].append(op_id)
+        op_id = len(self.ir.ops)
         sequence = node.meta.get("seq_nr")
         if is_forward and sequence is not None:
             self.forward_op_of_sequence.setdefault(sequence, op_id)
         differentiates = None if is_forward or node.meta.get("is_gradient_acc") else \
             self.forward_op_of_sequence.get(sequence)
-        self.op_rows.append(dict(
-            id=op_id, name=node.name, target=str(target),
-            phase=Phase.FORWARD if is_forward else Phase.BACKWARD, in_loss=node in self.loss_nodes,
-            inputs=tuple(input_ids), outputs=tuple(outputs),
-            flops=0.0 if is_view else _flops(target, vals[0], vals[1], value),
-            bytes_read=0 if is_view else sum(self.tensor_rows[i]["nbytes"] for i in input_ids),
-            bytes_written=0 if is_view else sum(self.tensor_rows[o]["nbytes"] for o in outputs),
-            is_view=is_view, is_random=torch.Tag.nondeterministic_seeded in target.tags,
-            differentiates=differentiates,
-        ))
-        self.calls.append(OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor)))
+        call = OpCall(target, tuple(args), dict(kwargs), output_slots, not isinstance(value, torch.Tensor))
+        self.ir.add_op(node.name, Phase.FORWARD if is_forward else Phase.BACKWARD, call,
+                       flops=_flops(target, vals[0], vals[1], value), in_loss=node in self.loss_nodes,
+                       is_random=torch.Tag.nondeterministic_seeded in target.tags, differentiates=differentiates)
+
+    def _outputs(self, node: torch.fx.Node, input_ids: tuple[int, ...]) -> tuple[int | None, ...]:
+        """A tensor for each tensor ``node`` returns (``None`` where it returns None): the op's
+        output slots, in storages of their own or, for views, of the input they view."""
+        target, value = node.target, node.meta["val"]
+        if isinstance(value, torch.Tensor):
+            self.tensor_of[node] = self._new_tensor(node.name, value, TensorKind.ACTIVATION, input_ids)
+            return (self.tensor_of[node],)
+        if not isinstance(value, (tuple, list)):
+            raise UnsupportedOperatorError(str(target), f"it returns {type(value).__name__}, not tensors")
+        slots = []
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                slots.append(self._new_tensor(f"{node.name}.{i}", item, TensorKind.ACTIVATION, input_ids))
+                self._separate_from_siblings(target, i, slots)
+            elif item is None:
+                slots.append(None)
+            else:
+                raise UnsupportedOperatorError(str(target), f"it returns a {type(item).__name__} "
+                                               "(symbolic sizes or scalars), which cannot be planned")
+        self.slots_of[node] = tuple(slots)
+        return self.slots_of[node]
 
     def _get_attr(self, node: torch.fx.Node) -> None:
         """A tensor the forward creates from constants (``torch.tensor([])`` in transformers'
@@ -526,17 +507,16 @@ class _GraphBuilder:
             raise UnsupportedOperatorError(f"{node.target} (a higher-order operator's subgraph)",
                                            "control flow operators (torch.cond, while_loop, map) cannot be "
                                            "planned: compute both branches and select with torch.where")
-        self.tensor_of[node] = tensor_id = self._new_tensor(node.target, value, TensorKind.CONSTANT, None)
+        self.tensor_of[node] = tensor_id = self._new_tensor(node.target, value, TensorKind.CONSTANT)
         self.constants[tensor_id] = value
 
     def _resize(self, slots: tuple[int | None, ...], real: list) -> None:
-        """Give the tensors in ``slots`` the shapes, layouts, dtypes and bytes the real kernel produces."""
+        """Give the tensors in ``slots`` the shapes, layouts, dtypes and storage bytes the real kernel produces."""
         for tensor_id, found in zip(slots, real):
             if tensor_id is not None and found is not None:
-                shape, strides, dtype, nbytes = found
-                row = self.tensor_rows[tensor_id]
-                row.update(shape=shape, strides=strides, dtype=dtype, nbytes=nbytes)
-                self.storage_sizes[row["storage"]] = nbytes
+                shape, strides, dtype, storage_bytes = found
+                self.ir.set_tensor(tensor_id, shape=shape, strides=strides, dtype=dtype)
+                self.ir.resize_storage(self.ir.tensors[tensor_id].storage, storage_bytes)
 
     def _resident_named(self, name: str) -> int:
         if name in self.buffers:
@@ -557,13 +537,14 @@ class _GraphBuilder:
                 buffer_updates[tensor_id] = self._resident_named(role.target)
             elif role.target in self.parameters:
                 gradients[tensor_id] = self.parameters[role.target]
-                self.tensor_rows[tensor_id]["kind"] = TensorKind.GRADIENT
+                self.ir.set_tensor(tensor_id, kind=TensorKind.GRADIENT)
             elif role.target.startswith("input"):
                 self.input_gradients[tensor_id] = self.inputs[int(role.target.removeprefix("input"))]
         return loss, gradients, buffer_updates
 
     # -- assembly -------------------------------------------------------------------------------
-    def build(self) -> TrainingGraph:
+    def read(self) -> dict[str, Any]:
+        """Read every node into ``self.ir``; returns the graph-level fields for its ``build``."""
         loss, gradients, buffer_updates = -1, {}, {}
         for node in self.joint.graph.nodes:
             if node.op == "placeholder":
@@ -581,18 +562,13 @@ class _GraphBuilder:
                                "on a parameter with requires_grad=True?")
         loss_backward = self._loss_backward()
         for op_id in loss_backward | self._loss_forward(loss_backward, buffer_updates):
-            self.op_rows[op_id]["in_loss"] = True
-        ops = tuple(OpInfo(**row) for row in self.op_rows)
-        tensors = tuple(TensorInfo(**{**row, "consumers": tuple(row["consumers"])}) for row in self.tensor_rows)
-        return TrainingGraph(
-            ops=ops, tensors=tensors,
-            storages=tuple(StorageInfo(i, n) for i, n in enumerate(self.storage_sizes)),
-            calls=tuple(self.calls), parameters=self.parameters, buffers=self.buffers,
-            inputs=tuple(self.inputs), targets=tuple(self.targets), tangent=self.tangent, loss=loss,
+            self.ir.set_in_loss(op_id)
+        return dict(
+            parameters=self.parameters, buffers=self.buffers, inputs=tuple(self.inputs), targets=tuple(self.targets),
+            tangent=self.tangent, loss=loss,
             model_outputs=tuple(self.model_outputs[i] for i in sorted(self.model_outputs)),
             output_grads=tuple(self.output_grads.get(i) for i in sorted(self.model_outputs)),
             gradients=gradients, buffer_updates=buffer_updates, input_gradients=self.input_gradients,
-            input_specs=self.input_specs,
             device=self.device, constants=self.constants,
         )
 
@@ -600,28 +576,30 @@ class _GraphBuilder:
         """Forward ops the model does not need: upstream of no model output, no new buffer value
         and nothing the model's own backward reads. They are the loss's, even though they do not
         read the model's output (``labels[:, 1:]``, a one-hot of the targets, constants)."""
+        ops, tensors = self.ir.ops, self.ir.tensors
         needed: set[int] = set()
         pending = [*self.model_outputs.values(), *buffer_updates, *(
-            t for row in self.op_rows if row["phase"] is Phase.BACKWARD and row["id"] not in loss_backward
-            for t in row["inputs"])]
+            t for op_id, row in enumerate(ops) if row.phase is Phase.BACKWARD and op_id not in loss_backward
+            for t in row.inputs)]
         while pending:
-            op_id = self.tensor_rows[pending.pop()]["producer"]
-            if op_id is None or op_id in needed or self.op_rows[op_id]["phase"] is not Phase.FORWARD:
+            op_id = tensors[pending.pop()].producer
+            if op_id is None or op_id in needed or ops[op_id].phase is not Phase.FORWARD:
                 continue
             needed.add(op_id)
-            pending.extend(self.op_rows[op_id]["inputs"])
-        return {row["id"] for row in self.op_rows if row["phase"] is Phase.FORWARD and row["id"] not in needed}
+            pending.extend(ops[op_id].inputs)
+        return {op_id for op_id, row in enumerate(ops) if row.phase is Phase.FORWARD and op_id not in needed}
 
     def _loss_backward(self) -> set[int]:
         """Backward ops upstream of the gradients of the model outputs: the loss's backward."""
+        ops, tensors = self.ir.ops, self.ir.tensors
         region: set[int] = set()
-        pending = [self.tensor_rows[t]["producer"] for t in self.output_grads.values()]
+        pending = [tensors[t].producer for t in self.output_grads.values()]
         while pending:
             op_id = pending.pop()
-            if op_id is None or op_id in region or self.op_rows[op_id]["phase"] is not Phase.BACKWARD:
+            if op_id is None or op_id in region or ops[op_id].phase is not Phase.BACKWARD:
                 continue
             region.add(op_id)
-            pending.extend(self.tensor_rows[t]["producer"] for t in self.op_rows[op_id]["inputs"])
+            pending.extend(tensors[t].producer for t in ops[op_id].inputs)
         return region
 
 

@@ -21,7 +21,11 @@ import numpy as np
 
 from planner.graph import TrainingGraph
 
-_HALF_DTYPES = {"torch.float16", "torch.bfloat16"}
+
+def _is_half(dtype) -> bool:
+    """float16 and bfloat16, the dtypes tensor cores run at ``half_flops`` (a torch.dtype, compared
+    by its properties: the core does not import torch)."""
+    return dtype.is_floating_point and dtype.itemsize == 2
 
 
 class CostModel(Protocol):
@@ -84,7 +88,7 @@ class RooflineCostModel:
             for op in graph.ops:
                 if op.is_view:
                     continue
-                half = any(graph.tensors[t].dtype in _HALF_DTYPES for t in op.inputs)
+                half = any(_is_half(graph.tensors[t].dtype) for t in op.inputs)
                 rate = spec.half_flops if half else spec.fp32_flops
                 traffic = op.bytes_read + op.bytes_written + 2 * op.workspace_bytes  # scratch: written, read back
                 times[op.id] = max(op.flops / rate, traffic / spec.bandwidth) + spec.launch_overhead

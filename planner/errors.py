@@ -66,3 +66,13 @@ class SolverUnavailableError(PlannerError, ValueError):
 class BackwardError(PlannerError, RuntimeError):
     """A backward pass a planned step cannot run as asked (a second one without
     ``retain_graph=True``, higher-order gradients); the message says what to do."""
+
+
+class GraphLintError(PlannerError):
+    """A ``TrainingGraph`` breaks one of its invariants (``TrainingGraph.lint``): a bug in whatever
+    built or rewrote it. ``invariant`` names the rule; ``op`` and ``tensor`` the ids at fault."""
+
+    def __init__(self, invariant: str, detail: str, op: int | None = None, tensor: int | None = None):
+        self.invariant, self.op, self.tensor = invariant, op, tensor
+        where = ", ".join(f"{what} {index}" for what, index in (("op", op), ("tensor", tensor)) if index is not None)
+        super().__init__(f"graph invariant '{invariant}' broken{' at ' + where if where else ''}: {detail}")

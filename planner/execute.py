@@ -34,7 +34,7 @@ from planner.calls import as_tuple, call_arguments, split_call
 from planner.errors import BackwardError, InvalidScheduleError, PlanMismatchError
 from planner.graph import Phase, TrainingGraph
 from planner.guards import CachedStep, PlanCache, Replan, model_state, step_key
-from planner.runtime import initial_env, invoke, store_outputs, torch_dtype
+from planner.runtime import initial_env, invoke, store_outputs
 from planner.schedule import Compute, Schedule
 from planner.simulator import simulate
 
@@ -385,7 +385,7 @@ def _put_output_grads(env: list, graph: TrainingGraph, grads: tuple) -> None:
             continue
         if grad is None:
             info = graph.tensors[grad_tensor]
-            grad = torch.zeros(info.shape, dtype=torch_dtype(info.dtype), device=graph.device)
+            grad = torch.zeros(info.shape, dtype=info.dtype, device=graph.device)
         env[grad_tensor] = grad
 
 

@@ -28,7 +28,6 @@ import torch
 
 from planner.calls import CONSTANT_TYPES, PytreeForm
 from planner.errors import PlanMismatchError
-from planner.runtime import torch_dtype
 
 from planner.graph import TrainingGraph
 from planner.schedule import Schedule
@@ -253,7 +252,7 @@ class PlanCache:
 
 
 def _specs(tensors: tuple) -> tuple:
-    return tuple((tuple(t.shape), str(t.dtype), str(t.device)) for t in tensors)
+    return tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors)
 
 
 def _target_specs(graph: "TrainingGraph") -> tuple:
@@ -274,5 +273,5 @@ def example_targets(like: "TrainingGraph", inputs: tuple[torch.Tensor, ...]) -> 
             shape = tuple(inputs[planned.index(shape)].shape)
         elif batch is not None and shape and shape[:1] == batch[0]:
             shape = batch[1] + shape[1:]
-        targets.append(torch.zeros(shape, dtype=torch_dtype(spec.dtype), device=spec.device))
+        targets.append(torch.zeros(shape, dtype=spec.dtype, device=spec.device))
     return tuple(targets)

@@ -20,11 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from planner.calls import PytreeForm
 from planner.cost import preset_name, recomputable
 from planner.errors import InvalidScheduleError
 from planner.graph import InputSpec, TrainingGraph, VariantCapability
-from planner.runtime import torch_dtype
 from planner.schedule import Schedule
 from planner.simulator import simulate
 
@@ -45,7 +46,7 @@ def write(plan: "Plan", path: str | Path) -> None:
     meta["variants"] = list(plan.variants)
     if plan.variant_capability != VariantCapability():  # absent: the PyTorch twins (and older files)
         meta["variant_capability"] = asdict(plan.variant_capability)
-    meta["input_specs"] = [[list(s.shape), s.dtype, s.device] for s in plan.input_specs]
+    meta["input_specs"] = [[list(s.shape), str(s.dtype), s.device] for s in plan.input_specs]
     meta["call"] = plan.call.to_json() if plan.call is not None else None
     meta["request"] = plan.replan_request.to_json()
     Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "plan": meta, "schedule": plan.schedule.to_json()}))
@@ -65,9 +66,7 @@ def read(path: str | Path, request_from_json: Callable[[dict], Any]) -> dict[str
         meta = _migrate(dict(data["plan"]))
         if meta.keys() != _FIELDS:
             raise KeyError(", ".join(sorted(meta.keys() ^ _FIELDS)))
-        specs = tuple(InputSpec(tuple(s[0]), s[1], s[2]) for s in meta.pop("input_specs"))
-        for spec in specs:
-            torch_dtype(spec.dtype)
+        specs = tuple(InputSpec(tuple(s[0]), _dtype_named(s[1]), s[2]) for s in meta.pop("input_specs"))
         call = meta.pop("call")
         return dict(meta, schedule=Schedule.from_json(data["schedule"]), graph=None, input_specs=specs,
                     variants=tuple(str(name) for name in meta["variants"]),
@@ -76,6 +75,15 @@ def read(path: str | Path, request_from_json: Callable[[dict], Any]) -> dict[str
                     request=request_from_json(meta["request"]))
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise InvalidScheduleError(f"{path} is a damaged plan ({error}): plan again") from error
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    """A plan file's dtype, ``"torch.float32"`` (``str(torch.float32)``), as the dtype: the one
+    place a dtype is read from text. ``ValueError`` for anything that is not a dtype."""
+    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return value
 
 
 def _migrate(meta: dict) -> dict:

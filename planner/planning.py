@@ -24,7 +24,6 @@ from planner.execute import PlannedModule
 from planner.graph import TrainingGraph, VariantCapability
 from planner.guards import example_targets
 from planner.profiled_cost import choose_cost_model
-from planner.runtime import torch_dtype
 from planner.schedule import Schedule
 from planner.search import SearchOutcome, check_choice, search
 from planner.simulator import SimResult, simulate
@@ -172,7 +171,7 @@ class Plan:
             raise TypeError("this plan was made with a loss function that takes targets: "
                             "pass the same one, plan.apply(model, loss_fn=...)")
         if inputs is None:
-            examples = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype), device=s.device) for s in self.input_specs]
+            examples = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.input_specs]
             inputs, targets = examples[: self.n_inputs], examples[self.n_inputs:]
         call = Call(*self.call.fill(list(inputs))) if self.call is not None else list(inputs)
         graph = capture(model, call, loss_fn, targets=list(targets))

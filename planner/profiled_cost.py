@@ -182,7 +182,7 @@ class _Source:
     def can_run(self, graph: TrainingGraph) -> bool:
         """Whether ``graph`` is a step of this model on this batch (the same inputs, parameters, buffers)."""
         batch = as_tuple(self.inputs, "inputs") + as_tuple(self.targets, "targets")
-        specs = tuple((tuple(v.shape), str(v.dtype), str(v.device)) for v in batch)
+        specs = tuple((tuple(v.shape), v.dtype, str(v.device)) for v in batch)
         names = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         names |= {n for n, _ in self.model.named_buffers(remove_duplicate=False)}
         return (specs == tuple((s.shape, s.dtype, s.device) for s in graph.input_specs)

@@ -10,14 +10,6 @@ from planner.calls import as_tuple
 from planner.graph import OpCall, TensorRef
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """A graph's dtype name, ``"torch.float32"``, as ``torch.float32``; ``ValueError`` for anything that is not a dtype."""
-    value = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return value
-
-
 def bind(value: Any, env: Sequence[torch.Tensor | None]) -> Any:
     """Replace every ``TensorRef`` in ``value`` (args, kwargs) by the tensor it names."""
     return tree_map(lambda v: env[v.id] if isinstance(v, TensorRef) else v, value,
@@ -42,7 +34,7 @@ def invoke(call: OpCall, env: Sequence[torch.Tensor | None]) -> Any:
 
 
 #: an output as ``real_outputs`` describes it: (shape, strides, dtype, storage bytes)
-RealOutput = tuple[tuple[int, ...], tuple[int, ...], str, int]
+RealOutput = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, int]
 
 
 def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[RealOutput | None]:
@@ -55,7 +47,7 @@ def real_outputs(target: Any, args: tuple, kwargs: dict) -> list[RealOutput | No
 
     with torch.enable_grad():
         result = target(*tree_map(zeros, args), **tree_map(zeros, kwargs))
-    return [(tuple(v.shape), tuple(v.stride()), str(v.dtype), v.untyped_storage().nbytes())
+    return [(tuple(v.shape), tuple(v.stride()), v.dtype, v.untyped_storage().nbytes())
             if isinstance(v, torch.Tensor) else None
             for v in (result if isinstance(result, (tuple, list)) else (result,))]
 
@@ -94,5 +86,5 @@ def initial_env(graph, named: dict[str, torch.Tensor], inputs, targets=()) -> li
     for tensor_id, value in zip(graph.inputs + graph.targets, as_tuple(inputs, "inputs") + as_tuple(targets, "targets")):
         env[tensor_id] = value
     tangent = graph.tensors[graph.tangent]
-    env[graph.tangent] = torch.ones(tangent.shape, dtype=torch_dtype(tangent.dtype), device=graph.device)
+    env[graph.tangent] = torch.ones(tangent.shape, dtype=tangent.dtype, device=graph.device)
     return env

@@ -263,7 +263,7 @@ class GraphEditor:
     def add_tensor(self, name: str, nbytes: int, kind: TensorKind = TensorKind.ACTIVATION) -> int:
         storage = len(self.storages)
         self.storages.append(StorageInfo(storage, int(nbytes)))
-        self.tensors.append(TensorInfo(len(self.tensors), name, (int(nbytes),), "torch.uint8", int(nbytes),
+        self.tensors.append(TensorInfo(len(self.tensors), name, (int(nbytes),), torch.uint8, int(nbytes),
                                        storage, kind, None, ()))
         return len(self.tensors) - 1
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence
 
-from planner._torch import tree_flatten
 from planner.errors import PlanMismatchError
 from planner.graph import OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorRef, TrainingGraph, VariantCapability
+from planner.graph_builder import GraphBuilder
 from planner.gpu import _cuda
 from planner.gpu._registry import VARIANTS, Variant
 from planner.gpu._sites import VariantSite
@@ -85,78 +85,44 @@ def variant_sites(graph: TrainingGraph) -> tuple[VariantSite, ...]:
 
 
 # ---- rewriting --------------------------------------------------------------------------------
-def _row(info) -> dict:
-    return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
-
-
 class _Rewrite:
-    """Mutable copies of a graph's ops, tensors, storages and calls, edited site by site."""
+    """A graph's rows in a ``GraphBuilder``, edited site by site, with the edits variants make."""
 
     def __init__(self, graph: TrainingGraph):
         self.graph = graph
-        self.kernels = graph.device.startswith("cuda") and _cuda.kernels_available()
-        self.op_rows = [_row(op) for op in graph.ops]
-        self.tensor_rows = [_row(t) for t in graph.tensors]
-        self.storage_sizes = [s.nbytes for s in graph.storages]
-        self.calls = list(graph.calls)
-        self.edited: set[int] = set()
+        self.builder = GraphBuilder.from_graph(graph)
 
-    def new_tensor(self, name: str, shape: tuple[int, ...], dtype: str, nbytes: int, producer: int) -> int:
-        """A tensor in a storage of its own, both appended at the end of their lists."""
-        self.storage_sizes.append(nbytes)
-        like = self.tensor_rows[self.graph.ops[producer].outputs[0]]
-        self.tensor_rows.append(dict(id=len(self.tensor_rows), name=name, shape=shape, dtype=dtype, nbytes=nbytes,
-                                     storage=len(self.storage_sizes) - 1, kind=like["kind"], producer=producer,
-                                     consumers=()))
-        return len(self.tensor_rows) - 1
+    def new_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, producer: int) -> int:
+        """A tensor of ``nbytes`` in a storage of its own, both appended at the end of their lists,
+        of the kind of ``producer``'s first output (``producer``'s new call must list it)."""
+        kind = self.graph.tensors[self.graph.ops[producer].outputs[0]].kind
+        return self.builder.add_tensor(name, shape, dtype, kind, self.builder.add_storage(nbytes))
 
-    def retype(self, tensor: int, shape: tuple[int, ...], dtype: str, nbytes: int) -> None:
+    def retype(self, tensor: int, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> None:
         """``tensor`` (alone in its storage, save views) now holds a smaller tensor."""
-        row = self.tensor_rows[tensor]
-        row.update(shape=shape, dtype=dtype, nbytes=nbytes)
-        self.storage_sizes[row["storage"]] = nbytes
+        self.builder.retype(tensor, shape, dtype, nbytes)
 
     def repoint_views(self, views: Sequence[int], source: int) -> int:
         """Make the detach/alias chain ``views`` read ``source``; returns the chain's last tensor."""
         for view in views:
-            call = self.calls[view]
-            self.calls[view] = dataclasses.replace(call, args=(TensorRef(source),) + tuple(call.args[1:]))
+            call = self.builder.ops[view].call
+            self.builder.set_call(view, dataclasses.replace(call, args=(TensorRef(source),) + tuple(call.args[1:])))
             (output,) = self.graph.ops[view].outputs
-            src = self.tensor_rows[source]
-            self.tensor_rows[output].update(shape=src["shape"], dtype=src["dtype"], nbytes=src["nbytes"],
-                                            storage=src["storage"])
-            self.edited.add(view)
+            src = self.builder.tensors[source]
+            self.builder.set_tensor(output, shape=src.shape, dtype=src.dtype, storage=src.storage)
             source = output
         return source
 
     def set_call(self, op: int, target, args: tuple, output_slots: tuple[int | None, ...],
                  workspace: int) -> None:
-        self.calls[op] = OpCall(target, tuple(args), {}, tuple(output_slots), len(output_slots) > 1)
-        self.op_rows[op].update(target=str(target), workspace_bytes=int(workspace))
-        self.edited.add(op)
+        """``op`` calls ``target`` (a variant op, as many FLOPs as the stock op it replaces)."""
+        call = OpCall(target, tuple(args), {}, tuple(output_slots), len(output_slots) > 1)
+        self.builder.set_call(op, call, workspace_bytes=workspace)
 
     def build(self, variants: tuple[str, ...]) -> TrainingGraph:
-        for op in self.edited:
-            row, call = self.op_rows[op], self.calls[op]
-            inputs = tuple(dict.fromkeys(r.id for r in tree_flatten((call.args, call.kwargs))[0]
-                                         if isinstance(r, TensorRef)))
-            outputs = tuple(s for s in call.output_slots if s is not None)
-            row.update(inputs=inputs, outputs=outputs)
-            if not row["is_view"]:
-                row.update(bytes_read=sum(self.tensor_rows[t]["nbytes"] for t in inputs),
-                           bytes_written=sum(self.tensor_rows[t]["nbytes"] for t in outputs))
-        consumers: list[list[int]] = [[] for _ in self.tensor_rows]
-        for row in self.op_rows:
-            for tensor in row["inputs"]:
-                consumers[tensor].append(row["id"])
-        tensors = tuple(TensorInfo(**{**row, "shape": tuple(row["shape"]), "consumers": tuple(c)})
-                        for row, c in zip(self.tensor_rows, consumers))
         position = {op.name: op.id for op in self.graph.ops}  # names in op order, however applied
         names = sorted(self.graph.variants + variants, key=lambda name: position[name.split("@", 1)[1]])
-        return dataclasses.replace(
-            self.graph, ops=tuple(OpInfo(**row) for row in self.op_rows), tensors=tensors,
-            storages=tuple(StorageInfo(i, n) for i, n in enumerate(self.storage_sizes)), calls=tuple(self.calls),
-            variants=tuple(names))
+        return self.builder.build(variants=tuple(names))
 
 
 def apply_variants(graph: TrainingGraph, sites: Iterable[VariantSite],

@@ -13,6 +13,23 @@ from torch import nn
 
 import planner
 from planner import TrainingGraph
+from planner.graph_builder import GraphBuilder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lint_every_graph():
+    """Every graph the suite builds (each capture, each variant rewrite: all go through
+    ``GraphBuilder.build``) is checked by ``TrainingGraph.lint`` before anyone reads it."""
+    build = GraphBuilder.build
+
+    def linted(self, **fields):
+        graph = build(self, **fields)
+        graph.lint()
+        return graph
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GraphBuilder, "build", linted)
+        yield
 
 
 class TinyMLP(nn.Module):

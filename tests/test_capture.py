@@ -67,7 +67,7 @@ def test_every_parameter_captured_with_its_shape(case: Case) -> None:
         info = g.tensors[g.parameters[name]]
         assert info.kind is TensorKind.PARAMETER
         assert info.shape == tuple(p.shape), name
-        assert info.dtype == str(p.dtype)
+        assert info.dtype == p.dtype
         assert info.producer is None
 
 
@@ -210,7 +210,7 @@ def test_capture_with_loss_and_targets() -> None:
     g = planner.capture(model, x, nn.functional.cross_entropy, targets=y)
     assert len(g.targets) == 1
     target = g.tensors[g.targets[0]]
-    assert target.kind is TensorKind.INPUT and target.shape == (2,) and target.dtype == "torch.int64"
+    assert target.kind is TensorKind.INPUT and target.shape == (2,) and target.dtype == torch.int64
     assert any(op.in_loss and op.phase is Phase.FORWARD for op in g.ops)
     assert any(op.in_loss and op.phase is Phase.BACKWARD for op in g.ops)
     assert not any(op.in_loss and "convolution" in op.target for op in g.ops)

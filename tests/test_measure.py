@@ -131,7 +131,7 @@ def test_store_all_peak_matches_eager_cpu_lstm() -> None:
     torch.manual_seed(0)
     simulated, measured, graph = _compare(nn.LSTM(8, 16, num_layers=2), torch.randn(12, 4, 8))
     workspaces = [graph.tensors[op.outputs[3]] for op in graph.ops if op.target == "aten.mkldnn_rnn_layer.default"]
-    assert len(workspaces) == 2 and all(w.dtype == "torch.uint8" and w.nbytes > 0 for w in workspaces)
+    assert len(workspaces) == 2 and all(w.dtype == torch.uint8 and w.nbytes > 0 for w in workspaces)
     assert simulated == pytest.approx(measured.peak_bytes, rel=1e-3)
 
 

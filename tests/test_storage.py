@@ -12,7 +12,7 @@ from planner import Phase, TensorKind, TrainingGraph
 
 from conftest import Case, TinyCNN, TinyMLP, ViewModel
 
-_ITEMSIZE = {"torch.float32": 4, "torch.float64": 8, "torch.int64": 8, "torch.float16": 2, "torch.bool": 1}
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.int64: 8, torch.float16: 2, torch.bool: 1}
 
 
 def _op(graph: TrainingGraph, target: str, phase: Phase, reads: int | None = None):
@@ -66,7 +66,7 @@ def test_fresh_storage_bytes_are_numel_times_itemsize(dtype: torch.dtype) -> Non
         assert g.storages[storage].nbytes == expected, t.name
     for t in g.tensors:
         if t.kind is TensorKind.PARAMETER:
-            assert t.dtype == str(dtype)
+            assert t.dtype == dtype
 
 
 def test_fresh_storage_bytes_resnet18(resnet18_case: Case) -> None:
