@@ -26,6 +26,9 @@ from planner.units import format_bytes
 
 MODES = ("fast", "exact")
 FAST_ALGORITHM = "hierarchical"
+#: graphs up to this many ops also get the segment DP, whose O(ops^2) tables are cheap there and
+#: whose segment-by-segment recomputation the blocks of so small a graph are too coarse to express
+SMALL_GRAPH_OPS = 96
 DEFAULT_TIME_LIMIT = 60.0  # seconds, exact mode
 logger = logging.getLogger("planner")
 
@@ -69,13 +72,16 @@ def run(name: str, graph: TrainingGraph, cost_model: CostModel, budget_bytes: in
 def fast_candidates(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel,
                     budget_bytes: int) -> list[AlgorithmResult]:
     """Fast mode's candidates: store-all and hierarchical planning on ``graph`` (with variants)
-    and, if that is not ``stock``, on ``stock`` as well. (The hierarchy runs the backward block
+    and, if that is not ``stock``, on ``stock`` as well; on graphs of at most ``SMALL_GRAPH_OPS``
+    ops the segment DP too. (The hierarchy runs the backward block
     by block, which can reorder gradient sums against the graph: store-all is the plan of no
     recomputation in the graph's own order.)"""
     found = []
     for candidate in (graph, stock) if graph is not stock else (graph,):
         found.append(run("store_all", candidate, cost_model, budget_bytes))
         found.append(run(FAST_ALGORITHM, candidate, cost_model, budget_bytes))
+        if len(candidate.ops) <= SMALL_GRAPH_OPS:
+            found.append(run("dp_reorder", candidate, cost_model, budget_bytes))
     return found
 
 
