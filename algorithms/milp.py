@@ -593,8 +593,9 @@ def lp_bound(form: Formulation, time_limit: float) -> float:
 def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
           progress: Progress | None = None, screen: Callable[[np.ndarray], bool] | None = None,
           solver: str = DEFAULT_SOLVER) -> SolveOutcome:
-    """``solver``'s answer: HiGHS by the fallback ladder highspy (with the MIP start and
-    ``screen``), else SciPy's HiGHS; ``"cpsat"`` or ``"scip"`` (``planner.algorithms.solvers``)."""
+    """``solver``'s answer: HiGHS through highspy (with the MIP start and ``screen``), or SciPy's
+    HiGHS where highspy is not installed (an error inside highspy is not retried there: it would
+    fail the same way); ``"cpsat"`` or ``"scip"`` (``planner.algorithms.solvers``)."""
     if solver != DEFAULT_SOLVER:
         from planner.algorithms.solvers import solve_with
 
