@@ -36,7 +36,7 @@ import numba
 import numpy as np
 
 from planner.algorithms.blocks import (
-    BACKWARD_LOCAL, CHECKPOINT, FRONTIER, INTERNAL, LONG_LIVED, Block, BlockChain,
+    BACKWARD_LOCAL, CHECKPOINT, FRONTIER, INTERNAL, Block, BlockChain,
 )
 from planner.graph import TrainingGraph
 
@@ -109,7 +109,6 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
     """The arrays the replay kernels read, for one block. O(ops + edges of the block)."""
     ops = list(block.forward_ops) + list(block.backward_ops)
     n_forward = len(block.forward_ops)
-    local_op = {op: i for i, op in enumerate(ops)}
     tensor_ids: dict[int, int] = {}
     storage_ids: dict[int, int] = {}
 

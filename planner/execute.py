@@ -289,7 +289,7 @@ class _PlannedSegment(torch.autograd.Function):
             # aliases, not save_for_backward: autograd would hold a saved output until this
             # piece's backward ends, past where the plan frees it; the version is checked instead
             pending.saved = tuple(output.detach() for output in pending.saved)
-            pending.versions = tuple(tensor_version(t) for t in _kept(pending))
+            pending.versions = tuple(tensor_version(t) for _, t in _kept(pending))
             return tuple(pending.env[t] for t in graph.model_outputs)
         return torch.empty(())  # a token: the next piece's backward runs after this one's
 
@@ -330,19 +330,14 @@ def _check_backward(pending: _Pending) -> None:
                             "it again")
 
 
-def _kept(pending: _Pending) -> tuple:
-    """What a forward leaves for its backward that user code can reach and modify in place: the
-    inputs, and the carried tensors and saved outputs (which may share memory with an output)."""
-    return (*(t for t in pending.inputs if isinstance(t, torch.Tensor)), *pending.carried.values(), *pending.saved)
-
-
-def _kept_name(pending: _Pending, index: int) -> str:
+def _kept(pending: _Pending) -> tuple[tuple[str, torch.Tensor], ...]:
+    """What a forward leaves for its backward that user code can reach and modify in place, by
+    name: the inputs, and the carried tensors and saved outputs (which may share an output's memory)."""
     graph, lowered = pending.runner.graph, pending.runner.lowered
-    n_inputs = sum(isinstance(t, torch.Tensor) for t in pending.inputs)
-    if index < n_inputs:
-        return f"input {index}"
-    names = [graph.tensors[t].name for t in (*pending.carried.keys(), *lowered.saved_outputs)]
-    return repr(names[index - n_inputs])
+    inputs = (t for t in pending.inputs if isinstance(t, torch.Tensor))
+    return (*((f"input {i}", t) for i, t in enumerate(inputs)),
+            *((graph.tensors[t].name, value) for t, value in pending.carried.items()),
+            *((graph.tensors[t].name, value) for t, value in zip(lowered.saved_outputs, pending.saved)))
 
 
 def _begin_backward(pending: _Pending) -> None:
@@ -350,9 +345,9 @@ def _begin_backward(pending: _Pending) -> None:
     buffers by name now (FSDP swaps them between forward and backward), the outputs' gradients."""
     runner = pending.runner
     graph, lowered = runner.graph, runner.lowered
-    for index, (kept, version) in enumerate(zip(_kept(pending), pending.versions)):
+    for (name, kept), version in zip(_kept(pending), pending.versions):
         if tensor_version(kept) != version:  # what autograd's check of its saved tensors refuses
-            raise BackwardError(f"a tensor the backward reads ({_kept_name(pending, index)}) was modified in place "
+            raise BackwardError(f"a tensor the backward reads ({name!r}) was modified in place "
                                 "after the forward, through a model output or input that shares its memory: "
                                 "modify a clone instead (output.clone()), as eager PyTorch also requires")
     env: list = [None] * len(graph.tensors)

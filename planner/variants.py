@@ -31,14 +31,17 @@ sites to a re-captured graph, refusing a plan made for another capability.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from planner.errors import PlanMismatchError
-from planner.graph import OpCall, OpInfo, Phase, StorageInfo, TensorInfo, TensorRef, TrainingGraph, VariantCapability
+from planner.graph import OpCall, Phase, TensorRef, TrainingGraph, VariantCapability
 from planner.graph_builder import GraphBuilder
 from planner.gpu import _cuda
 from planner.gpu._registry import VARIANTS, Variant
 from planner.gpu._sites import VariantSite
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "VariantSite", "Variant", "VARIANTS", "BITWISE_VARIANTS", "ALL_VARIANTS", "device_capability", "variant_sites",
