@@ -306,6 +306,33 @@ def test_time_limit_is_respected() -> None:
         assert chosen.gap is not None and 0 <= chosen.gap < 1
 
 
+def test_time_limit_covers_the_work_after_the_last_solve(resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A solver that spends its whole time limit (HiGHS does at tight budgets) and a slow simulator
+    (a large graph's decoding): the search keeps back what follows the solve, measured on the
+    start, so it ends within its limit. Without that it ends one simulation (``SLOW``) late."""
+    slow, limit = 1.5, 4.0
+    real_simulate, real_solve = milp.simulate, milp.solve
+
+    def slow_simulate(*args, **kwargs):
+        time.sleep(slow)
+        return real_simulate(*args, **kwargs)
+
+    def whole_limit(form, time_limit, *args, **kwargs):
+        began = time.perf_counter()
+        outcome = real_solve(form, time_limit, *args, **kwargs)
+        time.sleep(max(0.0, time_limit - (time.perf_counter() - began)))
+        return outcome
+
+    monkeypatch.setattr(milp, "simulate", slow_simulate)
+    monkeypatch.setattr(milp, "solve", whole_limit)
+    budget = _budget(resnet18.graph, 0.65)
+    began = time.perf_counter()
+    found = exact_search(resnet18.graph, CPU, budget, time_limit=limit)
+    elapsed = time.perf_counter() - began
+    assert found.schedule is not None, found.message
+    assert elapsed <= limit + slow / 2, f"{elapsed:.2f} s against a {limit} s limit"
+
+
 # ---- faults ---------------------------------------------------------------------------------------------
 def test_solver_failure_falls_back_to_fast_mode(resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args, **kwargs):
