@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Collection, Sequence
 
 import numpy as np
@@ -615,6 +615,9 @@ def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
 # also searches at these fractions of the budget, and the fastest start the rows accept is used
 SEED_SHRINK = (1.0, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
+# a start whose staged image breaks a phase is repaired over the stages this close to it
+REPAIR_WINDOW = 2
+REPAIR_SECONDS = 5.0
 
 
 # seconds kept back from every solve for the solver's own overrun past its time limit and taking
@@ -698,8 +701,7 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
 
     best: list[np.ndarray] = []
 
-    def offer(schedule: Schedule | None) -> bool:
-        x = encode(problem, form, schedule) if schedule is not None else None
+    def offer(x: np.ndarray | None) -> bool:
         if x is None or form.violation(x) > 1e-9:
             return False
         if not best or form.cost @ x < form.cost @ best[0]:
@@ -707,20 +709,49 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
         return True
 
     for schedule in starts:
-        offer(schedule)
+        x = encode(problem, form, schedule)
+        if x is not None and not offer(x) and time.perf_counter() < deadline:
+            offer(_repaired(problem, form, x, deadline))
     hierarchy = hierarchical.prepare(graph, cost_model)
     for fraction in SEED_SHRINK:
         if time.perf_counter() > deadline:
             break
         found = hierarchical.search(hierarchy, cost_model, int(budget_bytes * fraction))
-        if found is not None and found[1].peak_bytes <= budget_bytes and offer(found[0]):
+        if found is not None and found[1].peak_bytes <= budget_bytes and offer(encode(problem, form, found[0])):
             break  # smaller budgets only slow the plan down
     if not best:
         for name in FALLBACK_SEEDS:
             if time.perf_counter() > deadline:
                 break
-            offer(ALGORITHMS[name](graph, cost_model, budget_bytes))
+            offer(encode(problem, form, ALGORITHMS[name](graph, cost_model, budget_bytes)))
     return best[0] if best else None
+
+
+def _repaired(problem: StagedProblem, form: Formulation, x: np.ndarray, deadline: float) -> np.ndarray | None:
+    """A start whose staged image breaks recomputation phases (a plan that recomputes just in
+    time can hold less than its image, which recomputes a stage's nodes together: the
+    transformer's at 33% by 5.9 MiB), repaired: the MILP over the stages within
+    ``REPAIR_WINDOW`` of a broken phase, every other binary fixed at the start's value, for at
+    most ``REPAIR_SECONDS``. The point it returns satisfies every row (or None). Only an
+    incumbent: no bound is taken from it. Complexity: one small MILP (HiGHS's presolve removes
+    the fixed columns)."""
+    broken = form.phases_over_budget(x)
+    if not broken:
+        return None
+    window = sorted({k for p in broken for k in range(p - REPAIR_WINDOW, p + REPAIR_WINDOW + 1)
+                     if 0 <= k < problem.n_stages})
+    fixed = form.integrality > 0
+    for index in (form.keep_index, form.recompute_index):
+        free = index[window]
+        fixed[free[free >= 0]] = False
+    lower, upper = form.col_lower.copy(), form.col_upper.copy()
+    lower[fixed] = upper[fixed] = x[fixed]
+    outcome = solve(replace(form, col_lower=lower, col_upper=upper),
+                    min(REPAIR_SECONDS, deadline - time.perf_counter()))
+    if outcome.x is None:
+        return None
+    point = _staged_point(problem, form, form.recompute_of(outcome.x))
+    return point if form.violation(point) <= 1e-9 else None
 
 
 def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
