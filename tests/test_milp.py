@@ -156,6 +156,18 @@ def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[
     return best, peaks
 
 
+def brute_forced_case(spec: DagSpec, fraction: float):
+    """A random DAG at ``fraction`` above its floor, in exact mode's staged problem, with its brute
+    force (``_brute_force``); the example is skipped where that is too big or nothing fits."""
+    graph = build_dag(spec).graph
+    budget = _budget_above_floor(graph, fraction)
+    problem = exact_problem(graph, CPU)
+    form = formulate(problem, budget)
+    searched = _brute_force(graph, problem, form, budget)
+    assume(searched is not None and not form.constant_violation)
+    return graph, budget, problem, form, searched
+
+
 def _patterns(form) -> list[np.ndarray] | None:
     """Every recomputation pattern the columns allow (None: more than ``BRUTE_FORCE_COLUMNS``)."""
     free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
@@ -179,13 +191,7 @@ def test_a_start_that_breaks_a_phase_is_repaired_into_one_that_fits(spec, fracti
     answer satisfies every row and its decoded schedule fits the budget in the simulator; where
     the repair's window spans every stage it is the whole MILP, so it finds the brute-force
     optimum whenever some staged schedule fits, and nothing where none does."""
-    graph = build_dag(spec).graph
-    budget = _budget_above_floor(graph, fraction)
-    problem = exact_problem(graph, CPU)
-    form = formulate(problem, budget)
-    searched = _brute_force(graph, problem, form, budget)
-    assume(searched is not None and not form.constant_violation)
-    best = searched[0]
+    graph, budget, problem, form, (best, _) = brute_forced_case(spec, fraction)
     broken = [x for x in (milp._staged_point(problem, form, r) for r in _patterns(form)) if form.phases_over_budget(x)]
     assume(broken)
     for x in broken:
