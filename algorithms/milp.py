@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Collection, Sequence
 
 import numpy as np
@@ -59,7 +59,7 @@ from planner.cost import CostModel
 from planner.graph import TrainingGraph
 from planner.quiet import silenced
 from planner.schedule import Schedule
-from planner.simulator import simulate
+from planner.simulator import SimResult, simulate
 
 SCALED_BUDGET = 2 ** 22  # the budget in units is at most this: coefficients stay well inside double precision
 TIME_SCALE = 2 ** 20  # objective units per store-all step time
@@ -485,15 +485,16 @@ class SolveOutcome:
 def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None = None,
                 progress: Progress | None = None, gap: float = 1e-4,
                 screen: Callable[[np.ndarray], bool] | None = None) -> SolveOutcome:
-    """HiGHS through highspy: MIP start, time limit, relative gap (absolute gap 0: see the module
-    docstring), progress callbacks, the root node's bound. ``screen`` sees every improving point;
-    once it returns True the solve ends as soon as the root node is done (its bound kept)."""
+    """HiGHS through highspy: MIP start, time limit (passing the model in included), relative gap
+    (absolute gap 0: see the module docstring), progress callbacks, the root node's bound.
+    ``screen`` sees every improving point; once it returns True the solve ends as soon as the root
+    node is done (its bound kept)."""
     import highspy
 
+    stop_at = time.perf_counter() + time_limit
     with silenced(1):  # the constructor prints a banner
         h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", max(float(time_limit), 0.0))
     h.setOptionValue("mip_rel_gap", gap)
     h.setOptionValue("mip_abs_gap", 0.0)
     h.setOptionValue("random_seed", 0)
@@ -522,6 +523,7 @@ def solve_highs(form: Formulation, time_limit: float, start: np.ndarray | None =
                 stop.append(True)
 
         h.cbMipImprovingSolution += report
+    h.setOptionValue("time_limit", max(stop_at - time.perf_counter(), 0.0))  # passing the model counts
     h.run()
     model_status = h.getModelStatus()
     if model_status == highspy.HighsModelStatus.kModelEmpty:  # nothing to decide: no stage reads the forward
@@ -613,6 +615,34 @@ def solve(form: Formulation, time_limit: float, start: np.ndarray | None = None,
 # also searches at these fractions of the budget, and the fastest start the rows accept is used
 SEED_SHRINK = (1.0, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
+# a start whose staged image breaks a phase is repaired over the stages this close to it
+REPAIR_WINDOW = 2
+REPAIR_SECONDS = 5.0
+
+
+# seconds kept back from every solve for the solver's own overrun past its time limit and taking
+# its answer out (HiGHS ended 0.2-0.6 s past its limit on DenseNet-121 b32, plus 0.4 s around it)
+SOLVER_SLACK = 1.0
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When an exact search must have answered (a ``time.perf_counter()`` reading), and the seconds
+    it keeps back from building and solving for what follows the last solve: ``finish``, the
+    answer's staged point, decoding and simulating it (measured on the start, ``_finish_cost``),
+    and ``SOLVER_SLACK``. One clock for every round, so the whole search ends by ``end``."""
+
+    end: float
+    finish: float = 0.0
+
+    @property
+    def build_by(self) -> float:
+        """The ``formulate`` deadline: building may not eat into what is kept back."""
+        return self.end - self.finish - SOLVER_SLACK
+
+    def solver_limit(self) -> float:
+        """The time limit of a solve that starts now (0 once nothing is left)."""
+        return max(0.0, self.build_by - time.perf_counter())
 
 
 # what "optimal" and the bound are over (``Plan.message`` says it)
@@ -671,8 +701,7 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
 
     best: list[np.ndarray] = []
 
-    def offer(schedule: Schedule | None) -> bool:
-        x = encode(problem, form, schedule) if schedule is not None else None
+    def offer(x: np.ndarray | None) -> bool:
         if x is None or form.violation(x) > 1e-9:
             return False
         if not best or form.cost @ x < form.cost @ best[0]:
@@ -680,20 +709,49 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
         return True
 
     for schedule in starts:
-        offer(schedule)
+        x = encode(problem, form, schedule)
+        if x is not None and not offer(x) and time.perf_counter() < deadline:
+            offer(_repaired(problem, form, x, deadline))
     hierarchy = hierarchical.prepare(graph, cost_model)
     for fraction in SEED_SHRINK:
         if time.perf_counter() > deadline:
             break
         found = hierarchical.search(hierarchy, cost_model, int(budget_bytes * fraction))
-        if found is not None and found[1].peak_bytes <= budget_bytes and offer(found[0]):
+        if found is not None and found[1].peak_bytes <= budget_bytes and offer(encode(problem, form, found[0])):
             break  # smaller budgets only slow the plan down
     if not best:
         for name in FALLBACK_SEEDS:
             if time.perf_counter() > deadline:
                 break
-            offer(ALGORITHMS[name](graph, cost_model, budget_bytes))
+            offer(encode(problem, form, ALGORITHMS[name](graph, cost_model, budget_bytes)))
     return best[0] if best else None
+
+
+def _repaired(problem: StagedProblem, form: Formulation, x: np.ndarray, deadline: float) -> np.ndarray | None:
+    """A start whose staged image breaks recomputation phases (a plan that recomputes just in
+    time can hold less than its image, which recomputes a stage's nodes together: the
+    transformer's at 33% by 5.9 MiB), repaired: the MILP over the stages within
+    ``REPAIR_WINDOW`` of a broken phase, every other binary fixed at the start's value, for at
+    most ``REPAIR_SECONDS``. The point it returns satisfies every row (or None). Only an
+    incumbent: no bound is taken from it. Complexity: one small MILP (HiGHS's presolve removes
+    the fixed columns)."""
+    broken = form.phases_over_budget(x)
+    if not broken:
+        return None
+    window = sorted({k for p in broken for k in range(p - REPAIR_WINDOW, p + REPAIR_WINDOW + 1)
+                     if 0 <= k < problem.n_stages})
+    fixed = form.integrality > 0
+    for index in (form.keep_index, form.recompute_index):
+        free = index[window]
+        fixed[free[free >= 0]] = False
+    lower, upper = form.col_lower.copy(), form.col_upper.copy()
+    lower[fixed] = upper[fixed] = x[fixed]
+    outcome = solve(replace(form, col_lower=lower, col_upper=upper),
+                    min(REPAIR_SECONDS, deadline - time.perf_counter()))
+    if outcome.x is None:
+        return None
+    point = _staged_point(problem, form, form.recompute_of(outcome.x))
+    return point if form.violation(point) <= 1e-9 else None
 
 
 def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
@@ -701,13 +759,28 @@ def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarr
     return form.vector(problem.minimal_keep(recompute), recompute)
 
 
+def _finish_cost(graph: TrainingGraph, cost_model: CostModel, problem: StagedProblem, form: Formulation,
+                 recompute: np.ndarray) -> tuple[float, Schedule, SimResult]:
+    """The seconds the work after a solve takes, measured on ``recompute``: the solver's point
+    rounded (``Formulation.rounded``, as long as a staged point) and its staged point, then the
+    schedule decoded and simulated. Returns them with that schedule and its simulation (reused
+    when the search ends on this pattern). O(one staged point + one simulation)."""
+    began = time.perf_counter()
+    _staged_point(problem, form, recompute)
+    point_seconds = time.perf_counter() - began
+    schedule = problem.schedule(recompute)
+    result = simulate(graph, schedule, cost_model)
+    return time.perf_counter() - began + point_seconds, schedule, result
+
+
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
                  progress: Progress | None = None, starts: Sequence[Schedule] = (),
                  solver: str = DEFAULT_SOLVER) -> ExactResult:
-    """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building and
-    seeding included) with ``solver`` (``planner.algorithms.solvers.SOLVERS``), starting from the
-    fastest of ``starts`` (schedules of ``graph``) and the hierarchical seeds that its rows accept.
-    Raises ``SolverUnavailableError`` for a solver that is unknown or not installed; never raises
+    """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building, seeding
+    and decoding included: ``Deadline``) with ``solver`` (``planner.algorithms.solvers.SOLVERS``),
+    starting from the fastest of ``starts`` (schedules of ``graph``) and the hierarchical seeds
+    that its rows accept. A round is not started without the time the last one took to build its
+    model. Raises ``SolverUnavailableError`` for a solver that is unknown or not installed; never raises
     for a solver failure: the message says what happened.
 
     Row generation over the recomputation phases (their rows are most of the model, and the LP
@@ -721,10 +794,10 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
 
     require(solver)
     began = time.perf_counter()
-    deadline = began + time_limit
+    deadline = Deadline(began + time_limit)
     problem = exact_problem(graph, cost_model)
     try:
-        full = formulate(problem, budget_bytes, deadline=deadline)
+        full = formulate(problem, budget_bytes, deadline=deadline.build_by)
     except BuildTimeout:
         return ExactResult(None, None, -np.inf, False, "the time limit ended while the MILP was being built",
                            store_all_time=problem.base_time)
@@ -732,14 +805,21 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
                 store_all_time=problem.base_time)
     if full.constant_violation:
         return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {full.constant_violation}", **size)
-    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline)
-    start_time = full.objective(incumbent) if incumbent is not None else None
+    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline.build_by)
+    start, start_time = incumbent, full.objective(incumbent) if incumbent is not None else None
+    finish, start_schedule, start_result = _finish_cost(
+        graph, cost_model, problem, full, full.recompute_of(incumbent) if incumbent is not None
+        else np.zeros_like(full.recompute_index, dtype=bool))
+    deadline = Deadline(deadline.end, finish)
     bound, root, optimal, stopped, rounds = -np.inf, None, False, [], 0
     message = "the time limit ended before the solver started"
     active: set[int] = set()
-    while not optimal and not stopped and deadline - time.perf_counter() > 0:
+    setup = 0.0  # seconds the last round took to build its model (the next one is not started without them)
+    while not optimal and not stopped and deadline.solver_limit() > setup:
+        round_began = time.perf_counter()
         try:
-            form = full if len(active) == problem.n_stages else formulate(problem, budget_bytes, active, deadline)
+            form = full if len(active) == problem.n_stages else formulate(problem, budget_bytes, active,
+                                                                            deadline.build_by)
         except BuildTimeout:
             break
 
@@ -763,8 +843,9 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
 
         pending: set[int] = set()
         hint = form.vector(full.keep_of(incumbent), full.recompute_of(incumbent)) if incumbent is not None else None
+        setup = time.perf_counter() - round_began
         try:
-            outcome = solve(form, deadline - time.perf_counter(), hint, relayed if progress is not None else None,
+            outcome = solve(form, deadline.solver_limit(), hint, relayed if progress is not None else None,
                             screen if len(active) < problem.n_stages else None, solver)
         except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
             message = f"the MILP solver failed ({type(error).__name__}: {error})"
@@ -790,8 +871,11 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     if incumbent is None:
         return ExactResult(None, None, bound, False, f"{message}, no schedule found", root_bound=min(root, bound),
                            start_time=start_time, **size)
-    schedule = problem.schedule(full.recompute_of(incumbent))
-    result = simulate(graph, schedule, cost_model)
+    if incumbent is start:  # no round found better: the start's simulation stands
+        schedule, result = start_schedule, start_result
+    else:
+        schedule = problem.schedule(full.recompute_of(incumbent))
+        result = simulate(graph, schedule, cost_model)
     if result.peak_bytes > budget_bytes:  # the rows bound the simulator's count; never trust a miss
         return ExactResult(None, None, bound, False, f"the MILP's schedule peaks at {result.peak_bytes} bytes, "
                            f"over the budget: discarded (please report this)", root_bound=min(root, bound),
@@ -824,16 +908,18 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
 
     require(solver)
 
-    began = time.perf_counter()
+    deadline = Deadline(time.perf_counter() + time_limit)
     problem = exact_problem(graph, cost_model)
     try:
-        form = formulate(problem, None, deadline=began + time_limit)
+        form = formulate(problem, None, deadline=deadline.build_by)
     except BuildTimeout:
         return LowestPeak(None, None, graph.resident_bytes, False, "the time limit ended while the MILP was being built")
     points = [encode(problem, form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
     points = [x for x in points if x is not None]
     start = min(points, key=lambda x: form.cost @ x) if points else None
-    outcome = solve(form, began + time_limit - time.perf_counter(), start, solver=solver)
+    finish = _finish_cost(graph, cost_model, problem, form, form.recompute_of(start) if start is not None
+                          else np.zeros_like(form.recompute_index, dtype=bool))[0]
+    outcome = solve(form, Deadline(deadline.end, finish).solver_limit(), start, solver=solver)
     slack = form.unit * (int(np.diff(form.memory.indptr).max(initial=0)) + 1) if form.unit > 1 else 0
     bound = graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack) \
         if np.isfinite(outcome.bound) else graph.resident_bytes

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import planner
@@ -135,15 +135,11 @@ def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[
     """Every recomputation pattern at its least holding, each checked against the simulator: the
     fastest fitting one's time and every pattern's peak (None: too many patterns)."""
     assert form.unit == 1
-    free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
-            if form.col_upper[form.recompute_index[k, f]] > 0]
-    if len(free) > BRUTE_FORCE_COLUMNS:
+    patterns = _patterns(form)
+    if patterns is None:
         return None
     best, peaks = None, []
-    for pattern in itertools.product((False, True), repeat=len(free)):
-        recompute = np.zeros(form.recompute_index.shape, dtype=bool)
-        for (k, f), on in zip(free, pattern):
-            recompute[k, f] = on
+    for recompute in patterns:
         keep = problem.minimal_keep(recompute)
         assert not (keep & (form.keep_index < 0)).any(), "a needed group has no variable at that stage"
         x = form.vector(keep, recompute)
@@ -158,6 +154,57 @@ def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[
         assert result.time == pytest.approx(form.objective(x), rel=1e-9)
         best = form.objective(x) if best is None else min(best, form.objective(x))
     return best, peaks
+
+
+def brute_forced_case(spec: DagSpec, fraction: float):
+    """A random DAG at ``fraction`` above its floor, in exact mode's staged problem, with its brute
+    force (``_brute_force``); the example is skipped where that is too big or nothing fits."""
+    graph = build_dag(spec).graph
+    budget = _budget_above_floor(graph, fraction)
+    problem = exact_problem(graph, CPU)
+    form = formulate(problem, budget)
+    searched = _brute_force(graph, problem, form, budget)
+    assume(searched is not None and not form.constant_violation)
+    return graph, budget, problem, form, searched
+
+
+def _patterns(form) -> list[np.ndarray] | None:
+    """Every recomputation pattern the columns allow (None: more than ``BRUTE_FORCE_COLUMNS``)."""
+    free = [(k, f) for k, f in zip(*np.nonzero(form.recompute_index >= 0))
+            if form.col_upper[form.recompute_index[k, f]] > 0]
+    if len(free) > BRUTE_FORCE_COLUMNS:
+        return None
+    patterns = []
+    for chosen in itertools.product((False, True), repeat=len(free)):
+        recompute = np.zeros(form.recompute_index.shape, dtype=bool)
+        for (k, f), on in zip(free, chosen):
+            recompute[k, f] = on
+        patterns.append(recompute)
+    return patterns
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 0.3))
+@example(spec=PHASES_BIND, fraction=0.0)
+def test_a_start_that_breaks_a_phase_is_repaired_into_one_that_fits(spec, fraction: float) -> None:
+    """Every pattern whose point breaks a recomputation phase, repaired (``milp._repaired``): the
+    answer satisfies every row and its decoded schedule fits the budget in the simulator; where
+    the repair's window spans every stage it is the whole MILP, so it finds the brute-force
+    optimum whenever some staged schedule fits, and nothing where none does."""
+    graph, budget, problem, form, (best, _) = brute_forced_case(spec, fraction)
+    broken = [x for x in (milp._staged_point(problem, form, r) for r in _patterns(form)) if form.phases_over_budget(x)]
+    assume(broken)
+    for x in broken:
+        repaired = milp._repaired(problem, form, x, time.perf_counter() + 30.0)
+        window = {k for p in form.phases_over_budget(x)
+                  for k in range(p - milp.REPAIR_WINDOW, p + milp.REPAIR_WINDOW + 1)}
+        if best is None:
+            assert repaired is None
+        elif window >= set(range(problem.n_stages)):
+            assert repaired is not None and form.objective(repaired) == pytest.approx(best, rel=1e-3)
+        if repaired is not None:
+            assert form.violation(repaired) <= 1e-9
+            assert planner.simulate(graph, problem.schedule(form.recompute_of(repaired)), CPU).peak_bytes <= budget
 
 
 @pytest.mark.parametrize("name,fraction", [("resnet18", 0.5), ("transformer", 0.5), ("transformer", 0.33)])
@@ -304,6 +351,33 @@ def test_time_limit_is_respected() -> None:
     assert chosen.status in ("feasible", "fallback", "optimal")
     if chosen.status == "feasible":
         assert chosen.gap is not None and 0 <= chosen.gap < 1
+
+
+def test_time_limit_covers_the_work_after_the_last_solve(resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A solver that spends its whole time limit (HiGHS does at tight budgets) and a slow simulator
+    (a large graph's decoding): the search keeps back what follows the solve, measured on the
+    start, so it ends within its limit. Without that it ends one simulation (``SLOW``) late."""
+    slow, limit = 1.5, 4.0
+    real_simulate, real_solve = milp.simulate, milp.solve
+
+    def slow_simulate(*args, **kwargs):
+        time.sleep(slow)
+        return real_simulate(*args, **kwargs)
+
+    def whole_limit(form, time_limit, *args, **kwargs):
+        began = time.perf_counter()
+        outcome = real_solve(form, time_limit, *args, **kwargs)
+        time.sleep(max(0.0, time_limit - (time.perf_counter() - began)))
+        return outcome
+
+    monkeypatch.setattr(milp, "simulate", slow_simulate)
+    monkeypatch.setattr(milp, "solve", whole_limit)
+    budget = _budget(resnet18.graph, 0.65)
+    began = time.perf_counter()
+    found = exact_search(resnet18.graph, CPU, budget, time_limit=limit)
+    elapsed = time.perf_counter() - began
+    assert found.schedule is not None, found.message
+    assert elapsed <= limit + slow / 2, f"{elapsed:.2f} s against a {limit} s limit"
 
 
 # ---- faults ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import planner
@@ -18,9 +18,9 @@ from planner import SolverUnavailableError
 from planner.algorithms import solvers
 from planner.algorithms.milp import exact_problem, exact_search, formulate, lowest_peak_search, solve_highs
 
-from _random_dags import build_dag, dag_specs
+from _random_dags import dag_specs
 from _workloads import Workload, build_workload
-from test_milp import CPU, _brute_force, _budget, _budget_above_floor
+from test_milp import CPU, _budget, brute_forced_case
 
 BACKENDS = {"cpsat": solvers.solve_cpsat, "scip": solvers.solve_scip}
 
@@ -38,13 +38,7 @@ def test_optimum_equals_brute_force(name: str, spec, fraction: float) -> None:
     count the simulator's peak to the byte); the solver's proven optimum must be the fastest one
     that fits, its bound never above it, its schedule valid under the simulator, and exact mode
     and the least-peak search on this solver must agree with brute force too."""
-    graph = build_dag(spec).graph
-    budget = _budget_above_floor(graph, fraction)
-    problem = exact_problem(graph, CPU)
-    form = formulate(problem, budget)
-    searched = _brute_force(graph, problem, form, budget)
-    assume(searched is not None and not form.constant_violation)
-    best, peaks = searched
+    graph, budget, problem, form, (best, peaks) = brute_forced_case(spec, fraction)
     lowest = lowest_peak_search(graph, CPU, time_limit=20.0, solver=name)
     assert lowest.optimal and lowest.peak_bytes == min(peaks)
     assert lowest.lower_bound_bytes <= lowest.peak_bytes
