@@ -142,8 +142,10 @@ def block_ends(sites: CutSites, policy: str, scale: int, pairing: int | None = N
     return tuple(_paired(ends, pairing) if pairing is not None else ends)
 
 
-def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> BlockChain:
-    """The blocks ending at ``cuts`` and what crosses between them."""
+def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...], spanning: bool = False) -> BlockChain:
+    """The blocks ending at ``cuts`` and what crosses between them; with ``spanning``, storages read
+    by later blocks only, some beyond the next, are spanning outputs of their block, not pinned
+    long-lived storages."""
     model_forward = sites.model_forward
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
@@ -171,7 +173,7 @@ def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> Bl
     backward_lists = _assign_backward(graph, block_of_op, loss_block)
     blocks = tuple(Block(i, tuple(f), tuple(b)) for i, (f, b) in enumerate(zip(forward_lists, backward_lists)))
     blocks += (Block(loss_block, tuple(loss_forward), tuple(backward_lists[loss_block]), is_loss=True),)
-    return _classify(graph, blocks, block_of_op)
+    return _classify(graph, blocks, block_of_op, spanning)
 
 
 # ---- cutting the forward ---------------------------------------------------------------------
@@ -405,7 +407,7 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
 
 
 # ---- what crosses ----------------------------------------------------------------------------
-def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.ndarray) -> BlockChain:
+def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.ndarray, spanning: bool) -> BlockChain:
     n_blocks = len(blocks)
     n_storages = len(graph.storages)
     owner = np.full(n_storages, -1, dtype=np.int64)
@@ -455,7 +457,7 @@ def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.n
         elif low[s] >= b and high[s] <= b + 1 and b + 1 < n_blocks:
             storage_class[s] = CHECKPOINT
             checkpoint[b] += size
-        elif low[s] >= b:  # read by later blocks only, some beyond the next
+        elif spanning and low[s] >= b:  # read by later blocks only, some beyond the next
             storage_class[s] = SPANNING
         else:
             storage_class[s] = LONG_LIVED

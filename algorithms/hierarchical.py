@@ -189,9 +189,7 @@ def prepare_fine(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]
     is one of the others (no over-long region)."""
     sites = cut_sites(graph)
     ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0], fine=True)
-    if ends in _unpaired_ends(sites):
-        return []
-    return [_BlockSolver(graph, cost_model).hierarchy(chain_of(graph, sites, ends))]
+    return [_BlockSolver(graph, cost_model).hierarchy(chain_of(graph, sites, ends, spanning=True))]
 
 
 class _BlockSolver:
