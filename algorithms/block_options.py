@@ -12,7 +12,11 @@ the block alone (``_replay``, the simulator's storage accounting on the block's 
 - ``backward_peak``: the peak while its backward runs, from the kept tensors and the incoming
   gradients to the outgoing ones;
 - ``time``: its forward (the ops the kept set and the output need) plus its backward and the
-  recomputation in it.
+  recomputation in it; ``leaf_forward_peak`` and ``leaf_time`` the same for a leaf pass, whose
+  forward skips the output (the blocks after it are done).
+
+A block's output is its checkpoint and its spanning storages (``blocks.SPANNING``, read beyond
+the next block); a soft pass drops and recomputes the checkpoint only.
 
 Candidate sets are enumerated exhaustively up to ``EXHAUSTIVE_CANDIDATES`` candidates (4096
 options, each a compiled replay of the block's ops); larger blocks get a greedy family (drop

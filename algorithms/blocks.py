@@ -10,7 +10,7 @@ storages crossing it are all made by one op, apart from long-range storages (rea
 or more ops after they are made: rotary tables, attention masks, U-Net skips). Clean cuts are
 articulation points of the graph without its long-range edges (ResNet blocks, transformer
 residual adds). Regions between clean cuts longer than ``MAX_BLOCK_OPS`` (a DenseNet dense block)
-are split where the fewest bytes cross; tiny regions are merged (``_merge_small``). A chain of
+are split where the fewest bytes cross (into pieces ``FINE_SPLIT`` times smaller with ``fine``); tiny regions are merged (``_merge_small``). A chain of
 more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled. With
 ``pairing``, adjacent blocks are then joined in pairs (``_paired``).
 
@@ -19,13 +19,20 @@ forward or backward: *internal* (read by its own block only), a *checkpoint* of 
 block (read by its own block and the next one only: the state a chain DP may keep or recompute),
 or *long-lived* (read further away). Long-lived storages are never recomputed: the op making one
 is pinned, and the storage is held from the first forward until the last block that reads it
-has run its backward. That is the claim this decomposition gives up: a plan never recomputes a
-long-lived storage (a DenseNet layer's new features, a U-Net skip, a rotary table).
+has run its backward. With ``spanning`` (the fine partition tight budgets add), a storage read
+by later blocks only, some beyond the next (a DenseNet layer's new features, the dense block's
+input, a U-Net skip), is *spanning* instead: an output of its block like a checkpoint, which a
+run of blocks the chain DP drops and recomputes drops with it when no block after the run reads
+it (``crossing_bytes``: what a run leaves for the blocks after it). That is the claim this
+decomposition gives up: a plan never recomputes a long-lived storage, one an earlier block's
+backward reads (or, in the standard partitions, any storage read beyond the next block: there a
+dropped run keeps them from the first forward instead of recomputing them).
 Backward storages read by another block's backward (the gradient of a checkpoint) are the
 *frontier* between the two.
 
 Complexity: O(ops + edges) for the partition and classification, plus the split DP over
-positions, O(positions x window) inside over-long regions.
+positions, O(positions x window) inside over-long regions, and O(L^2 + spanning storages x L)
+for ``crossing_bytes`` over L blocks.
 """
 from __future__ import annotations
 

@@ -6,10 +6,14 @@ It either
 
 - runs block s's forward keeping option o's tensors (``ALL``), solves s+1..t with that much less
   memory, then runs block s's backward; or
-- runs blocks s..s2-1 forward keeping only the output of s2-1 (``CK``), solves s2..t with that
-  checkpoint held, then solves s..s2-1 again from the input of s: a block recomputed in the
-  backward may itself drop and recompute, as in rotor/revolve (Herrmann et al. 2019, and
-  Rockmate's per-block options).
+- runs blocks s..s2-1 forward keeping only what crosses the cut after s2-1 (``CK``: its
+  checkpoint, and the spanning storages of blocks s..s2-1 read after it, ``crossing[s, s2-1]``),
+  solves s2..t with that held, then solves s..s2-1 again from the input of s: a block
+  recomputed in the backward may itself drop and recompute, as in rotor/revolve (Herrmann et
+  al. 2019, and Rockmate's per-block options).
+
+A pass over one block (s = t) is a *leaf*: the blocks after it are done, so its forward computes
+only what its option keeps, not its output (``leaf_forward_peak``, ``leaf_time``).
 
 A block's output need not be held while the blocks after its reader run: after ``ALL`` with
 option o at s, the pass over s+1..t may be *soft* (``soft[s+1, t, m]``): it drops block s's

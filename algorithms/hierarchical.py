@@ -2,7 +2,8 @@
 
 1. ``blocks.partition`` cuts the step into a chain of small blocks (the loss last) and says what
    crosses between them; ``prepare_all`` weighs several partitions, one of them the small blocks
-   joined in pairs.
+   joined in pairs; where none fits the budget, ``prepare_fine`` adds finer blocks whose spanning
+   storages dropped runs of blocks recompute.
 2. ``block_options`` enumerates, once per distinct block (identical transformer layers or ResNet
    blocks share one key), what its forward can keep and what its backward then recomputes: the
    selective keeping (keep a convolution's output, recompute the BatchNorm and ReLU after it) is
@@ -15,8 +16,9 @@
 
 Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
 O(2^c (ops + edges)) with c <= 13 candidates (a joined block: O(8^2 x 2^boundary) combined
-masks); the chain DP O(L^2 Q (P + L)) for L blocks; one emission and simulation per column
-tried (at most 10 bisection steps, then 32 more columns where none fitted).
+masks); the chain DP O(L^2 Q (P + L)) for L blocks (once more, on about twice the blocks inside
+over-long regions, where no partition fits); one emission and simulation per column tried (at
+most 10 bisection steps, then 32 more columns where none fitted).
 """
 from __future__ import annotations
 
@@ -301,9 +303,9 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
 
 
 def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
-    """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``):
-    the fastest schedule found within the budget, else the one of least peak, reordered where
-    that lowers it further."""
+    """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``, and
+    ``prepare_fine`` where none fits): the fastest schedule found within the budget, else the one
+    of least peak, reordered where that lowers it further."""
     found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
     found = [f for f in found if f is not None]
     if not any(f[1].peak_bytes <= budget_bytes for f in found):  # tight: finer blocks
