@@ -187,8 +187,8 @@ def _unpaired_ends(sites) -> list[tuple[int, ...]]:
 
 def prepare_fine(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
     """For budgets no partition of ``prepare_all`` fits: the small blocks with over-long regions
-    split ``blocks.FINE_SPLIT`` times finer (more blocks, a larger DP); none where that partition
-    is one of the others (no over-long region)."""
+    split ``blocks.FINE_SPLIT`` times finer (more blocks, a larger DP), with spanning storages
+    (``blocks.chain_of``), which a run of blocks the chain DP drops drops with it."""
     sites = cut_sites(graph)
     ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0], fine=True)
     return [_BlockSolver(graph, cost_model).hierarchy(chain_of(graph, sites, ends, spanning=True))]
