@@ -135,7 +135,7 @@ def lowest_row(name: str, graph: planner.TrainingGraph, time_limit: float) -> st
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--budgets", nargs="*", default=["50", "33"], help="% of store-all's peak, or min")
+    parser.add_argument("--budgets", nargs="*", default=["50", "33"], help="%% of store-all's peak, or min")
     parser.add_argument("--lowest", action="store_true", help="exact mode's least peak per model")
     parser.add_argument("--time-limit", type=float, default=60.0)
     parser.add_argument("--solver", nargs="+", default=["highs"], choices=list(SOLVERS),

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from planner.algorithms.solvers import DEFAULT_SOLVER, SOLVERS
 from planner.budgets import parse_budget
 from planner.capturing import capture
 from planner.cost import RooflineCostModel, default_cost_model
@@ -74,10 +75,10 @@ def _capture(spec: dict, quiet: bool = False):
 
 
 def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_limit: float | None = None,
-          quiet: bool = True):
+          quiet: bool = True, solver: str = DEFAULT_SOLVER):
     op_variants = _OP_VARIANTS[variants_choice]
     if algorithm == "fast":
-        return plan(graph, budget, mode="fast", cost_model=cost_model, op_variants=op_variants)
+        return plan(graph, budget, mode="fast", cost_model=cost_model, op_variants=op_variants, solver=solver)
     if algorithm == "exact":
         limit = DEFAULT_TIME_LIMIT if time_limit is None else time_limit
         with _progress(None, total=round(limit), desc="exact (incumbent/bound overhead)", quiet=quiet) as bar:
@@ -87,8 +88,8 @@ def _plan(graph, budget, algorithm: str, cost_model, variants_choice: str, time_
 
             store_all = simulate(graph, Schedule.store_all(graph), cost_model).time
             return plan(graph, budget, mode="exact", time_limit=limit, cost_model=cost_model, progress=progress,
-                        op_variants=op_variants)
-    return plan(graph, budget, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants)
+                        op_variants=op_variants, solver=solver)
+    return plan(graph, budget, algorithm=algorithm, cost_model=cost_model, op_variants=op_variants, solver=solver)
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -151,7 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     capture_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = _plan(graph, args.budget, args.algorithm or args.mode, _cost(args), args.op_variants, args.time_limit,
-                   quiet=args.json)
+                   quiet=args.json, solver=args.solver)
     plan_seconds = time.perf_counter() - start
     result.workload = spec
     payload = _plan_payload(result, result.graph, capture_seconds, plan_seconds)
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fast", "exact"], default="fast",
                    help="fast: about a second; exact: the MILP, optimal or with a proven gap")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for exact mode (default 60)")
+    p.add_argument("--solver", choices=list(SOLVERS), default=DEFAULT_SOLVER,
+                   help="exact mode's MILP solver: highs (installed), cpsat or scip (the extras of the same names)")
     p.add_argument("--algorithm", default=None, help="one algorithm instead of a mode (see planner.algorithms)")
     p.add_argument("--out", type=Path, default=None, help="save the plan as JSON")
     p.add_argument("--run", action="store_true", help="execute one planned step and measure it")

@@ -63,6 +63,7 @@ class LoweredSchedule:
     backward: tuple[_Run | _Drop, ...]
     carried: tuple[int, ...]  # non-resident tensors live from the forward into the backward
     saved_outputs: tuple[int, ...]  # model outputs the backward reads (kept as aliases, version-checked)
+    read_parameters: tuple[int, ...]  # parameters the backward reads (version-checked)
 
 
 def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
@@ -111,7 +112,8 @@ def lower(graph: TrainingGraph, schedule: Schedule) -> LoweredSchedule:
     freed_after_loss = {s.tensor for s in middle if isinstance(s, _Drop)}
     saved_outputs = tuple(t for t in graph.model_outputs
                           if t in needed_later and t in live and t not in freed_after_loss)
-    return LoweredSchedule(forward, tuple(middle), backward, carried, saved_outputs)
+    read_parameters = tuple(sorted(t for t in set(graph.parameters.values()) if t in needed_later))
+    return LoweredSchedule(forward, tuple(middle), backward, carried, saved_outputs, read_parameters)
 
 
 def _live_after(graph: TrainingGraph, steps: Sequence[_Run | _Drop]) -> set[int]:
@@ -268,6 +270,7 @@ class _Pending:
     carried: dict
     rng_states: dict
     saved: tuple = ()  # aliases of the model outputs the backward reads
+    parameters: tuple = ()  # the forward's parameters that the backward reads (recomputations too)
     env: list | None = None
     versions: tuple = ()  # of ``_kept`` at the forward's end: in-place changes since are refused
     done: bool = False  # a backward ran without retain_graph and released what it kept
@@ -289,7 +292,7 @@ class _PlannedSegment(torch.autograd.Function):
             # aliases, not save_for_backward: autograd would hold a saved output until this
             # piece's backward ends, past where the plan frees it; the version is checked instead
             pending.saved = tuple(output.detach() for output in pending.saved)
-            pending.versions = tuple(tensor_version(t) for _, t in _kept(pending))
+            pending.versions = tuple(tensor_version(t) for _, t, _ in _kept(pending))
             return tuple(pending.env[t] for t in graph.model_outputs)
         return torch.empty(())  # a token: the next piece's backward runs after this one's
 
@@ -330,14 +333,25 @@ def _check_backward(pending: _Pending) -> None:
                             "it again")
 
 
-def _kept(pending: _Pending) -> tuple[tuple[str, torch.Tensor], ...]:
-    """What a forward leaves for its backward that user code can reach and modify in place, by
-    name: the inputs, and the carried tensors and saved outputs (which may share an output's memory)."""
+_ALIASED_FIX = ("through a model output or input that shares its memory: modify a clone instead "
+                "(output.clone()), as eager PyTorch also requires")
+_PARAMETER_FIX = ("(an optimizer step or a no_grad update between the forward and its backward?): run the "
+                  "backward first; eager PyTorch refuses this too wherever autograd saved the parameter, and "
+                  "a plan's recomputations read every parameter the backward reads")
+
+
+def _kept(pending: _Pending) -> tuple[tuple[str, torch.Tensor, str], ...]:
+    """What a forward leaves for its backward that user code can reach and modify in place: the
+    inputs, the carried tensors and saved outputs (which may share an output's memory) and the
+    parameters the backward reads, each with its name and the fix to name if it changes."""
     graph, lowered = pending.runner.graph, pending.runner.lowered
     inputs = (t for t in pending.inputs if isinstance(t, torch.Tensor))
-    return (*((f"input {i}", t) for i, t in enumerate(inputs)),
-            *((graph.tensors[t].name, value) for t, value in pending.carried.items()),
-            *((graph.tensors[t].name, value) for t, value in zip(lowered.saved_outputs, pending.saved)))
+    # parameters first: a carried view of one (a linear layer's transposed weight) changes with it
+    return (*((f"parameter {graph.tensors[p].name}", value, _PARAMETER_FIX)
+              for p, value in zip(lowered.read_parameters, pending.parameters)),
+            *((f"input {i}", t, _ALIASED_FIX) for i, t in enumerate(inputs)),
+            *((graph.tensors[t].name, value, _ALIASED_FIX) for t, value in pending.carried.items()),
+            *((graph.tensors[t].name, value, _ALIASED_FIX) for t, value in zip(lowered.saved_outputs, pending.saved)))
 
 
 def _begin_backward(pending: _Pending) -> None:
@@ -345,11 +359,9 @@ def _begin_backward(pending: _Pending) -> None:
     buffers by name now (FSDP swaps them between forward and backward), the outputs' gradients."""
     runner = pending.runner
     graph, lowered = runner.graph, runner.lowered
-    for (name, kept), version in zip(_kept(pending), pending.versions):
+    for (name, kept, fix), version in zip(_kept(pending), pending.versions):
         if tensor_version(kept) != version:  # what autograd's check of its saved tensors refuses
-            raise BackwardError(f"a tensor the backward reads ({name!r}) was modified in place "
-                                "after the forward, through a model output or input that shares its memory: "
-                                "modify a clone instead (output.clone()), as eager PyTorch also requires")
+            raise BackwardError(f"a tensor the backward reads ({name!r}) was modified in place after the forward, {fix}")
     env: list = [None] * len(graph.tensors)
     # every value is put into env by _put, whose loop variables die with it: a loop variable
     # left here would hold its last tensor through the whole backward
@@ -357,7 +369,7 @@ def _begin_backward(pending: _Pending) -> None:
     _put(env, lowered.saved_outputs, pending.saved)
     _put(env, range(len(graph.tensors)), runner.new_env(model_state(runner.model)[3], pending.inputs))
     if not backward_retains_graph():  # the env owns them now
-        pending.carried, pending.inputs, pending.saved, pending.done = {}, (), (), True
+        pending.carried, pending.inputs, pending.saved, pending.parameters, pending.done = {}, (), (), (), True
     _put_output_grads(env, graph, pending.box.pop())  # after the tangent: a model returning its loss gets its gradient
     pending.env = env
 
@@ -395,7 +407,8 @@ def _planned_forward(runner: StepRunner, named: dict, inputs: tuple) -> tuple:
     box: list = []
     # the backward reads the inputs (e.g. the first layer's weight gradient)
     pending = _Pending(runner, box, inputs, {t: env[t] for t in lowered.carried}, rng_states,
-                       tuple(env[t] for t in lowered.saved_outputs), env)
+                       tuple(env[t] for t in lowered.saved_outputs),
+                       tuple(named[graph.tensors[p].name] for p in lowered.read_parameters), env)
     upstream = inputs
     for index in reversed(range(len(runner.segments))):
         parameters = tuple(named[graph.tensors[p].name] for p in runner.segments[index].parameters)

@@ -203,6 +203,15 @@ def test_plan_exact_mode_reports_status_and_bound(capsys):
     assert "exact mode" in payload["message"]
 
 
+def test_plan_exact_mode_takes_the_solver(capsys):
+    code, out, err = cli(capsys, "--json", "plan", *TINY, "--budget", "85%", "--mode", "exact", "--time-limit", "5",
+                         "--solver", "cpsat")
+    assert code == 0, err
+    assert "cpsat" in json.loads(out)["message"]
+    code, _, err = cli(capsys, "plan", *TINY, "--budget", "85%", "--solver", "cpsat")  # fast mode has no solver
+    assert code != 0 and "mode=\"exact\"" in err
+
+
 def test_plan_text_agrees_with_json(capsys, tiny_plan):
     """Same workload and budget: the text's predicted peak and store-all peak are the JSON's."""
     payload, _ = tiny_plan

@@ -522,6 +522,28 @@ def test_output_modified_in_place_before_the_backward_is_a_typed_error() -> None
         out.sum().backward()
 
 
+def test_parameter_modified_in_place_before_the_backward_is_a_typed_error() -> None:
+    """An update between a forward and its backward: eager refuses it where autograd saved the
+    weight; the plan, whose recomputations would read the new weight, refuses it too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(8, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", x).apply(model)
+    y = torch.arange(8) % 4
+    loss = F.cross_entropy(reference(x), y)
+    with torch.no_grad():
+        reference[2].weight.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = F.cross_entropy(pm(x), y)
+    with torch.no_grad():
+        model[2].weight.add_(0.5)
+    with pytest.raises(planner.BackwardError, match="optimizer step"):
+        loss.backward()
+
+
 def test_higher_order_gradients_are_a_typed_error(cnn_case) -> None:
     model, x, y = cnn_case
     pm = planner.plan(model, "60%", x, loss_fn=F.cross_entropy, targets=y).apply(model, F.cross_entropy)
