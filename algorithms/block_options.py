@@ -560,8 +560,8 @@ def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
     ints, floats, ok = _evaluate_masks(
         masks, local.forward_all, *_kernel_arrays(local), local.op_time, local.op_workspace,
         local.tensor_storage, local.tensor_producer, local.tensor_valid, local.tensor_output, local.tensor_spanning,
-        local.storage_bytes, local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx, local.candidate_ptr,
-        local.candidate_idx)
+        local.storage_bytes, local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx,
+        local.candidate_ptr, local.candidate_idx)
     if not ok:
         raise AssertionError("a block's backward reads a tensor its block cannot compute")
     return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out), int(lf), float(lt))

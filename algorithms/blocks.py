@@ -10,9 +10,10 @@ storages crossing it are all made by one op, apart from long-range storages (rea
 or more ops after they are made: rotary tables, attention masks, U-Net skips). Clean cuts are
 articulation points of the graph without its long-range edges (ResNet blocks, transformer
 residual adds). Regions between clean cuts longer than ``MAX_BLOCK_OPS`` (a DenseNet dense block)
-are split where the fewest bytes cross (into pieces ``FINE_SPLIT`` times smaller with ``fine``); tiny regions are merged (``_merge_small``). A chain of
-more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled. With
-``pairing``, adjacent blocks are then joined in pairs (``_paired``).
+are split where the fewest bytes cross (into pieces ``FINE_SPLIT`` times smaller with ``fine``);
+tiny regions are merged (``_merge_small``). A chain of more than ``MAX_CHAIN_BLOCKS`` blocks (an
+80-layer LLM) is cut again with sizes doubled. With ``pairing``, adjacent blocks are then joined
+in pairs (``_paired``).
 
 What crosses. Once cut, each storage a block makes is classified by the blocks that read it,
 forward or backward: *internal* (read by its own block only), a *checkpoint* of the cut after its
@@ -486,7 +487,6 @@ def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.n
     return BlockChain(graph, blocks, block_of_op, storage_class, owner, low, checkpoint, crossing,
                       long_forward[:n_blocks],
                       long_backward[:n_blocks], frontier[:n_blocks], through[:n_blocks], frozenset(pinned))
-
 
 
 def _crossing(checkpoint: np.ndarray, owner: np.ndarray, high: np.ndarray, sizes: np.ndarray,

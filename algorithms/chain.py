@@ -183,7 +183,8 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, leaf_fpeak, 
                     if c < best[m]:
                         best[m], choice[m] = c, o
             for s2 in range(s + 1, t + 1):
-                low = max(ck_need[s, s2 - 1] + fwd_extra, cross[s, s2 - 1], ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] - x_in, 0)
+                low = max(ck_need[s, s2 - 1] + fwd_extra, cross[s, s2 - 1],
+                          ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] - x_in, 0)
                 for m in range(low, quanta + 1):
                     c = ck_sum[s, s2 - 1] + cost[s2, t, min(m - cross[s, s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
                     if c < best[m]:
