@@ -12,7 +12,11 @@ the block alone (``_replay``, the simulator's storage accounting on the block's 
 - ``backward_peak``: the peak while its backward runs, from the kept tensors and the incoming
   gradients to the outgoing ones;
 - ``time``: its forward (the ops the kept set and the output need) plus its backward and the
-  recomputation in it.
+  recomputation in it; ``leaf_forward_peak`` and ``leaf_time`` the same for a leaf pass, whose
+  forward skips the output (the blocks after it are done).
+
+A block's output is its checkpoint and its spanning storages (``blocks.SPANNING``, read beyond
+the next block); a soft pass drops and recomputes the checkpoint only.
 
 Candidate sets are enumerated exhaustively up to ``EXHAUSTIVE_CANDIDATES`` candidates (4096
 options, each a compiled replay of the block's ops); larger blocks get a greedy family (drop
@@ -36,7 +40,7 @@ import numba
 import numpy as np
 
 from planner.algorithms.blocks import (
-    BACKWARD_LOCAL, CHECKPOINT, FRONTIER, INTERNAL, Block, BlockChain,
+    BACKWARD_LOCAL, CHECKPOINT, FRONTIER, INTERNAL, SPANNING, Block, BlockChain,
 )
 from planner.graph import TrainingGraph
 
@@ -67,7 +71,8 @@ class LocalBlock:
     tensor_storage: np.ndarray  # local storage ids
     tensor_producer: np.ndarray  # local forward op, or -1 (made outside, or a backward tensor)
     tensor_valid: np.ndarray  # readable without computing anything: made outside the block or pinned
-    tensor_output: np.ndarray  # part of the block's output checkpoint
+    tensor_output: np.ndarray  # part of the block's output: its checkpoint and spanning storages
+    tensor_spanning: np.ndarray  # part of a spanning storage (read beyond the next block)
     storage_bytes: np.ndarray  # counted bytes (0 for what the chain accounts for)
     storage_role: np.ndarray
     storage_tensor_ptr: np.ndarray  # storage -> its tensors (CSR), to drop views of a recomputed base
@@ -102,6 +107,8 @@ class BlockOptions:
     checkpoint_forward_time: float
     first_forward_time: float  # every forward op of the block, as the first forward runs them
     first_checkpoint_peak: int  # the first forward's peak keeping only the output
+    leaf_forward_peak: np.ndarray  # int64: forward peak of a leaf pass, which skips the output
+    leaf_time: np.ndarray  # float64: ``time`` of a leaf pass
 
 
 def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np.ndarray,
@@ -139,7 +146,7 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
                 role[local] = INCOMING
         elif cls in (INTERNAL, BACKWARD_LOCAL):
             role[local] = LOCAL
-        elif cls == CHECKPOINT:
+        elif cls in (CHECKPOINT, SPANNING):
             role[local] = OUTPUT
         elif cls == FRONTIER:
             role[local] = OUTGOING
@@ -155,6 +162,7 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
     for i in range(n_forward, len(ops)):
         tensor_valid[out_lists[i]] = False
     tensor_output = (role[tensor_storage] == OUTPUT) & (tensor_producer >= 0)
+    tensor_spanning = tensor_output & (chain.storage_class[globals_of_storage[tensor_storage]] == SPANNING)
     # candidates: forward ops making local storages the block's backward reads
     read_by_backward = np.zeros(n_tensors, dtype=np.bool_)
     for i in range(n_forward, len(ops)):
@@ -190,7 +198,7 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
         op_time=np.asarray(times, dtype=np.float64)[ops], op_workspace=np.asarray(workspace, dtype=np.int64)[ops],
         op_is_view=np.array([graph.ops[op].is_view for op in ops], dtype=np.bool_),
         tensor_storage=tensor_storage, tensor_producer=tensor_producer, tensor_valid=tensor_valid,
-        tensor_output=tensor_output, storage_bytes=storage_bytes, storage_role=role,
+        tensor_output=tensor_output, tensor_spanning=tensor_spanning, storage_bytes=storage_bytes, storage_role=role,
         storage_tensor_ptr=storage_tensor_ptr, storage_tensor_idx=order.astype(np.int64),
         candidates=np.array(candidates, dtype=np.int64), candidate_ptr=candidate_ptr, candidate_idx=candidate_idx,
         candidate_bytes=candidate_bytes,
@@ -442,14 +450,17 @@ def _replay(order, n_first, in_ptr, in_idx, out_ptr, out_idx, op_time, op_worksp
 
 # ---- evaluating options --------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _option_orders(mask, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+def _option_orders(mask, leaf, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
                    tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr,
                    storage_tensor_idx, candidate_ptr, candidate_idx):
+    """(forward, backward, ok) of option ``mask``; a ``leaf`` forward does not compute the block's
+    output (the blocks after it have run their backward)."""
     kept = _kept_tensors(mask, candidate_ptr, candidate_idx, len(tensor_storage))
     if forward_all:
         forward = np.arange(n_forward)
     else:
-        forward = _forward_order(kept | tensor_output, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid)
+        targets = kept if leaf else kept | tensor_output
+        forward = _forward_order(targets, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid)
     backward, ok = _backward_order(tensor_valid | kept, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx,
                                    op_is_view, tensor_storage, tensor_producer, storage_tensor_ptr,
                                    storage_tensor_idx)
@@ -459,17 +470,18 @@ def _option_orders(mask, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr,
 @numba.njit(cache=True)
 def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
                     op_time, op_workspace, tensor_storage, tensor_producer, tensor_valid, tensor_output,
-                    storage_bytes, storage_role, storage_tensor_ptr, storage_tensor_idx, candidate_ptr,
-                    candidate_idx):
-    """Per mask: forward peak, kept, backward peak, first-forward peak (int64 [n, 4]) and time,
-    backward time, output recompute time (float64 [n, 3]: inf where the mask keeps the output);
-    ok is false if some mask's backward cannot be computed."""
-    ints = np.zeros((len(masks), 4), dtype=np.int64)
-    floats = np.zeros((len(masks), 3))
+                    tensor_spanning, storage_bytes, storage_role, storage_tensor_ptr, storage_tensor_idx,
+                    candidate_ptr, candidate_idx):
+    """Per mask: forward peak, kept, backward peak, first-forward peak, leaf forward peak (int64
+    [n, 5]) and time, backward time, output recompute time (inf where the mask keeps the
+    checkpoint, or where recomputing it would make a spanning storage again), leaf time (float64
+    [n, 4]); ok is false if some mask's backward cannot be computed."""
+    ints = np.zeros((len(masks), 5), dtype=np.int64)
+    floats = np.zeros((len(masks), 4))
     everything = np.arange(n_forward)
     for i in range(len(masks)):
         forward, backward, ok = _option_orders(
-            masks[i], forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
+            masks[i], False, forward_all, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
             tensor_storage, tensor_producer, tensor_valid, tensor_output, storage_tensor_ptr, storage_tensor_idx,
             candidate_ptr, candidate_idx)
         if not ok:
@@ -481,14 +493,21 @@ def _evaluate_masks(masks, forward_all, n_forward, n_ops, in_ptr, in_idx, out_pt
             op_workspace, tensor_storage, held, storage_bytes, storage_role)
         first = _replay(np.concatenate((everything, backward)), n_forward, in_ptr, in_idx, out_ptr, out_idx,
                         op_time, op_workspace, tensor_storage, held, storage_bytes, storage_role)
-        ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3] = peak_f, kept, peak_b, first[0]
-        floats[i, 0], floats[i, 1] = time_f + time_b, time_b
-        if (kept_tensors & tensor_output).any():
-            floats[i, 2] = np.inf
-        else:
-            again = _forward_order(tensor_output, n_forward, in_ptr, in_idx, tensor_producer,
-                                   tensor_valid | kept_tensors)
-            floats[i, 2] = op_time[again].sum()
+        leaf_forward = forward if forward_all else _forward_order(
+            kept_tensors, n_forward, in_ptr, in_idx, tensor_producer, tensor_valid)
+        leaf = _replay(np.concatenate((leaf_forward, backward)), len(leaf_forward), in_ptr, in_idx, out_ptr,
+                       out_idx, op_time, op_workspace, tensor_storage, kept_tensors, storage_bytes, storage_role)
+        ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3] = peak_f, kept, max(peak_b, leaf[2]), first[0]
+        ints[i, 4] = leaf[0]
+        floats[i, 0], floats[i, 1], floats[i, 3] = time_f + time_b, time_b, leaf[3] + leaf[4]
+        checkpoint = tensor_output & ~tensor_spanning  # what a soft pass drops and takes again
+        again = _forward_order(checkpoint, n_forward, in_ptr, in_idx, tensor_producer,
+                               tensor_valid | kept_tensors | tensor_spanning)
+        remakes = False  # the spanning storages stay live through a soft pass
+        for op in again:
+            for k in range(out_ptr[op], out_ptr[op + 1]):
+                remakes = remakes or tensor_spanning[out_idx[k]]
+        floats[i, 2] = np.inf if remakes or (kept_tensors & checkpoint).any() else op_time[again].sum()
     return ints, floats, True
 
 
@@ -497,11 +516,11 @@ def _kernel_arrays(local: LocalBlock) -> tuple:
             local.op_is_view)
 
 
-def orders(local: LocalBlock, mask: int) -> tuple[np.ndarray, np.ndarray]:
+def orders(local: LocalBlock, mask: int, leaf: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(forward part, backward part) of an option, as local op ids: the forward computes the
-    kept tensors and the output; the backward recomputes the rest on demand."""
+    kept tensors and (unless ``leaf``) the output; the backward recomputes the rest on demand."""
     forward, backward, ok = _option_orders(
-        mask, local.forward_all, *_kernel_arrays(local), local.tensor_storage, local.tensor_producer,
+        mask, leaf, local.forward_all, *_kernel_arrays(local), local.tensor_storage, local.tensor_producer,
         local.tensor_valid, local.tensor_output, local.storage_tensor_ptr, local.storage_tensor_idx,
         local.candidate_ptr, local.candidate_idx)
     if not ok:
@@ -510,11 +529,12 @@ def orders(local: LocalBlock, mask: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def output_order(local: LocalBlock, mask: int) -> np.ndarray:
-    """Forward ops recomputing the block's output from option ``mask``'s kept tensors and the
-    block's input (local ids, graph order): a dropped output checkpoint taken again."""
+    """Forward ops recomputing the block's output checkpoint from option ``mask``'s kept tensors
+    and the block's input (local ids, graph order): a dropped output checkpoint taken again (its
+    spanning storages stay live)."""
     kept = _kept_tensors(mask, local.candidate_ptr, local.candidate_idx, len(local.tensor_storage))
-    return _forward_order(local.tensor_output, local.n_forward, local.in_ptr, local.in_idx,
-                          local.tensor_producer, local.tensor_valid | kept)
+    return _forward_order(local.tensor_output & ~local.tensor_spanning, local.n_forward, local.in_ptr, local.in_idx,
+                          local.tensor_producer, local.tensor_valid | kept | local.tensor_spanning)
 
 
 def checkpoint_forward(local: LocalBlock) -> np.ndarray:
@@ -531,19 +551,21 @@ def _replay_parts(local: LocalBlock, forward: np.ndarray, backward: np.ndarray) 
 
 def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
     """Rows (mask, forward peak, kept, backward peak, time, first-forward peak, backward time,
-    output recompute time):
+    output recompute time, leaf forward peak, leaf time):
     an option's forward in a recomputation pass computes what the kept set and the output
-    need; in the first forward every op of the block runs. One compiled loop over the masks."""
+    need (a *leaf* pass, the block's own pass once the blocks after it are done, only what the
+    kept set needs); in the first forward every op of the block runs. One compiled loop over the
+    masks."""
     masks = np.asarray(list(masks), dtype=np.int64)
     ints, floats, ok = _evaluate_masks(
         masks, local.forward_all, *_kernel_arrays(local), local.op_time, local.op_workspace,
-        local.tensor_storage, local.tensor_producer, local.tensor_valid, local.tensor_output, local.storage_bytes,
-        local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx, local.candidate_ptr,
-        local.candidate_idx)
+        local.tensor_storage, local.tensor_producer, local.tensor_valid, local.tensor_output, local.tensor_spanning,
+        local.storage_bytes, local.storage_role, local.storage_tensor_ptr, local.storage_tensor_idx,
+        local.candidate_ptr, local.candidate_idx)
     if not ok:
         raise AssertionError("a block's backward reads a tensor its block cannot compute")
-    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out))
-            for m, (a, k, b, f), (t, tb, out) in zip(masks, ints.tolist(), floats.tolist())]
+    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out), int(lf), float(lt))
+            for m, (a, k, b, f, lf), (t, tb, out, lt) in zip(masks, ints.tolist(), floats.tolist())]
 
 
 def block_options(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOptions]] = ()) -> BlockOptions:
@@ -566,7 +588,7 @@ def block_options(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOpti
     return BlockOptions(
         masks=masks, forward_peak=column(1, np.int64), kept=column(2, np.int64), backward_peak=column(3, np.int64),
         time=column(4, np.float64), first_forward_peak=column(5, np.int64), backward_time=column(6, np.float64),
-        output_time=column(7, np.float64),
+        output_time=column(7, np.float64), leaf_forward_peak=column(8, np.int64), leaf_time=column(9, np.float64),
         checkpoint_forward_peak=int(checkpoint[0]), checkpoint_forward_time=float(checkpoint[3]),
         first_forward_time=float(local.op_time[: local.n_forward].sum()),
         first_checkpoint_peak=int(first_checkpoint[0]))
@@ -628,11 +650,11 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
     masks = [full, forced]
     for start, removing in ((full, True), (forced, False)):
         mask = start
-        _, _, kept_now, _, time_now, _, _, _ = evaluate_all(local, [mask])[0]
+        _, _, kept_now, _, time_now, *_ = evaluate_all(local, [mask])[0]
         while (mask != forced) if removing else (mask != full):
             trials = [mask ^ (1 << i) for i in range(c) if bool(mask >> i & 1) == removing]
             best, best_score = None, None
-            for trial, _, kept, _, time, _, _, _ in evaluate_all(local, trials):
+            for trial, _, kept, _, time, *_ in evaluate_all(local, trials):
                 saved = (kept_now - kept) if removing else (kept - kept_now)
                 extra = (time - time_now) if removing else (time_now - time)
                 score = extra / max(saved, 1) if removing else -extra / max(saved, 1)
@@ -646,16 +668,18 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
 def _pareto(rows: list[tuple]) -> list[tuple]:
     """Rows no other row beats or ties on all of the peaks, kept memory, time, backward time (what
     a block costs in the first forward, where its forward is paid anyway) and the time to
-    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: first
-    those no other beats on kept memory and time together, then others spread over the rest.
-    O(rows x front), compiled."""
+    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: the one
+    of least backward peak (what the least memory needs), those no other beats on kept memory and
+    time together, then others spread over the rest. O(rows x front), compiled."""
     rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
-    values = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 7)
+    values = np.array([r[1:9] for r in rows], dtype=np.float64).reshape(len(rows), 8)
     front = [rows[i] for i in _non_dominated(values)]
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
-        chosen = _trade_off(np.array([r[2] for r in front]), np.array([r[4] for r in front]))
+        lowest = min(range(len(front)), key=lambda i: (front[i][3], front[i][8], front[i][4]))
+        traded = _trade_off(np.array([r[2] for r in front]), np.array([r[4] for r in front])).tolist()
+        chosen = [lowest] + [i for i in traded if i != lowest]
         trade = [front[i] for i in chosen]
-        rest = [r for i, r in enumerate(front) if i not in set(chosen.tolist())]
+        rest = [r for i, r in enumerate(front) if i not in set(chosen)]
         picks = np.unique(np.linspace(0, len(rest) - 1, max(MAX_OPTIONS - len(trade), 0)).round().astype(int))
         front = sorted(trade[:MAX_OPTIONS] + [rest[i] for i in picks if len(trade) < MAX_OPTIONS],
                        key=lambda r: (r[4], r[2]))

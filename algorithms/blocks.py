@@ -10,22 +10,30 @@ storages crossing it are all made by one op, apart from long-range storages (rea
 or more ops after they are made: rotary tables, attention masks, U-Net skips). Clean cuts are
 articulation points of the graph without its long-range edges (ResNet blocks, transformer
 residual adds). Regions between clean cuts longer than ``MAX_BLOCK_OPS`` (a DenseNet dense block)
-are split where the fewest bytes cross; tiny regions are merged (``_merge_small``). A chain of
-more than ``MAX_CHAIN_BLOCKS`` blocks (an 80-layer LLM) is cut again with sizes doubled. With
-``pairing``, adjacent blocks are then joined in pairs (``_paired``).
+are split where the fewest bytes cross (into pieces ``FINE_SPLIT`` times smaller with ``fine``);
+tiny regions are merged (``_merge_small``). A chain of more than ``MAX_CHAIN_BLOCKS`` blocks (an
+80-layer LLM) is cut again with sizes doubled. With ``pairing``, adjacent blocks are then joined
+in pairs (``_paired``).
 
 What crosses. Once cut, each storage a block makes is classified by the blocks that read it,
 forward or backward: *internal* (read by its own block only), a *checkpoint* of the cut after its
 block (read by its own block and the next one only: the state a chain DP may keep or recompute),
 or *long-lived* (read further away). Long-lived storages are never recomputed: the op making one
 is pinned, and the storage is held from the first forward until the last block that reads it
-has run its backward. That is the claim this decomposition gives up: a plan never recomputes a
-long-lived storage (a DenseNet layer's new features, a U-Net skip, a rotary table).
+has run its backward. With ``spanning`` (the fine partition tight budgets add), a storage read
+by later blocks only, some beyond the next (a DenseNet layer's new features, the dense block's
+input, a U-Net skip), is *spanning* instead: an output of its block like a checkpoint, which a
+run of blocks the chain DP drops and recomputes drops with it when no block after the run reads
+it (``crossing_bytes``: what a run leaves for the blocks after it). That is the claim this
+decomposition gives up: a plan never recomputes a long-lived storage, one an earlier block's
+backward reads (or, in the standard partitions, any storage read beyond the next block: there a
+dropped run keeps them from the first forward instead of recomputing them).
 Backward storages read by another block's backward (the gradient of a checkpoint) are the
 *frontier* between the two.
 
 Complexity: O(ops + edges) for the partition and classification, plus the split DP over
-positions, O(positions x window) inside over-long regions.
+positions, O(positions x window) inside over-long regions, and O(L^2 + spanning storages x L)
+for ``crossing_bytes`` over L blocks.
 """
 from __future__ import annotations
 
@@ -47,10 +55,13 @@ MAX_CHAIN_BLOCKS = 96  # more blocks than this: both sizes above double, until t
 # the chain DP fine cuts; blocks twice as large hold a transformer layer whole, whose residual input
 # is otherwise read two blocks on, long-lived and never recomputed (no size suits every model)
 BLOCK_SCALES = (1, 2)
+# over-long regions split this many times finer, for tight budgets: a DenseNet layer per block, so
+# that the chain DP can hold the features of one layer's backward without its neighbours' state
+FINE_SPLIT = 2
 LONG_RANGE = 48  # a storage read this many non-view ops after it is made does not block a clean cut
 
 # storage classes
-RESIDENT, INTERNAL, CHECKPOINT, LONG_LIVED, BACKWARD_LOCAL, FRONTIER = range(6)
+RESIDENT, INTERNAL, CHECKPOINT, LONG_LIVED, BACKWARD_LOCAL, FRONTIER, SPANNING = range(7)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class BlockChain:
     Memory arrays are indexed by block (the loss block last) and hold bytes:
 
     - ``checkpoint_bytes[i]``: storages crossing the cut after block i only;
+    - ``crossing_bytes[s, e]`` (model blocks): storages made by blocks s..e and read after e (their
+      checkpoints and spanning storages): what a run of blocks s..e recomputed from the input of s
+      leaves for the blocks after it;
     - ``long_lived_forward[i]``: long-lived storages made by blocks up to i (held during the
       first forward at block i);
     - ``long_lived_backward[i]``: long-lived storages still needed while block i's backward
@@ -87,6 +101,7 @@ class BlockChain:
     storage_owner_block: np.ndarray  # int64 per storage: block of the op that makes it, -1 resident
     storage_low_block: np.ndarray  # int64 per storage: the lowest block reading it (its owner if none)
     checkpoint_bytes: np.ndarray
+    crossing_bytes: np.ndarray
     long_lived_forward: np.ndarray
     long_lived_backward: np.ndarray
     frontier_bytes: np.ndarray
@@ -120,21 +135,25 @@ def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale:
     return chain_of(graph, sites, block_ends(sites, policy, scale, pairing))
 
 
-def block_ends(sites: CutSites, policy: str, scale: int, pairing: int | None = None) -> tuple[int, ...]:
-    """The ends of ``partition``'s blocks (exclusive positions into ``sites.model_forward``)."""
+def block_ends(sites: CutSites, policy: str, scale: int, pairing: int | None = None,
+               fine: bool = False) -> tuple[int, ...]:
+    """The ends of ``partition``'s blocks (exclusive positions into ``sites.model_forward``);
+    ``fine``: over-long regions split into pieces ``FINE_SPLIT`` times smaller."""
     if not sites.model_forward:
         return ()
     while True:  # long chains get larger blocks: the chain DP grows with the cube of their number
         ends = _sized_ends(sites.clean, sites.crossing, sites.counted, sites.waste, MAX_BLOCK_OPS * scale,
-                           MERGE_BLOCK_OPS * scale, policy)
+                           MERGE_BLOCK_OPS * scale, policy, FINE_SPLIT if fine else 1)
         if len(ends) <= MAX_CHAIN_BLOCKS or scale >= 64:
             break
         scale *= 2
     return tuple(_paired(ends, pairing) if pairing is not None else ends)
 
 
-def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> BlockChain:
-    """The blocks ending at ``cuts`` and what crosses between them."""
+def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...], spanning: bool = False) -> BlockChain:
+    """The blocks ending at ``cuts`` and what crosses between them; with ``spanning``, storages read
+    by later blocks only, some beyond the next, are spanning outputs of their block, not pinned
+    long-lived storages."""
     model_forward = sites.model_forward
     block_of_op = np.full(len(graph.ops), -1, dtype=np.int64)
     start = 0
@@ -162,7 +181,7 @@ def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> Bl
     backward_lists = _assign_backward(graph, block_of_op, loss_block)
     blocks = tuple(Block(i, tuple(f), tuple(b)) for i, (f, b) in enumerate(zip(forward_lists, backward_lists)))
     blocks += (Block(loss_block, tuple(loss_forward), tuple(backward_lists[loss_block]), is_loss=True),)
-    return _classify(graph, blocks, block_of_op)
+    return _classify(graph, blocks, block_of_op, spanning)
 
 
 # ---- cutting the forward ---------------------------------------------------------------------
@@ -253,13 +272,14 @@ def _paired(ends: list[int], offset: int) -> list[int]:
 
 
 def _sized_ends(clean: list[int], crossing: np.ndarray, counted: np.ndarray, waste: np.ndarray, max_ops: int,
-                merge_ops: int, policy: str) -> list[int]:
-    """Block ends from the clean cuts: over-long regions split, small ones merged."""
+                merge_ops: int, policy: str, split: int = 1) -> list[int]:
+    """Block ends from the clean cuts: over-long regions split in pieces of ``max_ops // split``,
+    small ones merged."""
     ends: list[int] = []
     start = 0
     for end in clean:
         if counted[end] - counted[start] > max_ops:
-            ends.extend(int(e) for e in _split_dp(crossing.astype(np.float64), counted, start, end, max_ops))
+            ends.extend(int(e) for e in _split_dp(crossing.astype(np.float64), counted, start, end, max_ops // split))
         else:
             ends.append(end)
         start = end
@@ -395,7 +415,7 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
 
 
 # ---- what crosses ----------------------------------------------------------------------------
-def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.ndarray) -> BlockChain:
+def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.ndarray, spanning: bool) -> BlockChain:
     n_blocks = len(blocks)
     n_storages = len(graph.storages)
     owner = np.full(n_storages, -1, dtype=np.int64)
@@ -445,6 +465,8 @@ def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.n
         elif low[s] >= b and high[s] <= b + 1 and b + 1 < n_blocks:
             storage_class[s] = CHECKPOINT
             checkpoint[b] += size
+        elif spanning and low[s] >= b:  # read by later blocks only, some beyond the next
+            storage_class[s] = SPANNING
         else:
             storage_class[s] = LONG_LIVED
             pinned.add(int(owner_op[s]))
@@ -461,6 +483,19 @@ def _classify(graph: TrainingGraph, blocks: tuple[Block, ...], block_of_op: np.n
         size = int(sizes[s])
         long_forward[owner[s]:] += size
         long_backward[max(low[s], 0):] += size
-    return BlockChain(graph, blocks, block_of_op, storage_class, owner, low, checkpoint, long_forward[:n_blocks],
+    crossing = _crossing(checkpoint[: n_blocks - 1], owner, high, sizes, storage_class == SPANNING)
+    return BlockChain(graph, blocks, block_of_op, storage_class, owner, low, checkpoint, crossing,
+                      long_forward[:n_blocks],
                       long_backward[:n_blocks], frontier[:n_blocks], through[:n_blocks], frozenset(pinned))
 
+
+def _crossing(checkpoint: np.ndarray, owner: np.ndarray, high: np.ndarray, sizes: np.ndarray,
+              spanning: np.ndarray) -> np.ndarray:
+    """``crossing_bytes[s, e]`` over the L model blocks: the checkpoint of e plus the spanning
+    storages made by blocks s..e and read after e. O(L^2 + spanning storages x L)."""
+    n = len(checkpoint)
+    later = np.zeros((n, n), dtype=np.int64)  # [a, e]: spanning bytes made by block a, read after e
+    for s in np.flatnonzero(spanning):
+        later[owner[s], owner[s]: min(high[s], n)] += int(sizes[s])
+    made_from = np.cumsum(later[::-1], axis=0)[::-1]  # [s, e]: by blocks s..n-1, of which only s..e read after e
+    return np.triu(made_from + checkpoint[None, :])

@@ -6,10 +6,14 @@ It either
 
 - runs block s's forward keeping option o's tensors (``ALL``), solves s+1..t with that much less
   memory, then runs block s's backward; or
-- runs blocks s..s2-1 forward keeping only the output of s2-1 (``CK``), solves s2..t with that
-  checkpoint held, then solves s..s2-1 again from the input of s: a block recomputed in the
-  backward may itself drop and recompute, as in rotor/revolve (Herrmann et al. 2019, and
-  Rockmate's per-block options).
+- runs blocks s..s2-1 forward keeping only what crosses the cut after s2-1 (``CK``: its
+  checkpoint, and the spanning storages of blocks s..s2-1 read after it, ``crossing[s, s2-1]``),
+  solves s2..t with that held, then solves s..s2-1 again from the input of s: a block
+  recomputed in the backward may itself drop and recompute, as in rotor/revolve (Herrmann et
+  al. 2019, and Rockmate's per-block options).
+
+A pass over one block (s = t) is a *leaf*: the blocks after it are done, so its forward computes
+only what its option keeps, not its output (``leaf_forward_peak``, ``leaf_time``).
 
 A block's output need not be held while the blocks after its reader run: after ``ALL`` with
 option o at s, the pass over s+1..t may be *soft* (``soft[s+1, t, m]``): it drops block s's
@@ -50,7 +54,10 @@ class ChainProblem:
     output_time: np.ndarray  # [L, P] recomputing the block's output from the option's kept tensors
     first_forward_peak: np.ndarray  # [L, P] the forward peak when the first forward runs the block
     backward_time: np.ndarray  # [L, P] the backward part of ``time``
-    checkpoint: np.ndarray  # [L] output checkpoint of each block
+    leaf_forward_peak: np.ndarray  # [L, P] the forward peak of a leaf pass (``s == t``: no output computed)
+    leaf_time: np.ndarray  # [L, P] ``time`` of a leaf pass
+    checkpoint: np.ndarray  # [L] output checkpoint of each block (what a soft pass drops)
+    crossing: np.ndarray  # [L, L] what a run of blocks s..e recomputed keeping only outputs leaves
     checkpoint_forward_peak: np.ndarray  # [L]
     checkpoint_forward_time: np.ndarray  # [L]
     first_forward_time: np.ndarray  # [L] every forward op of the block (the first forward runs all)
@@ -68,7 +75,7 @@ class ChainProblem:
 @dataclass(frozen=True)
 class ChainSolution:
     time: float  # the DP's objective (seconds, every forward and backward run counted)
-    actions: tuple[tuple, ...]  # ("first", s, o) / ("first_ck", s, e) / ("forward", s, o) /
+    actions: tuple[tuple, ...]  # ("first", s, o) / ("first_ck", s, e) / ("forward", s, o) / ("leaf", s, o) /
     # ("forward_ck", s, e) / ("backward", s, o) / ("output", s, o) / ("loss",), in execution order
 
 
@@ -98,8 +105,9 @@ class ChainTables:
 def tabulate(problem: ChainProblem) -> ChainTables:
     return ChainTables(problem, _tables(
         problem.forward_peak, problem.kept, problem.backward_peak, problem.time, problem.output_time,
-        problem.first_forward_peak, problem.backward_time, problem.first_forward_time,
-        problem.first_checkpoint_peak, problem.checkpoint, problem.checkpoint_forward_peak,
+        problem.first_forward_peak, problem.backward_time, problem.leaf_forward_peak, problem.leaf_time,
+        problem.first_forward_time,
+        problem.first_checkpoint_peak, problem.checkpoint, problem.crossing, problem.checkpoint_forward_peak,
         problem.checkpoint_forward_time,
         problem.long_lived_forward, problem.long_lived_backward, problem.frontier, problem.through,
         problem.loss_forward_peak, problem.loss_backward_peak, problem.loss_time, problem.quanta))
@@ -111,16 +119,17 @@ def solve(problem: ChainProblem) -> ChainSolution | None:
 
 
 @numba.njit(cache=True)
-def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, first_ck_peak, ckpt, ck_peak,
-            ck_time, wf, wb, frontier, through, loss_fpeak, loss_bpeak, loss_time, quanta):
+def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, leaf_fpeak, leaf_time, first_time,
+            first_ck_peak, ckpt, cross, ck_peak, ck_time, wf, wb, frontier, through, loss_fpeak, loss_bpeak, loss_time,
+            quanta):
     """cost/soft (passes over s..t, input held / droppable), first/first_soft (the first
     forward from s), each with its decision table: an option o (``ALL``), ``P + o`` (``ALL``
     with a soft pass after it), or -s2 (``CK`` up to s2 - 1)."""
     n_blocks, n_options = fpeak.shape
     inf = np.inf
     none = -(1 << 30)
-    ck_need, ck_sum = _runs(ck_peak, ck_time, ckpt)  # recomputing blocks s..e for e's output
-    first_need, first_sum = _runs(first_ck_peak, first_time, ckpt)  # the first forward of them
+    ck_need, ck_sum = _runs(ck_peak, ck_time, cross)  # recomputing blocks s..e for what crosses after e
+    first_need, first_sum = _runs(first_ck_peak, first_time, cross)  # the first forward of them
     cost = np.full((n_blocks, n_blocks, quanta + 1), inf)
     soft = np.full((n_blocks, n_blocks, quanta + 1), inf)
     decision = np.full((n_blocks, n_blocks, quanta + 1), none, dtype=np.int32)
@@ -138,10 +147,13 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
             for o in range(n_options):  # m innermost: the tables are read along memory
                 if time[s, o] == inf:
                     continue
-                low = max(fpeak[s, o] + fwd_extra, bpeak[s, o] + bwd_extra, kept[s, o] if d > 0 else 0, 0)
+                if d == 0:  # a leaf pass: the blocks after s are done, its output is not computed
+                    low = max(leaf_fpeak[s, o] + fwd_extra, bpeak[s, o] + bwd_extra, 0)
+                else:
+                    low = max(fpeak[s, o] + fwd_extra, bpeak[s, o] + bwd_extra, kept[s, o], 0)
                 for m in range(low, quanta + 1):
                     if d == 0:
-                        c, pick = time[s, o], o
+                        c, pick = leaf_time[s, o], o
                     else:
                         rest = m - kept[s, o]
                         c, pick = time[s, o] + cost[s + 1, t, rest], o
@@ -151,8 +163,8 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
                     if c < best[m]:
                         best[m], choice[m] = c, pick
             for s2 in range(s + 1, t + 1):
-                for m in range(max(ck_need[s, s2 - 1] + fwd_extra, ckpt[s2 - 1], 0), quanta + 1):
-                    c = ck_sum[s, s2 - 1] + cost[s2, t, m - ckpt[s2 - 1]] + cost[s, s2 - 1, m]
+                for m in range(max(ck_need[s, s2 - 1] + fwd_extra, cross[s, s2 - 1], 0), quanta + 1):
+                    c = ck_sum[s, s2 - 1] + cost[s2, t, m - cross[s, s2 - 1]] + cost[s, s2 - 1, m]
                     if c < best[m]:
                         best[m], choice[m] = c, -s2
             cost[s, t, :] = best
@@ -171,9 +183,10 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
                     if c < best[m]:
                         best[m], choice[m] = c, o
             for s2 in range(s + 1, t + 1):
-                low = max(ck_need[s, s2 - 1] + fwd_extra, ckpt[s2 - 1], ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] - x_in, 0)
+                low = max(ck_need[s, s2 - 1] + fwd_extra, cross[s, s2 - 1],
+                          ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] - x_in, 0)
                 for m in range(low, quanta + 1):
-                    c = ck_sum[s, s2 - 1] + cost[s2, t, min(m - ckpt[s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
+                    c = ck_sum[s, s2 - 1] + cost[s2, t, min(m - cross[s, s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
                     if c < best[m]:
                         best[m], choice[m] = c, -s2
             soft[s, t, :] = best
@@ -204,9 +217,9 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
                 if c < best:
                     best, choice = c, pick
             for s2 in range(s + 1, n_blocks + 1):
-                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0:
+                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - cross[s, s2 - 1] < 0:
                     continue
-                c = first_sum[s, s2 - 1] + first[s2, m - ckpt[s2 - 1]] + cost[s, s2 - 1, m]
+                c = first_sum[s, s2 - 1] + first[s2, m - cross[s, s2 - 1]] + cost[s, s2 - 1, m]
                 if c < best:
                     best, choice = c, -s2
             first[s, m] = best
@@ -222,10 +235,10 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
                 if c < best:
                     best, choice = c, o
             for s2 in range(s + 1, n_blocks + 1):
-                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - ckpt[s2 - 1] < 0 \
+                if first_need[s, s2 - 1] + wf[s2 - 1] > m or m - cross[s, s2 - 1] < 0 \
                         or ck_peak[s - 1] + frontier[s2 - 1] + wb[s2 - 1] > m + x_in:
                     continue
-                c = first_sum[s, s2 - 1] + first[s2, min(m - ckpt[s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
+                c = first_sum[s, s2 - 1] + first[s2, min(m - cross[s, s2 - 1] + x_in, quanta)] + cost[s, s2 - 1, m]
                 if c < best:
                     best, choice = c, -s2
             first_soft[s, m] = best
@@ -234,16 +247,16 @@ def _tables(fpeak, kept, bpeak, time, out_time, first_fpeak, btime, first_time, 
 
 
 @numba.njit(cache=True)
-def _runs(peak, time, ckpt):
+def _runs(peak, time, cross):
     """For runs of blocks s..e computed forward keeping only outputs: the peak needed (each
-    block's peak, with the output of the block before it held) and the total time."""
+    block's peak, with what the run made before it and still reads held) and the total time."""
     n_blocks = len(peak)
     need = np.zeros((n_blocks, n_blocks), dtype=np.int64)
     total = np.zeros((n_blocks, n_blocks))
     for s in range(n_blocks):
         running, seconds = 0, 0.0
         for e in range(s, n_blocks):
-            running = max(running, peak[e] + (ckpt[e - 1] if e > s else 0))
+            running = max(running, peak[e] + (cross[s, e - 1] if e > s else 0))
             seconds += time[e]
             need[s, e] = running
             total[s, e] = seconds
@@ -278,7 +291,7 @@ def _decode(problem: ChainProblem, tables, quanta: int) -> tuple:
             hard = "first" if is_first else "pass"
             if choice >= 0:
                 o = choice % n_options
-                actions.append(("first" if is_first else "forward", s, o))
+                actions.append(("first" if is_first else "leaf" if s == t else "forward", s, o))
                 stack.append(("backward", s, o))
                 if is_soft:
                     stack.append(("output",) + owner)
@@ -294,7 +307,7 @@ def _decode(problem: ChainProblem, tables, quanta: int) -> tuple:
                 stack.append(("pass", s, s2 - 1, m, None))
                 if is_soft:
                     stack.append(("output",) + owner)
-                rest = min(m - int(checkpoint[s2 - 1]) + x_in, problem.quanta)
+                rest = min(m - int(problem.crossing[s, s2 - 1]) + x_in, problem.quanta)
                 stack.append((hard, s2, rest, None) if is_first else (hard, s2, t, rest, None))
         else:
             actions.append(item)

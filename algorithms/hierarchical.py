@@ -2,7 +2,8 @@
 
 1. ``blocks.partition`` cuts the step into a chain of small blocks (the loss last) and says what
    crosses between them; ``prepare_all`` weighs several partitions, one of them the small blocks
-   joined in pairs.
+   joined in pairs; where none fits the budget, ``prepare_fine`` adds finer blocks whose spanning
+   storages dropped runs of blocks recompute.
 2. ``block_options`` enumerates, once per distinct block (identical transformer layers or ResNet
    blocks share one key), what its forward can keep and what its backward then recomputes: the
    selective keeping (keep a convolution's output, recompute the BatchNorm and ReLU after it) is
@@ -15,8 +16,9 @@
 
 Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
 O(2^c (ops + edges)) with c <= 13 candidates (a joined block: O(8^2 x 2^boundary) combined
-masks); the chain DP O(L^2 Q (P + L)) for L blocks; one emission and simulation per column
-tried (at most 10 bisection steps, then 32 more columns where none fitted).
+masks); the chain DP O(L^2 Q (P + L)) for L blocks (once more, on about twice the blocks inside
+over-long regions, where no partition fits); one emission and simulation per column tried (at
+most 10 bisection steps, then 32 more columns where none fitted).
 """
 from __future__ import annotations
 
@@ -76,12 +78,15 @@ class Hierarchy:
         forward_peak, kept, backward_peak = (np.zeros(shape, dtype=np.int64) for _ in range(3))
         time = np.full(shape, np.inf)
         output_time, backward_time = np.zeros(shape), np.zeros(shape)
-        first_forward_peak = np.zeros(shape, dtype=np.int64)
+        first_forward_peak, leaf_forward_peak = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+        leaf_time = np.full(shape, np.inf)
         for b, option in enumerate(model):
             k = len(option.masks)
             output_time[b, :k] = option.output_time
             backward_time[b, :k] = option.backward_time
             first_forward_peak[b, :k] = units(option.first_forward_peak)
+            leaf_forward_peak[b, :k] = units(option.leaf_forward_peak)
+            leaf_time[b, :k] = option.leaf_time
             forward_peak[b, :k] = units(option.forward_peak)
             kept[b, :k] = units(option.kept)
             backward_peak[b, :k] = units(option.backward_peak)
@@ -91,7 +96,8 @@ class Hierarchy:
         return ChainProblem(
             forward_peak=forward_peak, kept=kept, backward_peak=backward_peak, time=time, output_time=output_time,
             first_forward_peak=first_forward_peak, backward_time=backward_time,
-            checkpoint=units(chain.checkpoint_bytes[: self.n_blocks]),
+            leaf_forward_peak=leaf_forward_peak, leaf_time=leaf_time,
+            checkpoint=units(chain.checkpoint_bytes[: self.n_blocks]), crossing=units(chain.crossing_bytes),
             checkpoint_forward_peak=units([o.checkpoint_forward_peak for o in model]).reshape(-1),
             checkpoint_forward_time=np.array([o.checkpoint_forward_time for o in model], dtype=np.float64).reshape(-1),
             first_forward_time=np.array([o.first_forward_time for o in model], dtype=np.float64).reshape(-1),
@@ -101,11 +107,11 @@ class Hierarchy:
             loss_forward_peak=int(units(loss.forward_peak[0])), loss_backward_peak=int(units(loss.backward_peak[0])),
             loss_time=float(loss.time[0]), quanta=quanta)
 
-    def _option_orders(self, block: int, option: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (block, option)
+    def _option_orders(self, block: int, option: int, leaf: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        key = (block, option, leaf)
         if key not in self._orders:
             local = self.locals[block]
-            forward, backward = orders(local, int(self.options[block].masks[option]))
+            forward, backward = orders(local, int(self.options[block].masks[option]), leaf)
             self._orders[key] = (local.ops[forward], local.ops[backward])
         return self._orders[key]
 
@@ -123,8 +129,8 @@ class Hierarchy:
                 loss = blocks[self.n_blocks]
                 pieces.append(loss.forward_ops)
                 pieces.append(loss.backward_ops)
-            elif kind == "forward":
-                pieces.append(self._option_orders(action[1], action[2])[0])
+            elif kind in ("forward", "leaf"):
+                pieces.append(self._option_orders(action[1], action[2], kind == "leaf")[0])
             elif kind == "output":
                 local = self.locals[action[1]]
                 pieces.append(local.ops[output_order(local, int(self.options[action[1]].masks[action[2]]))])
@@ -154,12 +160,10 @@ def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
     partitions share is solved once; a joined block combines its parts' options."""
     solver = _BlockSolver(graph, cost_model)
     sites = cut_sites(graph)
-    small_ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0])
+    small_ends, *other_ends = _unpaired_ends(sites)
     small = solver.hierarchy(chain_of(graph, sites, small_ends))
     found = {small_ends: small}
-    for policy, scale in [(policy, BLOCK_SCALES[0]) for policy in TINY_MERGE_POLICIES[1:]] + \
-            [(TINY_MERGE_POLICIES[0], scale) for scale in BLOCK_SCALES[1:]]:
-        ends = block_ends(sites, policy, scale)
+    for ends in other_ends:
         if ends not in found:
             found[ends] = solver.hierarchy(chain_of(graph, sites, ends))
     candidates = np.array([local.n_candidates for local in small.locals[: small.n_blocks]])
@@ -170,6 +174,24 @@ def prepare_all(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
         if ends not in found and len(joined) and joined.max() <= JOINED_CANDIDATES:
             found[ends] = solver.hierarchy(chain_of(graph, sites, ends), small)
     return [hierarchy for hierarchy in found.values() if hierarchy is not None]
+
+
+def _unpaired_ends(sites) -> list[tuple[int, ...]]:
+    """Block ends of ``prepare_all``'s partitions but the joined ones, the small blocks of the
+    first policy first."""
+    choices = [(TINY_MERGE_POLICIES[0], BLOCK_SCALES[0])] + [(policy, BLOCK_SCALES[0]) for policy in
+                                                            TINY_MERGE_POLICIES[1:]] + \
+        [(TINY_MERGE_POLICIES[0], scale) for scale in BLOCK_SCALES[1:]]
+    return [block_ends(sites, policy, scale) for policy, scale in choices]
+
+
+def prepare_fine(graph: TrainingGraph, cost_model: CostModel) -> list[Hierarchy]:
+    """For budgets no partition of ``prepare_all`` fits: the small blocks with over-long regions
+    split ``blocks.FINE_SPLIT`` times finer (more blocks, a larger DP), with spanning storages
+    (``blocks.chain_of``), which a run of blocks the chain DP drops drops with it."""
+    sites = cut_sites(graph)
+    ends = block_ends(sites, TINY_MERGE_POLICIES[0], BLOCK_SCALES[0], fine=True)
+    return [_BlockSolver(graph, cost_model).hierarchy(chain_of(graph, sites, ends, spanning=True))]
 
 
 class _BlockSolver:
@@ -281,11 +303,14 @@ def least_memory(hierarchy: Hierarchy, cost_model: CostModel) -> tuple[Schedule,
 
 
 def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:
-    """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``):
-    the fastest schedule found within the budget, else the one of least peak, reordered where
-    that lowers it further."""
+    """Hierarchical planning (module docstring) on each distinct partition (``prepare_all``, and
+    ``prepare_fine`` where none fits): the fastest schedule found within the budget, else the one
+    of least peak, reordered where that lowers it further."""
     found = [_plan(hierarchy, cost_model, budget_bytes) for hierarchy in prepare_all(graph, cost_model)]
     found = [f for f in found if f is not None]
+    if not any(f[1].peak_bytes <= budget_bytes for f in found):  # tight: finer blocks
+        found += [f for f in (_plan(hierarchy, cost_model, budget_bytes) for hierarchy in
+                              prepare_fine(graph, cost_model)) if f is not None]
     if not found:
         return Schedule.store_all(graph)
     schedule, result = min(found, key=lambda f: rank(f[1], budget_bytes))

@@ -25,6 +25,13 @@ def random_problem(seed: int, n_blocks: int, n_options: int, quanta: int) -> Cha
         return rng.integers(0, high, size=shape).astype(np.int64)
 
     checkpoint = sizes(n_blocks, high=3)
+    # spanning storages: made by block a, read up to block h > a + 1, held after each e in a..h-1
+    # by a run of blocks recomputed from before a
+    crossing = np.triu(np.repeat(checkpoint[None, :], n_blocks, axis=0))
+    for _ in range(int(rng.integers(0, 3))):
+        a = int(rng.integers(0, n_blocks))
+        h, size = a + 2 + int(rng.integers(0, 2)), int(rng.integers(1, 3))
+        crossing[: a + 1, a: min(h, n_blocks)] += size
     kept = checkpoint[:, None] + sizes(n_blocks, n_options, high=3)  # what a forward leaves holds its output
     forward_peak = kept + sizes(n_blocks, n_options, high=3)
     backward_peak = kept + sizes(n_blocks, n_options, high=4)
@@ -38,9 +45,16 @@ def random_problem(seed: int, n_blocks: int, n_options: int, quanta: int) -> Cha
     first_forward_peak = forward_peak + sizes(n_blocks, n_options, high=2)
     backward_time = time * rng.uniform(0.4, 0.8, size=time.shape)
     first_forward_time = rng.uniform(0.5, 1.5, n_blocks)
+    # a leaf pass skips the output: it needs at most the forward's peak and time
+    leaf_forward_peak = np.maximum(forward_peak - sizes(n_blocks, n_options, high=3), 0)
+    leaf_time = time.copy()
+    forward_part = time[~missing] - backward_time[~missing]
+    leaf_time[~missing] -= forward_part * rng.uniform(0.0, 0.5, size=forward_part.shape)
     return ChainProblem(
         forward_peak, kept, backward_peak, time, output_time, first_forward_peak, backward_time,
+        leaf_forward_peak=leaf_forward_peak, leaf_time=leaf_time,
         first_forward_time=first_forward_time, first_checkpoint_peak=sizes(n_blocks, high=4) + 1, checkpoint=checkpoint,
+        crossing=crossing,
         checkpoint_forward_peak=sizes(n_blocks, high=4) + 1, checkpoint_forward_time=rng.uniform(0.5, 1.5, n_blocks),
         long_lived_forward=np.sort(sizes(n_blocks + 1, high=2)), long_lived_backward=sizes(n_blocks + 1, high=2),
         frontier=sizes(n_blocks + 1, high=2), through=sizes(n_blocks + 1, high=2),
@@ -54,7 +68,7 @@ def brute_force(p: ChainProblem) -> float:
     q = p.quanta
 
     def ck_need(s: int, e: int, peak=p.checkpoint_forward_peak) -> int:
-        return max(peak[j] + (p.checkpoint[j - 1] if j > s else 0) for j in range(s, e + 1))
+        return max(peak[j] + (p.crossing[s, j - 1] if j > s else 0) for j in range(s, e + 1))
 
     def ck_time(s: int, e: int, seconds=p.checkpoint_forward_time) -> float:
         return float(sum(seconds[s: e + 1]))
@@ -72,14 +86,15 @@ def brute_force(p: ChainProblem) -> float:
         grad_extra = p.frontier[t] + p.long_lived_backward[t]
         x_in = p.checkpoint[s - 1] if soft_owner is not None else 0  # the owner pays for the recompute
         for o in options(s):
+            if s == t:  # a leaf pass: the blocks after s are done, so its output is not computed
+                if soft_owner is None and held + p.leaf_forward_peak[s, o] + grad_extra <= q \
+                        and backward_fits(s, o, held):
+                    best = min(best, p.leaf_time[s, o])
+                continue
             if held + p.forward_peak[s, o] + grad_extra > q or not backward_fits(s, o, held):
                 continue
             inner = held + p.kept[s, o]  # at the end of block s's forward its input is still there
             if inner > q:
-                continue
-            if s == t:
-                if soft_owner is None:
-                    best = min(best, p.time[s, o])
                 continue
             if soft_owner is not None:
                 if held - x_in + p.checkpoint_forward_peak[s - 1] + p.kept[s, o] + p.frontier[s] \
@@ -91,12 +106,12 @@ def brute_force(p: ChainProblem) -> float:
             if p.output_time[s, o] < INF:
                 best = min(best, p.time[s, o] + run_pass(s + 1, t, inner, soft_owner=o) + p.output_time[s, o])
         for s2 in range(s + 1, t + 1):
-            if held + ck_need(s, s2 - 1) + grad_extra > q or held + p.checkpoint[s2 - 1] > q:
+            if held + ck_need(s, s2 - 1) + grad_extra > q or held + p.crossing[s, s2 - 1] > q:
                 continue
             if soft_owner is not None and held - x_in + p.checkpoint_forward_peak[s - 1] + p.frontier[s2 - 1] \
                     + p.long_lived_backward[s2 - 1] > q:
                 continue
-            later = run_pass(s2, t, held + p.checkpoint[s2 - 1] - x_in)
+            later = run_pass(s2, t, held + p.crossing[s, s2 - 1] - x_in)
             best = min(best, ck_time(s, s2 - 1) + later + run_pass(s, s2 - 1, held))
         return best
 
@@ -126,12 +141,12 @@ def brute_force(p: ChainProblem) -> float:
                 best = min(best, block_time + first(s + 1, inner, soft_owner=o) + p.output_time[s, o])
         for s2 in range(s + 1, n + 1):
             need = ck_need(s, s2 - 1, p.first_checkpoint_peak)
-            if held + need + p.long_lived_forward[s2 - 1] > q or held + p.checkpoint[s2 - 1] > q:
+            if held + need + p.long_lived_forward[s2 - 1] > q or held + p.crossing[s, s2 - 1] > q:
                 continue
             if soft_owner is not None and held - x_in + p.checkpoint_forward_peak[s - 1] + p.frontier[s2 - 1] \
                     + p.long_lived_backward[s2 - 1] > q:
                 continue
-            later = first(s2, held + p.checkpoint[s2 - 1] - x_in)
+            later = first(s2, held + p.crossing[s, s2 - 1] - x_in)
             best = min(best, ck_time(s, s2 - 1, p.first_forward_time) + later + run_pass(s, s2 - 1, held))
         return best
 

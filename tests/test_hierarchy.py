@@ -5,21 +5,25 @@ Small blocks joined in pairs are one more partition, whose options combine each 
 blocks, that its options reach what no single block's option can (a residual block's output
 dropped inside the pair), and that a schedule of the paired partition alone, at a budget that
 forces recomputation, runs with eager PyTorch's loss and gradients, bitwise, at the simulator's
-peak.
+peak. On a DenseNet, the fine partition's spanning storages (a layer's features, read by every
+later layer of its dense block), dropped with the runs of blocks that recompute them, lower the
+least peak below that of the same blocks with them pinned, and that plan runs as eager does.
 """
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import planner
 from planner.algorithms import hierarchical
 from planner.algorithms.block_options import _trade_off
-from planner.algorithms.blocks import partition
+from planner.algorithms.blocks import SPANNING, chain_of, cut_sites, partition
 from planner.schedule import Schedule
 
 from _workloads import assert_same_step, eager_step, planned_step
@@ -131,3 +135,54 @@ def test_pairs_plan_faster_than_small_blocks_where_memory_is_short() -> None:
         ("pairs", solver.hierarchy(partition(graph, pairing=0), small))]}
     assert all(result.peak_bytes <= budget for result in found.values())
     assert found["pairs"].time < min(found["small"].time, found["least waste"].time), found
+
+
+# ---- spanning storages: a DenseNet's features ---------------------------------------------------
+@pytest.fixture(scope="module")
+def densenet():
+    """torchvision's DenseNet-121, small: every dense layer reads the features of all before it,
+    storages read several blocks on (spanning storages)."""
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=10).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    graph = planner.capture(copy.deepcopy(model), x, F.cross_entropy, targets=y)
+    fine = hierarchical.prepare_fine(graph, CPU)
+    assert len(fine) == 1
+    return model, x, y, graph, fine[0], hierarchical.least_memory(fine[0], CPU)
+
+
+def test_spanning_storages_dropped_with_a_run_lower_the_least_peak(densenet) -> None:
+    """On the same blocks, the least peak with spanning storages recomputed by the runs of blocks
+    that drop them is below the least peak with them pinned (held from the first forward until
+    their block's backward, never recomputed), and the plan does recompute some of their makers."""
+    graph, fine, (schedule, result) = densenet[3], densenet[4], densenet[5]
+    chain = fine.chain
+    spanning = np.flatnonzero(chain.storage_class == SPANNING)
+    assert len(spanning), "a DenseNet's features span blocks"
+    makers = {graph.tensors[t].producer for t in range(len(graph.tensors)) if graph.tensors[t].storage in set(spanning)}
+    assert any(result.compute_counts[op] > 1 for op in makers if op is not None)
+    pinned_chain = chain_of(graph, cut_sites(graph), tuple(_ends(chain)), spanning=False)
+    assert not (pinned_chain.storage_class == SPANNING).any()
+    _, pinned = hierarchical.least_memory(hierarchical._BlockSolver(graph, CPU).hierarchy(pinned_chain), CPU)
+    assert result.peak_bytes < pinned.peak_bytes, (result.peak_bytes, pinned.peak_bytes)
+
+
+def _ends(chain) -> list[int]:
+    """The block ends of ``chain`` as positions into the model's forward ops."""
+    model_forward = cut_sites(chain.graph).model_forward
+    blocks = chain.block_of_op[model_forward]
+    return [p + 1 for p in range(len(model_forward)) if p + 1 == len(model_forward) or blocks[p + 1] != blocks[p]]
+
+
+def test_the_least_peak_plan_with_spanning_storages_runs_as_eager_at_its_peak(densenet) -> None:
+    """The least-peak plan recomputing spanning storages gives eager's loss and gradients, bitwise,
+    and its measured peak is the simulated one."""
+    model, x, y, graph, _, (schedule, result) = densenet
+    loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    want = eager_step(copy.deepcopy(model), x, loss, seed=1)
+    planned_model = copy.deepcopy(model)
+    planned = planner.PlannedModule(planned_model, graph, schedule)
+    assert_same_step(planned_step(planned_model, planned, x, loss, seed=1), want)
+    measured = planner.measure_step(planned_model, lambda: loss(planned(x)).backward(), [x, y])
+    assert abs(measured.peak_bytes - result.peak_bytes) <= 1e-3 * result.peak_bytes, (measured.peak_bytes,
+                                                                                      result.peak_bytes)
