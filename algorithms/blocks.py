@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from planner.algorithms.reorder import backward_rank
 from planner.graph import Phase, TrainingGraph
 
 MAX_BLOCK_OPS = 16  # non-view forward ops of a region cut further
@@ -108,6 +109,7 @@ class CutSites:
     crossing: np.ndarray  # bytes crossing the cut after each position
     counted: np.ndarray  # counted ops before each position
     waste: np.ndarray  # bytes crossing each cut that no backward op reads
+    backward_rank: np.ndarray  # per op: the order blocks run their backward ops in (``_assign_backward``)
 
 
 def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0],
@@ -159,7 +161,7 @@ def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...]) -> Bl
         forward_lists[int(block_of_op[op_id])].append(op_id)
     loss_forward = [op for op in graph.forward_ops if graph.ops[op].in_loss]
     block_of_op[loss_forward] = loss_block
-    backward_lists = _assign_backward(graph, block_of_op, loss_block)
+    backward_lists = _assign_backward(graph, block_of_op, loss_block, sites.backward_rank)
     blocks = tuple(Block(i, tuple(f), tuple(b)) for i, (f, b) in enumerate(zip(forward_lists, backward_lists)))
     blocks += (Block(loss_block, tuple(loss_forward), tuple(backward_lists[loss_block]), is_loss=True),)
     return _classify(graph, blocks, block_of_op)
@@ -204,7 +206,7 @@ def cut_sites(graph: TrainingGraph) -> CutSites:
     n = len(model_forward)
     if n == 0:
         return CutSites(model_forward, [], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                        np.zeros(2, dtype=np.int64))
+                        np.zeros(2, dtype=np.int64), backward_rank(graph))
     made_at, last_read, counted = _storage_spans(graph, model_forward)
     live = np.flatnonzero((made_at >= 0) & (last_read > made_at))
     made, read = made_at[live], last_read[live]
@@ -241,7 +243,7 @@ def cut_sites(graph: TrainingGraph) -> CutSites:
     waste = np.zeros(n + 2, dtype=np.int64)
     np.add.at(waste, made[unsaved] + 1, graph.storage_bytes[live][unsaved])
     np.add.at(waste, read[unsaved] + 1, -graph.storage_bytes[live][unsaved])
-    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste))
+    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste), backward_rank(graph))
 
 
 def _paired(ends: list[int], offset: int) -> list[int]:
@@ -343,8 +345,9 @@ def _merge_small(ends: list[int], counted: np.ndarray, crossing: np.ndarray, was
 
 
 # ---- backward ops ----------------------------------------------------------------------------
-def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int) -> list[list[int]]:
-    """Backward ops per block, in graph order.
+def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int,
+                     rank: np.ndarray) -> list[list[int]]:
+    """Backward ops per block, in the order of ``rank`` (``reorder.backward_rank``).
 
     An op reading forward values (made by forward ops: activations, views of weights) goes to
     the block of the forward op it differentiates, or where autograd did not tag it (some
@@ -389,7 +392,7 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
             if producer is not None and graph.ops[producer].phase is Phase.BACKWARD:
                 block_of_op[op_id] = min(block_of_op[op_id], block_of_op[producer])
     lists: list[list[int]] = [[] for _ in range(loss_block + 1)]
-    for op_id in graph.backward_ops:
+    for op_id in sorted(graph.backward_ops, key=lambda op: (rank[op], op)):
         lists[int(block_of_op[op_id])].append(op_id)
     return lists
 
