@@ -36,6 +36,8 @@ import numpy as np
 
 from planner.algorithms.reorder import backward_rank
 from planner.graph import Phase, TrainingGraph
+from planner.schedule import Schedule
+from planner.simulator import simulate
 
 MAX_BLOCK_OPS = 16  # non-view forward ops of a region cut further
 MERGE_BLOCK_OPS = 8  # adjacent regions are merged while together they hold at most this many
@@ -391,10 +393,28 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
             producer = graph.tensors[t].producer
             if producer is not None and graph.ops[producer].phase is Phase.BACKWARD:
                 block_of_op[op_id] = min(block_of_op[op_id], block_of_op[producer])
-    lists: list[list[int]] = [[] for _ in range(loss_block + 1)]
-    for op_id in sorted(graph.backward_ops, key=lambda op: (rank[op], op)):
-        lists[int(block_of_op[op_id])].append(op_id)
-    return lists
+    in_graph_order: list[list[int]] = [[] for _ in range(loss_block + 1)]
+    for op_id in graph.backward_ops:
+        in_graph_order[int(block_of_op[op_id])].append(op_id)
+    ranked = [sorted(ops, key=lambda op: rank[op]) for ops in in_graph_order]
+    graph_peaks, ranked_peaks = (_store_all_block_peaks(graph, lists, block_of_op) for lists in (in_graph_order, ranked))
+    return [r if rp < gp else g for g, r, gp, rp in zip(in_graph_order, ranked, graph_peaks, ranked_peaks)]
+
+
+def _store_all_block_peaks(graph: TrainingGraph, lists: list[list[int]], block_of_op: np.ndarray) -> np.ndarray:
+    """Per block, the simulated peak while its backward ops (``lists``, blocks run last to first)
+    run after a forward that keeps everything: each block starts from the same live storages
+    whatever the order inside the blocks before it, so the peaks compare block by block. O(steps)."""
+    schedule = Schedule.from_order(graph, list(graph.forward_ops) + [op for ops in reversed(lists) for op in ops])
+    timeline = simulate(graph, schedule).timeline
+    is_compute, index = schedule.arrays
+    steps = np.arange(len(index))
+    latest = np.maximum.accumulate(np.where(is_compute, steps, 0))  # the compute step each step follows
+    op = index[latest]
+    backward = np.cumsum(is_compute) > len(graph.forward_ops)
+    peaks = np.zeros(len(lists), dtype=np.int64)
+    np.maximum.at(peaks, block_of_op[op[backward]], timeline[backward])
+    return peaks
 
 
 # ---- what crosses ----------------------------------------------------------------------------
