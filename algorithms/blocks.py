@@ -24,8 +24,16 @@ long-lived storage (a DenseNet layer's new features, a U-Net skip, a rotary tabl
 Backward storages read by another block's backward (the gradient of a checkpoint) are the
 *frontier* between the two.
 
+The order inside a block's backward. A block's backward ops run in the greedy low-memory order
+of store-all's backward (``reorder.backward_rank``: a weight gradient before the input gradient
+frees the activation it reads first; a feed-forward layer's hidden is not held while its
+gradient is made), where store-all's replay of that block peaks lower with it, else in graph
+order. The ops reading forward values keep the graph's order among themselves in either, so a
+block asks for the same recomputations in the same sequence (``block_options``).
+
 Complexity: O(ops + edges) for the partition and classification, plus the split DP over
-positions, O(positions x window) inside over-long regions.
+positions, O(positions x window) inside over-long regions; per graph O((ops + edges) log ops)
+for the greedy order, and two store-all simulations, O(steps), per partition.
 """
 from __future__ import annotations
 
@@ -58,7 +66,7 @@ RESIDENT, INTERNAL, CHECKPOINT, LONG_LIVED, BACKWARD_LOCAL, FRONTIER = range(6)
 
 @dataclass(frozen=True)
 class Block:
-    """Forward ops (graph order) and backward ops (graph order) of one block."""
+    """Forward ops (graph order) and backward ops (``_assign_backward``'s order) of one block."""
 
     index: int
     forward_ops: tuple[int, ...]
@@ -349,7 +357,8 @@ def _merge_small(ends: list[int], counted: np.ndarray, crossing: np.ndarray, was
 # ---- backward ops ----------------------------------------------------------------------------
 def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int,
                      rank: np.ndarray) -> list[list[int]]:
-    """Backward ops per block, in the order of ``rank`` (``reorder.backward_rank``).
+    """Backward ops per block: in the order of ``rank`` (``reorder.backward_rank``) where
+    store-all's replay of the block peaks lower with it than with graph order, else in graph order.
 
     An op reading forward values (made by forward ops: activations, views of weights) goes to
     the block of the forward op it differentiates, or where autograd did not tag it (some

@@ -10,6 +10,9 @@ original schedule, and the order of what must not move is pinned:
 - gradients of one parameter keep their order (floating-point accumulation order);
 - a recomputation of an op comes after every reader of its previous value, views of it included.
 The simulator replays the result; the reordered schedule is returned only if its peak is lower.
+``backward_rank`` runs the same list scheduling on store-all's backward, with the ops reading
+forward values pinned in graph order too, as the order hierarchical planning's blocks run their
+backward in (``blocks``).
 
 Complexity: O((instances + reads) log instances) with a lazily updated heap.
 """
