@@ -152,6 +152,9 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
     for i in range(n_forward):
         if ops[i] in chain.pinned_ops or block.is_loss:
             tensor_valid[out_lists[i]] = True
+    # views of resident storages (a weight's transpose) are held from the first forward: free to
+    # hold, and never taken again
+    tensor_valid |= np.isin(globals_of_storage[tensor_storage], list(graph.resident_storages))
     for i in range(n_forward, len(ops)):
         tensor_valid[out_lists[i]] = False
     tensor_output = (role[tensor_storage] == OUTPUT) & (tensor_producer >= 0)
