@@ -159,6 +159,9 @@ def local_block(graph: TrainingGraph, chain: BlockChain, block: Block, times: np
     for i in range(n_forward):
         if ops[i] in chain.pinned_ops or block.is_loss:
             tensor_valid[out_lists[i]] = True
+    # views of resident storages (a weight's transpose) are held from the first forward: free to
+    # hold, and never taken again
+    tensor_valid |= np.isin(globals_of_storage[tensor_storage], list(graph.resident_storages))
     for i in range(n_forward, len(ops)):
         tensor_valid[out_lists[i]] = False
     tensor_output = (role[tensor_storage] == OUTPUT) & (tensor_producer >= 0)
@@ -291,7 +294,7 @@ def _forward_order(targets, n_forward, in_ptr, in_idx, tensor_producer, tensor_v
 @numba.njit(cache=True)
 def _backward_order(valid_at_start, n_forward, n_ops, in_ptr, in_idx, out_ptr, out_idx, op_is_view,
                     tensor_storage, tensor_producer, storage_tensor_ptr, storage_tensor_idx):
-    """The block's backward ops in graph order, each preceded by the forward ops it needs that
+    """The block's backward ops in the block's order, each preceded by the forward ops it needs that
     are not valid (recomputed on demand, post-order); a recomputed op's outputs stay valid, and
     views of a recomputed base are dropped (they must be taken again from the new value).
     Returns (order, ok): ok is false if a tensor is missing that nothing here can compute."""

@@ -31,9 +31,17 @@ dropped run keeps them from the first forward instead of recomputing them).
 Backward storages read by another block's backward (the gradient of a checkpoint) are the
 *frontier* between the two.
 
+The order inside a block's backward. A block's backward ops run in the greedy low-memory order
+of store-all's backward (``reorder.backward_rank``: a weight gradient before the input gradient
+frees the activation it reads first; a feed-forward layer's hidden is not held while its
+gradient is made), where store-all's replay of that block peaks lower with it, else in graph
+order. The ops reading forward values keep the graph's order among themselves in either, so a
+block asks for the same recomputations in the same sequence (``block_options``).
+
 Complexity: O(ops + edges) for the partition and classification, plus the split DP over
-positions, O(positions x window) inside over-long regions, and O(L^2 + spanning storages x L)
-for ``crossing_bytes`` over L blocks.
+positions, O(positions x window) inside over-long regions, O(L^2 + spanning storages x L) for
+``crossing_bytes`` over L blocks; per graph O((ops + edges) log ops) for the greedy order, and
+two store-all simulations, O(steps), per partition.
 """
 from __future__ import annotations
 
@@ -42,7 +50,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from planner.algorithms.reorder import backward_rank
 from planner.graph import Phase, TrainingGraph
+from planner.schedule import Schedule
+from planner.simulator import simulate
 
 MAX_BLOCK_OPS = 16  # non-view forward ops of a region cut further
 MERGE_BLOCK_OPS = 8  # adjacent regions are merged while together they hold at most this many
@@ -66,7 +77,7 @@ RESIDENT, INTERNAL, CHECKPOINT, LONG_LIVED, BACKWARD_LOCAL, FRONTIER, SPANNING =
 
 @dataclass(frozen=True)
 class Block:
-    """Forward ops (graph order) and backward ops (graph order) of one block."""
+    """Forward ops (graph order) and backward ops (``_assign_backward``'s order) of one block."""
 
     index: int
     forward_ops: tuple[int, ...]
@@ -123,6 +134,7 @@ class CutSites:
     crossing: np.ndarray  # bytes crossing the cut after each position
     counted: np.ndarray  # counted ops before each position
     waste: np.ndarray  # bytes crossing each cut that no backward op reads
+    backward_rank: np.ndarray  # per op: the order blocks run their backward ops in (``_assign_backward``)
 
 
 def partition(graph: TrainingGraph, policy: str = TINY_MERGE_POLICIES[0], scale: int = BLOCK_SCALES[0],
@@ -178,7 +190,7 @@ def chain_of(graph: TrainingGraph, sites: CutSites, cuts: tuple[int, ...], spann
         forward_lists[int(block_of_op[op_id])].append(op_id)
     loss_forward = [op for op in graph.forward_ops if graph.ops[op].in_loss]
     block_of_op[loss_forward] = loss_block
-    backward_lists = _assign_backward(graph, block_of_op, loss_block)
+    backward_lists = _assign_backward(graph, block_of_op, loss_block, sites.backward_rank)
     blocks = tuple(Block(i, tuple(f), tuple(b)) for i, (f, b) in enumerate(zip(forward_lists, backward_lists)))
     blocks += (Block(loss_block, tuple(loss_forward), tuple(backward_lists[loss_block]), is_loss=True),)
     return _classify(graph, blocks, block_of_op, spanning)
@@ -223,7 +235,7 @@ def cut_sites(graph: TrainingGraph) -> CutSites:
     n = len(model_forward)
     if n == 0:
         return CutSites(model_forward, [], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                        np.zeros(2, dtype=np.int64))
+                        np.zeros(2, dtype=np.int64), backward_rank(graph))
     made_at, last_read, counted = _storage_spans(graph, model_forward)
     live = np.flatnonzero((made_at >= 0) & (last_read > made_at))
     made, read = made_at[live], last_read[live]
@@ -260,7 +272,7 @@ def cut_sites(graph: TrainingGraph) -> CutSites:
     waste = np.zeros(n + 2, dtype=np.int64)
     np.add.at(waste, made[unsaved] + 1, graph.storage_bytes[live][unsaved])
     np.add.at(waste, read[unsaved] + 1, -graph.storage_bytes[live][unsaved])
-    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste))
+    return CutSites(model_forward, clean, crossing, counted, np.cumsum(waste), backward_rank(graph))
 
 
 def _paired(ends: list[int], offset: int) -> list[int]:
@@ -363,8 +375,10 @@ def _merge_small(ends: list[int], counted: np.ndarray, crossing: np.ndarray, was
 
 
 # ---- backward ops ----------------------------------------------------------------------------
-def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int) -> list[list[int]]:
-    """Backward ops per block, in graph order.
+def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: int,
+                     rank: np.ndarray) -> list[list[int]]:
+    """Backward ops per block: in the order of ``rank`` (``reorder.backward_rank``) where
+    store-all's replay of the block peaks lower with it than with graph order, else in graph order.
 
     An op reading forward values (made by forward ops: activations, views of weights) goes to
     the block of the forward op it differentiates, or where autograd did not tag it (some
@@ -408,10 +422,28 @@ def _assign_backward(graph: TrainingGraph, block_of_op: np.ndarray, loss_block: 
             producer = graph.tensors[t].producer
             if producer is not None and graph.ops[producer].phase is Phase.BACKWARD:
                 block_of_op[op_id] = min(block_of_op[op_id], block_of_op[producer])
-    lists: list[list[int]] = [[] for _ in range(loss_block + 1)]
+    in_graph_order: list[list[int]] = [[] for _ in range(loss_block + 1)]
     for op_id in graph.backward_ops:
-        lists[int(block_of_op[op_id])].append(op_id)
-    return lists
+        in_graph_order[int(block_of_op[op_id])].append(op_id)
+    ranked = [sorted(ops, key=lambda op: rank[op]) for ops in in_graph_order]
+    graph_peaks, ranked_peaks = (_store_all_block_peaks(graph, lists, block_of_op) for lists in (in_graph_order, ranked))
+    return [r if rp < gp else g for g, r, gp, rp in zip(in_graph_order, ranked, graph_peaks, ranked_peaks)]
+
+
+def _store_all_block_peaks(graph: TrainingGraph, lists: list[list[int]], block_of_op: np.ndarray) -> np.ndarray:
+    """Per block, the simulated peak while its backward ops (``lists``, blocks run last to first)
+    run after a forward that keeps everything: each block starts from the same live storages
+    whatever the order inside the blocks before it, so the peaks compare block by block. O(steps)."""
+    schedule = Schedule.from_order(graph, list(graph.forward_ops) + [op for ops in reversed(lists) for op in ops])
+    timeline = simulate(graph, schedule).timeline
+    is_compute, index = schedule.arrays
+    steps = np.arange(len(index))
+    latest = np.maximum.accumulate(np.where(is_compute, steps, 0))  # the compute step each step follows
+    op = index[latest]
+    backward = np.cumsum(is_compute) > len(graph.forward_ops)
+    peaks = np.zeros(len(lists), dtype=np.int64)
+    np.maximum.at(peaks, block_of_op[op[backward]], timeline[backward])
+    return peaks
 
 
 # ---- what crosses ----------------------------------------------------------------------------

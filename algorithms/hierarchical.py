@@ -14,7 +14,8 @@
    last use), which the simulator judges. The DP's memory model is conservative but not exact,
    so its limit is bisected against simulated peaks, as the segment DP's is.
 
-Complexity: O(ops + edges) to partition and to emit a schedule; per distinct block
+Complexity: O(ops + edges) to partition and to emit a schedule (once per graph, O((ops + edges)
+log ops) for the blocks' backward order, ``reorder.backward_rank``); per distinct block
 O(2^c (ops + edges)) with c <= 13 candidates (a joined block: O(8^2 x 2^boundary) combined
 masks); the chain DP O(L^2 Q (P + L)) for L blocks (once more, on about twice the blocks inside
 over-long regions, where no partition fits); one emission and simulation per column tried (at

@@ -10,6 +10,9 @@ original schedule, and the order of what must not move is pinned:
 - gradients of one parameter keep their order (floating-point accumulation order);
 - a recomputation of an op comes after every reader of its previous value, views of it included.
 The simulator replays the result; the reordered schedule is returned only if its peak is lower.
+``backward_rank`` runs the same list scheduling on store-all's backward, with the ops reading
+forward values pinned in graph order too, as the order hierarchical planning's blocks run their
+backward in (``blocks``).
 
 Complexity: O((instances + reads) log instances) with a lazily updated heap.
 """
@@ -18,8 +21,10 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 
+import numpy as np
+
 from planner.cost import CostModel, default_cost_model
-from planner.graph import TrainingGraph
+from planner.graph import Phase, TrainingGraph
 from planner.schedule import Compute, Schedule
 from planner.simulator import simulate
 
@@ -77,6 +82,28 @@ class _InstanceGraph:
                 for reader in self.readers[storage]:
                     self._edge(reader, i)
         self._pin_order(graph)
+
+    def pin_forward_readers(self, section) -> None:
+        """Keep the order, within ``section``, of the instances reading a forward value or a
+        view of one (computed in ``section``), as ``computes`` has them."""
+        graph = self.graph
+        touching: set[int] = set()  # tensors made in the section that stand for forward values
+        previous = None
+        for i in section:
+            op = graph.ops[self.computes[i].op]
+            reads_forward = False
+            for tensor in op.inputs:
+                if graph.tensors[tensor].storage in graph.resident_storages:  # weights and their views
+                    continue
+                producer = graph.tensors[tensor].producer
+                if tensor in touching or (producer is not None and graph.ops[producer].phase is Phase.FORWARD):
+                    reads_forward = True
+            if reads_forward:
+                if op.is_view:
+                    touching.update(op.outputs)
+                if previous is not None:
+                    self._edge(previous, i)
+                previous = i
 
     def _edge(self, before: int, after: int) -> None:
         if before != after:
@@ -147,27 +174,55 @@ def _greedy_order(instances: _InstanceGraph, section: list[int], remaining: list
     return order
 
 
-def reorder_schedule(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> Schedule:
-    """``schedule`` with its forward and backward reordered greedily for a lower peak; the
-    original if the simulator finds no improvement."""
-    cost_model = cost_model or default_cost_model(graph)
-    computes = schedule.computes
+def _greedy(graph: TrainingGraph, computes: list[Compute], pinned_backward: bool = False) -> list[int] | None:
+    """Positions of ``computes`` in the greedy order (forward and backward each list-scheduled,
+    the loss in place); None without a loss. With ``pinned_backward``, the backward instances that
+    read forward values (or backward views of them) also keep their order."""
     loss_positions = [i for i, c in enumerate(computes) if graph.ops[c.op].in_loss]
     if not loss_positions:
-        return schedule
+        return None
     instances = _InstanceGraph(graph, computes)
-    remaining = [len(r) for r in instances.readers]
     first, last = loss_positions[0], loss_positions[-1]
+    if pinned_backward:
+        instances.pin_forward_readers(range(last + 1, len(computes)))
+    remaining = [len(r) for r in instances.readers]
     forward = _greedy_order(instances, list(range(first)), remaining)
     for i in range(first, last + 1):
         for storage in instances.reads[i]:
             remaining[storage] -= 1
     backward = _greedy_order(instances, list(range(last + 1, len(computes))), remaining)
-    order = forward + list(range(first, last + 1)) + backward
+    return forward + list(range(first, last + 1)) + backward
+
+
+def reorder_schedule(graph: TrainingGraph, schedule: Schedule, cost_model: CostModel | None = None) -> Schedule:
+    """``schedule`` with its forward and backward reordered greedily for a lower peak; the
+    original if the simulator finds no improvement."""
+    cost_model = cost_model or default_cost_model(graph)
+    computes = schedule.computes
+    order = _greedy(graph, computes)
+    if order is None:
+        return schedule
     candidate = Schedule.from_order(graph, [computes[i] for i in order])
     if simulate(graph, candidate, cost_model).peak_bytes < simulate(graph, schedule, cost_model).peak_bytes:
         return candidate
     return schedule
+
+
+def backward_rank(graph: TrainingGraph) -> np.ndarray:
+    """Per op, its position in the greedy order of store-all's backward (-1 for forward ops, and
+    for every op of a graph without a loss), for planners that fix a backward order of their own
+    and recompute forward values on demand (``blocks``): an order that frees what the backward
+    reads sooner than the graph's (a weight gradient before the input gradient, so that the
+    activation it reads goes first). The ops reading forward values (or backward views of them)
+    keep the graph's order among themselves, so they ask for recomputations, and retake views of
+    recomputed values, in the sequence the graph's order does; only the ops between them move."""
+    computes = Schedule.store_all(graph).computes
+    rank = np.full(len(graph.ops), -1, dtype=np.int64)
+    order = _greedy(graph, computes, pinned_backward=True)
+    if order is not None:
+        backward = [computes[i].op for i in order if graph.ops[computes[i].op].phase is Phase.BACKWARD]
+        rank[backward] = np.arange(len(backward))
+    return rank
 
 
 def reorder(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int) -> Schedule:

@@ -185,7 +185,8 @@ def staged_order(graph: TrainingGraph, node_ops, stage_ops, tails, prefix, lazy_
 
 def block_backward_order(graph: TrainingGraph) -> tuple[int, ...]:
     """The backward order of hierarchical plans: the loss's backward, then each block's backward
-    ops (graph order inside a block) from the last block to the first (``blocks.partition``)."""
+    ops (in the block's own order, ``blocks._assign_backward``) from the last block to the first
+    (``blocks.partition``)."""
     from planner.algorithms.blocks import partition
 
     blocks = partition(graph).blocks

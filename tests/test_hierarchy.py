@@ -24,9 +24,11 @@ import planner
 from planner.algorithms import hierarchical
 from planner.algorithms.block_options import _trade_off
 from planner.algorithms.blocks import SPANNING, chain_of, cut_sites, partition
+from planner.algorithms.staging import block_backward_order
+from planner.graph import Phase
 from planner.schedule import Schedule
 
-from _workloads import assert_same_step, eager_step, planned_step
+from _workloads import assert_same_step, eager_step, planned_step, projection_loss
 from _workloads import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 CPU = planner.RooflineCostModel("cpu")
@@ -186,3 +188,70 @@ def test_the_least_peak_plan_with_spanning_storages_runs_as_eager_at_its_peak(de
     measured = planner.measure_step(planned_model, lambda: loss(planned(x)).backward(), [x, y])
     assert abs(measured.peak_bytes - result.peak_bytes) <= 1e-3 * result.peak_bytes, (measured.peak_bytes,
                                                                                       result.peak_bytes)
+
+
+# ---- the order of each block's backward ------------------------------------------------------
+@pytest.fixture(scope="module")
+def wide_encoder():
+    """A post-norm encoder whose feed-forward hidden is 8 times its width: its second linear
+    layer's input-gradient matrix product, in graph order before the weight gradient, allocates
+    a hidden-sized gradient while the hidden activation the weight gradient reads still lives."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=256, dropout=0.1, batch_first=True)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).train()
+    x, weights = torch.randn(4, 16, 32), torch.randn(4, 16, 32)
+    loss = lambda out: projection_loss(out, weights)  # noqa: E731
+    return model, x, loss, planner.capture(copy.deepcopy(model), x, projection_loss, targets=weights)
+
+
+def _reads_forward_values(graph, ops) -> list[int]:
+    """The backward ops among ``ops`` (in order) that read a forward activation or a backward
+    view of one: those whose order decides when a block recomputes what."""
+    standing: set[int] = set()
+    found = []
+    for op_id in ops:
+        op = graph.ops[op_id]
+        reads = False
+        for t in op.inputs:
+            producer = graph.tensors[t].producer
+            if graph.tensors[t].storage in graph.resident_storages:
+                continue
+            reads |= t in standing or (producer is not None and graph.ops[producer].phase is Phase.FORWARD)
+        if reads:
+            found.append(op_id)
+            if op.is_view:
+                standing.update(op.outputs)
+    return found
+
+
+def test_blocks_order_their_backward_for_a_lower_peak_than_the_graph_order(wide_encoder) -> None:
+    """With everything kept, the backward in the blocks' order (the order fast mode's plans and
+    exact mode's stages run it in) peaks lower than the graph's own, and it is still a
+    topological order whose ops reading forward values keep the graph's order among themselves."""
+    graph = wide_encoder[3]
+    order = block_backward_order(graph)
+    assert sorted(order) == sorted(graph.backward_ops)
+    position = {op: i for i, op in enumerate(order)}
+    for op_id in order:
+        for t in graph.ops[op_id].inputs:
+            producer = graph.tensors[t].producer
+            if producer is not None and graph.ops[producer].phase is Phase.BACKWARD:
+                assert position[producer] < position[op_id]
+    in_blocks = planner.simulate(graph, Schedule.from_order(graph, list(graph.forward_ops) + list(order)), CPU)
+    in_graph = planner.simulate(graph, Schedule.store_all(graph), CPU)
+    assert in_blocks.peak_bytes < in_graph.peak_bytes
+    touching = _reads_forward_values(graph, order)
+    assert touching == sorted(touching, key=list(graph.backward_ops).index)
+
+
+def test_a_plan_with_reordered_block_backwards_equals_eager(wide_encoder) -> None:
+    model, x, loss, graph = wide_encoder
+    store_all = planner.simulate(graph, Schedule.store_all(graph), CPU)
+    budget = graph.resident_bytes + (store_all.peak_bytes - graph.resident_bytes) * 4 // 10
+    schedule = hierarchical.hierarchical(graph, CPU, budget)
+    result = planner.simulate(graph, schedule, CPU)
+    assert result.peak_bytes <= budget and result.recomputations > 0
+    want = eager_step(copy.deepcopy(model), x, loss, seed=1)
+    planned_model = copy.deepcopy(model)
+    got = planned_step(planned_model, planner.PlannedModule(planned_model, graph, schedule), x, loss, seed=1)
+    assert_same_step(got, want)

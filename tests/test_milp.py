@@ -406,7 +406,9 @@ def test_without_highspy_scipy_solves(transformer: Workload, monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "highspy", None)  # import highspy now raises ImportError
     exact = planner.plan(transformer.graph, _budget(transformer.graph, 0.6), mode="exact", time_limit=20,
                          cost_model=CPU)
-    assert exact.status == "optimal" and "scipy" in exact.message
+    assert "scipy: Optimization terminated successfully" in exact.message  # scipy solved the MILP to its optimum
+    # ... which is the answer, unless fast mode's plan (outside staged schedules) is faster still
+    assert exact.status == "optimal" or (exact.status == "fallback" and "fast mode's plan is faster" in exact.message)
 
 
 def test_stopping_the_solver_keeps_its_incumbent(resnet18: Workload) -> None:
