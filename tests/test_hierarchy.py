@@ -157,7 +157,7 @@ def test_spanning_storages_dropped_with_a_run_lower_the_least_peak(densenet) -> 
     """On the same blocks, the least peak with spanning storages recomputed by the runs of blocks
     that drop them is below the least peak with them pinned (held from the first forward until
     their block's backward, never recomputed), and the plan does recompute some of their makers."""
-    graph, fine, (schedule, result) = densenet[3], densenet[4], densenet[5]
+    graph, fine, (_, result) = densenet[3], densenet[4], densenet[5]
     chain = fine.chain
     spanning = np.flatnonzero(chain.storage_class == SPANNING)
     assert len(spanning), "a DenseNet's features span blocks"
