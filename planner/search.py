@@ -152,11 +152,14 @@ def _exact_verdict(exact: ExactResult, chosen: AlgorithmResult, universal: float
     numbers = exact.summary()
     if chosen.name == "milp":
         status = "optimal" if exact.optimal else "feasible"
-        if exact.optimal or (staged is not None and staged >= universal):
-            bound, gap, which = staged, 0.0 if exact.optimal else max(0.0, (chosen_time - staged) / chosen_time), \
-                f"\"{status}\", the gap and the bound cover {SCHEDULE_CLASS}"
-        else:
-            bound, gap, which = universal, universal_gap, "the gap and the bound are the universal ones"
+        staged_stronger = staged is not None and staged >= universal
+        bound = staged if staged_stronger else universal
+        gap = 0.0 if exact.optimal else max(0.0, (chosen_time - bound) / chosen_time)
+        which = (f"the bound and the gap cover {SCHEDULE_CLASS}" if staged_stronger
+                 else "the bound and the gap are the universal ones")
+        if exact.optimal:
+            which = f"\"optimal\" and the gap cover {SCHEDULE_CLASS}; " + (
+                "so does the bound" if staged_stronger else "the bound is the universal one")
         logger.info("exact mode: %s, gap %s (%s)", status, gap, exact.message)
         return Verdict(status, gap, bound, f"exact mode: MILP ({exact.message}); {numbers}; {which}; {every}")
     logger.info("exact mode fell back to fast mode: %s", exact.message)

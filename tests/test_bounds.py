@@ -115,3 +115,15 @@ def test_exact_mode_reports_the_universal_bound(resnet18: Workload) -> None:
     assert universal <= exact.lower_bound <= exact.predicted_time
     if exact.status != "optimal":
         assert exact.gap == pytest.approx((exact.predicted_time - exact.lower_bound) / exact.predicted_time)
+
+
+def test_a_fallback_gets_the_universal_gap(resnet18: Workload) -> None:
+    """With no time for the MILP, exact mode returns fast mode's plan, which the staged bound does
+    not cover: its ``lower_bound`` and ``gap`` are the universal bound's, a gap over every schedule."""
+    graph = resnet18.graph
+    budget = int(0.9 * planner.simulate(graph, Schedule.store_all(graph), CPU).peak_bytes)
+    chosen = planner.plan(graph, budget, mode="exact", time_limit=0, cost_model=CPU, op_variants=False)
+    assert chosen.status == "fallback"
+    assert chosen.lower_bound == step_time_lower_bound(graph, CPU, budget)
+    assert chosen.gap == pytest.approx((chosen.predicted_time - chosen.lower_bound) / chosen.predicted_time)
+    assert 0 < chosen.gap < 1 and "the gap and the bound are the universal ones" in chosen.message
