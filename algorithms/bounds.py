@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-
 from scipy import sparse
 
 from planner.cost import CostModel
@@ -136,6 +135,7 @@ class _MomentProblem:
         result = linprog(cost / scale, A_ub=matrix, b_ub=upper, bounds=(0, 1), method="highs")
         if result.status == 2:
             return np.inf
+        # any other status (an iteration limit) proves nothing: the knapsack's bound stands
         return float(result.fun) * scale * (1 - LP_MARGIN) if result.status == 0 else 0.0
 
 
