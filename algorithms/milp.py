@@ -666,13 +666,15 @@ class ExactResult:
     rows: int = 0
     store_all_time: float = 0.0  # the step without recomputation (seconds), for overheads
 
+    def overhead(self, seconds: float | None) -> str:
+        """A step time as an overhead on store-all's, for messages ("none" when unknown)."""
+        if seconds is None or not np.isfinite(seconds) or self.store_all_time <= 0:
+            return "none"
+        return f"{seconds / self.store_all_time - 1:+.2%}"
+
     def summary(self) -> str:
         """Incumbent, start, root and final bounds as overheads on store-all, and the size."""
-        def overhead(seconds: float | None) -> str:
-            if seconds is None or not np.isfinite(seconds) or self.store_all_time <= 0:
-                return "none"
-            return f"{seconds / self.store_all_time - 1:+.2%}"
-
+        overhead = self.overhead
         return (f"incumbent {overhead(self.time)} (start {overhead(self.start_time)}), root bound "
                 f"{overhead(self.root_bound)}, final bound {overhead(self.lower_bound)}; {self.binaries} binaries, "
                 f"{self.rows} rows")
