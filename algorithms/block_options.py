@@ -559,6 +559,18 @@ def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
     need (a *leaf* pass, the block's own pass once the blocks after it are done, only what the
     kept set needs); in the first forward every op of the block runs. One compiled loop over the
     masks."""
+    masks, ints, floats = _evaluate(local, masks)
+    return _rows(masks, ints, floats)
+
+
+def _rows(masks: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> list[tuple]:
+    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out), int(lf), float(lt))
+            for m, (a, k, b, f, lf), (t, tb, out, lt) in zip(masks, ints.tolist(), floats.tolist())]
+
+
+def _evaluate(local: LocalBlock, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``evaluate_all``'s columns as arrays: the masks, (forward peak, kept, backward peak,
+    first-forward peak, leaf forward peak) and (time, backward time, output time, leaf time)."""
     masks = np.asarray(list(masks), dtype=np.int64)
     ints, floats, ok = _evaluate_masks(
         masks, local.forward_all, *_kernel_arrays(local), local.op_time, local.op_workspace,
@@ -567,8 +579,7 @@ def evaluate_all(local: LocalBlock, masks) -> list[tuple]:
         local.candidate_ptr, local.candidate_idx)
     if not ok:
         raise AssertionError("a block's backward reads a tensor its block cannot compute")
-    return [(int(m), int(a), int(k), int(b), float(t), int(f), float(tb), float(out), int(lf), float(lt))
-            for m, (a, k, b, f, lf), (t, tb, out, lt) in zip(masks, ints.tolist(), floats.tolist())]
+    return masks, ints, floats
 
 
 def block_options(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOptions]] = ()) -> BlockOptions:
@@ -582,7 +593,7 @@ def block_options(local: LocalBlock, parts: Sequence[tuple[LocalBlock, BlockOpti
         masks = [mask | forced for mask in range(1 << c)]
     else:
         masks = _greedy_masks(local, forced)
-    rows = _pareto(evaluate_all(local, masks))
+    rows = _pareto(*_evaluate(local, masks))
     nothing = np.zeros(0, dtype=np.int64)
     checkpoint = _replay_parts(local, checkpoint_forward(local), nothing)
     first_checkpoint = _replay_parts(local, np.arange(local.n_forward, dtype=np.int64), nothing)
@@ -668,15 +679,19 @@ def _greedy_masks(local: LocalBlock, forced: int) -> list[int]:
     return list(dict.fromkeys(masks))
 
 
-def _pareto(rows: list[tuple]) -> list[tuple]:
-    """Rows no other row beats or ties on all of the peaks, kept memory, time, backward time (what
-    a block costs in the first forward, where its forward is paid anyway) and the time to
-    recompute the output (what dropping it costs: a soft pass); at most ``MAX_OPTIONS``: the one
-    of least backward peak (what the least memory needs), those no other beats on kept memory and
-    time together, then others spread over the rest. O(rows x front), compiled."""
-    rows = sorted(rows, key=lambda r: (r[4], r[2], r[3], r[1], r[5]))
-    values = np.array([r[1:9] for r in rows], dtype=np.float64).reshape(len(rows), 8)
-    front = [rows[i] for i in _non_dominated(values)]
+def _pareto(masks: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> list[tuple]:
+    """Rows (``evaluate_all``'s) no other row beats or ties on all of the peaks, kept memory, time,
+    backward time (what a block costs in the first forward, where its forward is paid anyway) and
+    the time to recompute the output (what dropping it costs: a soft pass); at most
+    ``MAX_OPTIONS``: the one of least backward peak (what the least memory needs), those no other
+    beats on kept memory and time together, then others spread over the rest. Filtered on the
+    arrays, so only the front becomes rows: O(rows log rows + rows x front), compiled."""
+    forward, kept, backward, first, leaf = ints.T
+    time, backward_time, output_time = floats.T[:3]
+    order = np.lexsort((first, forward, backward, kept, time))  # stable: ties keep the masks' order
+    values = np.column_stack((forward, kept, backward, time, first, backward_time, output_time, leaf))
+    chosen = order[_non_dominated(values.astype(np.float64)[order])]
+    front = _rows(masks[chosen], ints[chosen], floats[chosen])
     if len(front) > MAX_OPTIONS:  # what the chain trades most: kept memory against time
         lowest = min(range(len(front)), key=lambda i: (front[i][3], front[i][8], front[i][4]))
         traded = _trade_off(np.array([r[2] for r in front]), np.array([r[4] for r in front])).tolist()
