@@ -101,15 +101,16 @@ def test_cpsat_refuses_fractional_rows(transformer: Workload) -> None:
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_time_limit_and_stop(name: str) -> None:
     """ResNet-50 at 33% (a cell no solver closes in seconds): the time limit holds within 2 s,
-    building included, and ``progress`` returning True stops the solver with its incumbent."""
+    building included, and ``progress`` returning True stops the solver with its incumbent. (10 s:
+    on 2 busy cores building this MILP takes up to 5 s, and the limit now covers it.)"""
     import torch
     import torchvision
 
     graph = planner.capture(torchvision.models.resnet50().train(), torch.randn(8, 3, 64, 64))
     budget = _budget(graph, 0.33)
     began = time.perf_counter()
-    found = exact_search(graph, CPU, budget, time_limit=5.0, solver=name)
-    assert time.perf_counter() - began <= 5.0 + 2.0
+    found = exact_search(graph, CPU, budget, time_limit=10.0, solver=name)
+    assert time.perf_counter() - began <= 10.0 + 2.0
     assert found.schedule is not None and found.lower_bound <= found.time * (1 + 1e-12)
     seen = []
     stopped = exact_search(graph, CPU, budget, time_limit=30.0, solver=name,
@@ -120,7 +121,9 @@ def test_time_limit_and_stop(name: str) -> None:
 def test_plan_takes_the_solver_and_keeps_it(transformer: Workload, tmp_path) -> None:
     chosen = planner.plan(transformer.graph, _budget(transformer.graph, 0.6), mode="exact", time_limit=20,
                           cost_model=CPU, solver="cpsat")
-    assert chosen.status == "optimal" and "cpsat" in chosen.message
+    assert "cpsat: OPTIMAL" in chosen.message  # CP-SAT solved the MILP to its optimum
+    # ... which is the answer, unless fast mode's plan (outside staged schedules) is faster still
+    assert chosen.status == "optimal" or (chosen.status == "fallback" and "fast mode's plan is faster" in chosen.message)
     chosen.save(tmp_path / "plan.json")
     assert planner.Plan.load(tmp_path / "plan.json").request.solver == "cpsat"
 
