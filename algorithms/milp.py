@@ -864,6 +864,8 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
             if incumbent is None or full.objective(point) < full.objective(incumbent):
                 incumbent = point
             optimal = outcome.optimal
+            if not optimal and not broken - active:
+                break  # no new rows: another round would solve the same model and end the same way
         elif not broken - active:
             message += "; a round's answer breaks a row outside the recomputation phases (please report this)"
             break

@@ -247,7 +247,9 @@ def solve_scip(form: Formulation, time_limit: float, start: np.ndarray | None = 
         bound = -np.inf
     root = float(model.getDualboundRoot()) if model.getNNodes() > 0 else bound
     root = root if np.isfinite(root) and abs(root) < model.infinity() else bound
-    return SolveOutcome(x, bound, min(root, bound), status == "optimal" and x is not None, "scip", status)
+    # "gaplimit": within ``gap`` of the bound, what HiGHS reports as Optimal under its mip_rel_gap
+    proven = status in ("optimal", "gaplimit") and x is not None
+    return SolveOutcome(x, bound, min(root, bound), proven, "scip", status)
 
 
 def _write_mps(highspy, form: Formulation, path: str) -> None:
