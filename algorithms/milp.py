@@ -618,11 +618,14 @@ FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
 # a start whose staged image breaks a phase is repaired over the stages this close to it
 REPAIR_WINDOW = 2
 REPAIR_SECONDS = 5.0
+# with no start that fits, at most this share of the time left finds one (``_first_fitting_point``)
+FEASIBILITY_SHARE = 0.5
 
 
 # seconds kept back from every solve for the solver's own overrun past its time limit and taking
-# its answer out (HiGHS ended 0.2-0.6 s past its limit on DenseNet-121 b32, plus 0.4 s around it)
-SOLVER_SLACK = 1.0
+# its answer out: HiGHS reads its clock between simplex iterations, and on DenseNet-121 b32's
+# 137k binaries it ended 0.2-1.0 s past its limit on a quiet machine, up to 2.2 s on a loaded one
+SOLVER_SLACK = 2.0
 
 
 @dataclass(frozen=True)
@@ -696,8 +699,10 @@ def encode(problem: StagedProblem, form: Formulation, schedule: Schedule) -> np.
 
 
 def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, problem: StagedProblem,
-                form: Formulation, starts: Sequence[Schedule], deadline: float) -> np.ndarray | None:
-    """The MIP start: the fastest of ``starts`` and of the seeds whose point satisfies every row."""
+                form: Formulation, starts: Sequence[Schedule], deadline: float,
+                solver: str = DEFAULT_SOLVER) -> np.ndarray | None:
+    """The MIP start: the fastest of ``starts`` and of the seeds whose point satisfies every row;
+    if none does, the least-peak MILP's first point that does (``_first_fitting_point``)."""
     from planner.algorithms import ALGORITHMS
     from planner.algorithms import hierarchical
 
@@ -726,7 +731,47 @@ def _best_start(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, 
             if time.perf_counter() > deadline:
                 break
             offer(encode(problem, form, ALGORITHMS[name](graph, cost_model, budget_bytes)))
+    if not best and time.perf_counter() < deadline:
+        offer(_first_fitting_point(graph, cost_model, problem, form, starts, deadline, solver))
     return best[0] if best else None
+
+
+def _least_peak_start(graph: TrainingGraph, cost_model: CostModel, problem: StagedProblem, peak_form: Formulation,
+                      starts: Sequence[Schedule]) -> np.ndarray | None:
+    """The MIP start of a least-peak MILP: the point of least peak among ``starts`` and
+    checkpoint-all."""
+    from planner.algorithms import ALGORITHMS
+
+    points = [encode(problem, peak_form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
+    points = [x for x in points if x is not None]
+    return min(points, key=lambda x: peak_form.cost @ x) if points else None
+
+
+def _first_fitting_point(graph: TrainingGraph, cost_model: CostModel, problem: StagedProblem, form: Formulation,
+                         starts: Sequence[Schedule], deadline: float, solver: str) -> np.ndarray | None:
+    """Where no plan of the heuristics fits (a budget below fast mode's least peak), a start from
+    the least-peak MILP (``formulate`` without a budget), stopped at its first schedule that fits
+    ``form``'s budget, within ``FEASIBILITY_SHARE`` of the time left. The cost MILP alone often
+    finds no schedule there: on the UNet at 30% of store-all, none in 60 s; the least-peak MILP
+    fits it in 9 s. Complexity: one MILP build and one time-limited solve."""
+    try:
+        peak_form = formulate(problem, None, deadline=deadline)
+    except BuildTimeout:
+        return None
+    found: list[np.ndarray] = []
+
+    def screen(x: np.ndarray) -> bool:
+        point = _staged_point(problem, form, peak_form.recompute_of(x))
+        if form.violation(point) <= 1e-9:
+            found.append(point)
+        return bool(found)
+
+    start = _least_peak_start(graph, cost_model, problem, peak_form, starts)
+    outcome = solve(peak_form, FEASIBILITY_SHARE * max(0.0, deadline - time.perf_counter()), start, screen=screen,
+                    solver=solver)
+    if not found and outcome.x is not None:
+        screen(outcome.x)
+    return found[0] if found else None
 
 
 def _repaired(problem: StagedProblem, form: Formulation, x: np.ndarray, deadline: float) -> np.ndarray | None:
@@ -807,7 +852,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
                 store_all_time=problem.base_time)
     if full.constant_violation:
         return ExactResult(None, None, -np.inf, False, f"no staged schedule fits: {full.constant_violation}", **size)
-    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline.build_by)
+    incumbent = _best_start(graph, cost_model, budget_bytes, problem, full, starts, deadline.build_by, solver)
     start, start_time = incumbent, full.objective(incumbent) if incumbent is not None else None
     finish, start_schedule, start_result = _finish_cost(
         graph, cost_model, problem, full, full.recompute_of(incumbent) if incumbent is not None
@@ -907,7 +952,6 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
     ``solver``, from the least-peak point of ``starts`` and checkpoint-all. The rows round each
     size up to the memory unit, so the proven bound in bytes gives back one unit per term of the
     fullest row."""
-    from planner.algorithms import ALGORITHMS
     from planner.algorithms.solvers import require
 
     require(solver)
@@ -918,9 +962,7 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
         form = formulate(problem, None, deadline=deadline.build_by)
     except BuildTimeout:
         return LowestPeak(None, None, graph.resident_bytes, False, "the time limit ended while the MILP was being built")
-    points = [encode(problem, form, s) for s in [*starts, ALGORITHMS["checkpoint_all"](graph, cost_model, 1)]]
-    points = [x for x in points if x is not None]
-    start = min(points, key=lambda x: form.cost @ x) if points else None
+    start = _least_peak_start(graph, cost_model, problem, form, starts)
     finish = _finish_cost(graph, cost_model, problem, form, form.recompute_of(start) if start is not None
                           else np.zeros_like(form.recompute_index, dtype=bool))[0]
     outcome = solve(form, Deadline(deadline.end, finish).solver_limit(), start, solver=solver)

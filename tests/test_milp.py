@@ -156,16 +156,21 @@ def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[
     return best, peaks
 
 
-def brute_forced_case(spec: DagSpec, fraction: float):
-    """A random DAG at ``fraction`` above its floor, in exact mode's staged problem, with its brute
-    force (``_brute_force``); the example is skipped where that is too big or nothing fits."""
+def staged_case(spec: DagSpec, fraction: float):
+    """A random DAG at ``fraction`` above its floor, in exact mode's staged problem; the example is
+    skipped where its patterns are too many to brute-force or nothing fits."""
     graph = build_dag(spec).graph
     budget = _budget_above_floor(graph, fraction)
     problem = exact_problem(graph, CPU)
     form = formulate(problem, budget)
-    searched = _brute_force(graph, problem, form, budget)
-    assume(searched is not None and not form.constant_violation)
-    return graph, budget, problem, form, searched
+    assume(_patterns(form) is not None and not form.constant_violation)
+    return graph, budget, problem, form
+
+
+def brute_forced_case(spec: DagSpec, fraction: float):
+    """``staged_case`` with its brute force (``_brute_force``)."""
+    graph, budget, problem, form = staged_case(spec, fraction)
+    return graph, budget, problem, form, _brute_force(graph, problem, form, budget)
 
 
 def _patterns(form) -> list[np.ndarray] | None:
@@ -183,6 +188,9 @@ def _patterns(form) -> list[np.ndarray] | None:
     return patterns
 
 
+REPAIRS_PER_CASE = 4
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 0.3))
 @example(spec=PHASES_BIND, fraction=0.0)
@@ -191,10 +199,11 @@ def test_a_start_that_breaks_a_phase_is_repaired_into_one_that_fits(spec, fracti
     answer satisfies every row and its decoded schedule fits the budget in the simulator; where
     the repair's window spans every stage it is the whole MILP, so it finds the brute-force
     optimum whenever some staged schedule fits, and nothing where none does."""
-    graph, budget, problem, form, (best, _) = brute_forced_case(spec, fraction)
+    graph, budget, problem, form = staged_case(spec, fraction)
     broken = [x for x in (milp._staged_point(problem, form, r) for r in _patterns(form)) if form.phases_over_budget(x)]
-    assume(broken)
-    for x in broken:
+    assume(broken)  # before the brute force: most examples break no phase
+    best, _ = _brute_force(graph, problem, form, budget)
+    for x in broken[:: -(-len(broken) // REPAIRS_PER_CASE)]:  # each repair is a MILP solve: a spread of them
         repaired = milp._repaired(problem, form, x, time.perf_counter() + 30.0)
         window = {k for p in form.phases_over_budget(x)
                   for k in range(p - milp.REPAIR_WINDOW, p + milp.REPAIR_WINDOW + 1)}
@@ -433,3 +442,25 @@ def test_exact_mode_below_the_minimum_names_it(resnet18: Workload) -> None:
         planner.plan(resnet18.graph, resnet18.graph.resident_bytes, mode="exact", time_limit=5,
                      cost_model=CPU)
     assert error.value.min_feasible_bytes > resnet18.graph.resident_bytes
+
+
+def test_below_fast_modes_least_peak_the_start_comes_from_the_least_peak_milp(unet: Workload) -> None:
+    """A budget no heuristic's plan fits but a staged schedule does (the UNet's staged least peak
+    is below fast mode's): exact mode's start is the least-peak MILP's first fitting point, so it
+    has a schedule within the budget from the start, which executes like eager."""
+    graph = unet.graph
+    with pytest.raises(InfeasibleBudgetError) as fast:
+        planner.plan(graph, 1, cost_model=CPU, op_variants=False)
+    staged = lowest_peak_search(graph, CPU, 20.0)
+    assert staged.peak_bytes < fast.value.min_feasible_bytes, "the premise: a staged schedule below fast mode's"
+    budget = (staged.peak_bytes + fast.value.min_feasible_bytes) // 2
+    problem = exact_problem(graph, CPU)
+    form = formulate(problem, budget)
+    start = milp._best_start(graph, CPU, budget, problem, form, (), time.perf_counter() + 20.0)
+    assert start is not None and form.violation(start) <= 1e-9
+    assert planner.simulate(graph, problem.schedule(form.recompute_of(start)), CPU).peak_bytes <= budget
+    found = exact_search(graph, CPU, budget, time_limit=10.0)
+    assert found.start_time is not None and found.schedule is not None
+    model = unet.fresh_copy()
+    pm = planner.PlannedModule(model, graph, found.schedule)
+    assert_same_step(planned_step(model, pm, unet.x, unet.loss, seed=1), unet.reference(seed=1))
