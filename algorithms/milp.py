@@ -619,7 +619,7 @@ FALLBACK_SEEDS = ("checkpoint_all", "recompute_cheap", "store_all")
 REPAIR_WINDOW = 2
 REPAIR_SECONDS = 5.0
 # with no start that fits, at most this share of the time left finds one (``_first_fitting_point``)
-FEASIBILITY_SHARE = 0.5
+FEASIBILITY_SHARE = 0.8
 
 
 # seconds kept back from every solve for the solver's own overrun past its time limit and taking
