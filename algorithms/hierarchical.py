@@ -319,14 +319,13 @@ def hierarchical(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int)
 
 
 def _plan(hierarchy: Hierarchy, cost_model: CostModel, budget_bytes: int) -> tuple[Schedule, SimResult] | None:
-    """The fastest fitting schedule of one hierarchy, else its least-peak one: tight, in that a
-    search just under that peak finds nothing lower."""
+    """The fastest fitting schedule of one hierarchy, else its least-peak one, whatever the
+    budget (so that the least peak an infeasible budget reports is a budget that plans): tight,
+    in that a search just under that peak finds nothing lower."""
     found = search(hierarchy, cost_model, budget_bytes)
     if found is not None and found[1].peak_bytes <= budget_bytes:
         return found
-    lowest = least_memory(hierarchy, cost_model)
-    if lowest is not None and (found is None or lowest[1].peak_bytes < found[1].peak_bytes):
-        found = lowest
+    found = least_memory(hierarchy, cost_model)
     while found is not None:
         lower = search(hierarchy, cost_model, found[1].peak_bytes - 1)
         if lower is None or lower[1].peak_bytes >= found[1].peak_bytes:

@@ -137,6 +137,8 @@ def test_dp_schedules_and_fast_plans_on_random_models(spec: DagSpec) -> None:
             assert error.min_feasible_bytes > budget
             assert store_all.peak_bytes > budget, "store-all fits this budget, yet fast mode found nothing"
             assert not fitting, f"fast mode found nothing within {budget} bytes, yet {len(fitting)} segmentations fit"
+            least = planner.plan(graph, error.min_feasible_bytes, mode="fast", cost_model=CPU, op_variants=False)
+            assert least.predicted_peak_bytes <= error.min_feasible_bytes, "the least peak it named does not plan"
             continue
         assert budget >= lower, f"a plan within {budget} bytes, below the lower bound {lower}"
         assert chosen.predicted_peak_bytes <= budget
