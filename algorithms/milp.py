@@ -942,6 +942,7 @@ class LowestPeak:
     schedule: Schedule | None
     peak_bytes: int | None  # simulated peak of ``schedule``
     lower_bound_bytes: int  # no staged schedule peaks lower (resident memory included)
+    # optimal: proven the least staged peak, or meeting ``memory_lower_bound`` (least of all schedules)
     optimal: bool
     message: str
 
@@ -951,7 +952,9 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
     """Minimise the peak itself over staged schedules (``formulate`` without a budget) with
     ``solver``, from the least-peak point of ``starts`` and checkpoint-all. The rows round each
     size up to the memory unit, so the proven bound in bytes gives back one unit per term of the
-    fullest row."""
+    fullest row; ``bounds.memory_lower_bound`` (every schedule runs its largest op) is a bound
+    too, and a schedule that meets it is the least peak of every schedule, rounding or not."""
+    from planner.algorithms.bounds import memory_lower_bound
     from planner.algorithms.solvers import require
 
     require(solver)
@@ -967,11 +970,14 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
                           else np.zeros_like(form.recompute_index, dtype=bool))[0]
     outcome = solve(form, Deadline(deadline.end, finish).solver_limit(), start, solver=solver)
     slack = form.unit * (int(np.diff(form.memory.indptr).max(initial=0)) + 1) if form.unit > 1 else 0
-    bound = graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack) \
-        if np.isfinite(outcome.bound) else graph.resident_bytes
+    floor = memory_lower_bound(graph, cost_model)
+    bound = max(floor, graph.resident_bytes + max(0, math.ceil(outcome.bound) * form.unit - slack)
+                if np.isfinite(outcome.bound) else graph.resident_bytes)
     if outcome.x is None:
         return LowestPeak(None, None, bound, False, f"{outcome.solver}: {outcome.message}, no schedule found")
     schedule = problem.schedule(form.recompute_of(outcome.x))
     peak = simulate(graph, schedule, cost_model).peak_bytes
-    return LowestPeak(schedule, peak, min(bound, peak), outcome.optimal and slack == 0,
-                      f"{outcome.solver}: {outcome.message}")
+    message = f"{outcome.solver}: {outcome.message}"
+    if peak <= floor:
+        message += "; the peak meets memory_lower_bound: the least of every schedule"
+    return LowestPeak(schedule, peak, min(bound, peak), (outcome.optimal and slack == 0) or peak <= floor, message)

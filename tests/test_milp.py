@@ -464,3 +464,21 @@ def test_below_fast_modes_least_peak_the_start_comes_from_the_least_peak_milp(un
     model = unet.fresh_copy()
     pm = planner.PlannedModule(model, graph, found.schedule)
     assert_same_step(planned_step(model, pm, unet.x, unet.loss, seed=1), unet.reference(seed=1))
+
+
+def test_a_least_peak_meeting_the_memory_bound_is_optimal_despite_rounding() -> None:
+    """VGG11 at batch 16: the MILP's rows round sizes to a unit of many bytes, so its own bound
+    cannot prove the least staged peak; that peak equals ``memory_lower_bound`` (every schedule
+    runs the largest op), which proves it least over every schedule."""
+    import torchvision
+
+    from planner.algorithms.bounds import memory_lower_bound
+
+    torch.manual_seed(0)
+    graph = planner.capture(torchvision.models.vgg11().train(), torch.randn(16, 3, 224, 224),
+                            torch.nn.functional.cross_entropy, targets=torch.randint(0, 1000, (16,)))
+    assert formulate(exact_problem(graph, CPU), None).unit > 1, "the premise: rows in rounded units"
+    lowest = lowest_peak_search(graph, CPU, 20.0)
+    assert lowest.peak_bytes == lowest.lower_bound_bytes == memory_lower_bound(graph, CPU)
+    assert lowest.optimal and "memory_lower_bound" in lowest.message
+    assert planner.simulate(graph, lowest.schedule, CPU).peak_bytes == lowest.peak_bytes
