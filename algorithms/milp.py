@@ -48,12 +48,13 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
 import numpy as np
 from scipy import sparse
 
+from planner.algorithms.bounds import memory_lower_bound, step_time_lower_bound
 from planner.algorithms.staging import StagedProblem, block_backward_order, build_problem
 from planner.cost import CostModel
 from planner.graph import TrainingGraph
@@ -620,6 +621,14 @@ REPAIR_WINDOW = 2
 REPAIR_SECONDS = 5.0
 # with no start that fits, at most this share of the time left finds one (``_first_fitting_point``)
 FEASIBILITY_SHARE = 0.8
+# the share of the solver's time kept for the window search (``neighbourhood.window_search``) when
+# the whole MILP does not prove its answer optimal first, given only where the start is more than
+# WINDOW_GAP of its step above the universal bound: there HiGHS's own search stalls near its start
+# (the UNet at 33% of store-all: +204.9% to +199.3% in 58 s; the window search reaches +59.8%),
+# while nearer starts gain nothing from the windows in that time and the bound loses a little
+# (ResNet-50 b64, the transformer, MobileNet-v2 at 33%, starts 0.7-3.1% above: docs/benchmarks.md)
+WINDOW_SHARE = 0.3
+WINDOW_GAP = 0.05
 
 
 # seconds kept back from every solve for the solver's own overrun past its time limit and taking
@@ -761,7 +770,7 @@ def _first_fitting_point(graph: TrainingGraph, cost_model: CostModel, problem: S
     found: list[np.ndarray] = []
 
     def screen(x: np.ndarray) -> bool:
-        point = _staged_point(problem, form, peak_form.recompute_of(x))
+        point = staged_point(problem, form, peak_form.recompute_of(x))
         if form.violation(point) <= 1e-9:
             found.append(point)
         return bool(found)
@@ -779,29 +788,20 @@ def _repaired(problem: StagedProblem, form: Formulation, x: np.ndarray, deadline
     time can hold less than its image, which recomputes a stage's nodes together: the
     transformer's at 33% by 5.9 MiB), repaired: the MILP over the stages within
     ``REPAIR_WINDOW`` of a broken phase, every other binary fixed at the start's value, for at
-    most ``REPAIR_SECONDS``. The point it returns satisfies every row (or None). Only an
-    incumbent: no bound is taken from it. Complexity: one small MILP (HiGHS's presolve removes
-    the fixed columns)."""
+    most ``REPAIR_SECONDS`` (``neighbourhood.restricted_point``). The point it returns satisfies
+    every row (or None)."""
+    from planner.algorithms.neighbourhood import restricted_point
+
     broken = form.phases_over_budget(x)
     if not broken:
         return None
     window = sorted({k for p in broken for k in range(p - REPAIR_WINDOW, p + REPAIR_WINDOW + 1)
                      if 0 <= k < problem.n_stages})
-    fixed = form.integrality > 0
-    for index in (form.keep_index, form.recompute_index):
-        free = index[window]
-        fixed[free[free >= 0]] = False
-    lower, upper = form.col_lower.copy(), form.col_upper.copy()
-    lower[fixed] = upper[fixed] = x[fixed]
-    outcome = solve(replace(form, col_lower=lower, col_upper=upper),
-                    min(REPAIR_SECONDS, deadline - time.perf_counter()))
-    if outcome.x is None:
-        return None
-    point = _staged_point(problem, form, form.recompute_of(outcome.x))
-    return point if form.violation(point) <= 1e-9 else None
+    return restricted_point(problem, form, x, window, range(len(problem.nodes)),
+                            min(REPAIR_SECONDS, deadline - time.perf_counter()))
 
 
-def _staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
+def staged_point(problem: StagedProblem, form: Formulation, recompute: np.ndarray) -> np.ndarray:
     """The point of ``form`` for a recomputation pattern at its least holding."""
     return form.vector(problem.minimal_keep(recompute), recompute)
 
@@ -813,7 +813,7 @@ def _finish_cost(graph: TrainingGraph, cost_model: CostModel, problem: StagedPro
     schedule decoded and simulated. Returns them with that schedule and its simulation (reused
     when the search ends on this pattern). O(one staged point + one simulation)."""
     began = time.perf_counter()
-    _staged_point(problem, form, recompute)
+    staged_point(problem, form, recompute)
     point_seconds = time.perf_counter() - began
     schedule = problem.schedule(recompute)
     result = simulate(graph, schedule, cost_model)
@@ -822,7 +822,7 @@ def _finish_cost(graph: TrainingGraph, cost_model: CostModel, problem: StagedPro
 
 def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int, time_limit: float,
                  progress: Progress | None = None, starts: Sequence[Schedule] = (),
-                 solver: str = DEFAULT_SOLVER) -> ExactResult:
+                 solver: str = DEFAULT_SOLVER, universal: float | None = None) -> ExactResult:
     """Solve the staged MILP for ``budget_bytes`` within ``time_limit`` seconds (building, seeding
     and decoding included: ``Deadline``) with ``solver`` (``planner.algorithms.solvers.SOLVERS``),
     starting from the fastest of ``starts`` (schedules of ``graph``) and the hierarchical seeds
@@ -836,6 +836,12 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     round is a relaxation of the whole problem, so its proven bound is a bound of the whole
     problem; an answer that satisfies every row is an incumbent, and when a round proves its
     answer optimal and that answer satisfies every row, it is optimal for the whole problem.
+
+    Where the start is more than ``WINDOW_GAP`` of its step above ``universal`` (the step time no
+    schedule beats, ``bounds.step_time_lower_bound``, computed here when not given), the rounds
+    get all but ``WINDOW_SHARE`` of the solver's time; unless one proves optimality, the rest
+    goes to a window search from the incumbent (``neighbourhood.window_search``), which improves
+    the plan where HiGHS's own search stalls, and leaves the bound as the rounds proved it.
     """
     from planner.algorithms.solvers import require
 
@@ -858,11 +864,15 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
         graph, cost_model, problem, full, full.recompute_of(incumbent) if incumbent is not None
         else np.zeros_like(full.recompute_index, dtype=bool))
     deadline = Deadline(deadline.end, finish)
+    if universal is None:
+        universal = step_time_lower_bound(graph, cost_model, budget_bytes)
+    far = start_time is None or start_time - universal > WINDOW_GAP * start_time
+    reserve = WINDOW_SHARE * deadline.solver_limit() if far else 0.0  # the window search's
     bound, root, optimal, stopped, rounds = -np.inf, None, False, [], 0
     message = "the time limit ended before the solver started"
     active: set[int] = set()
     setup = 0.0  # seconds the last round took to build its model (the next one is not started without them)
-    while not optimal and not stopped and deadline.solver_limit() > setup:
+    while not optimal and not stopped and deadline.solver_limit() - reserve > setup:
         round_began = time.perf_counter()
         try:
             form = full if len(active) == problem.n_stages else formulate(problem, budget_bytes, active,
@@ -880,7 +890,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
         def screen(x: np.ndarray) -> bool:
             """Keep a round's point that satisfies every row; True once one breaks a new phase."""
             nonlocal incumbent
-            point = _staged_point(problem, full, form.recompute_of(x))
+            point = staged_point(problem, full, form.recompute_of(x))
             if full.violation(point) <= 1e-9:
                 if incumbent is None or full.objective(point) < full.objective(incumbent):
                     incumbent = point
@@ -892,10 +902,11 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
         hint = form.vector(full.keep_of(incumbent), full.recompute_of(incumbent)) if incumbent is not None else None
         setup = time.perf_counter() - round_began
         try:
-            outcome = solve(form, deadline.solver_limit(), hint, relayed if progress is not None else None,
+            outcome = solve(form, deadline.solver_limit() - reserve, hint, relayed if progress is not None else None,
                             screen if len(active) < problem.n_stages else None, solver)
         except Exception as error:  # noqa: BLE001 - any solver failure falls back to the heuristic
             message = f"the MILP solver failed ({type(error).__name__}: {error})"
+            stopped.append(True)
             break
         rounds += 1
         message = f"{outcome.solver}: {outcome.message}"
@@ -903,7 +914,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
         root = _seconds(form, outcome.root_bound) if root is None else root
         if outcome.x is None:
             break
-        point = _staged_point(problem, full, form.recompute_of(outcome.x))
+        point = staged_point(problem, full, form.recompute_of(outcome.x))
         broken = full.phases_over_budget(point) | pending
         if full.violation(point) <= 1e-9:
             if incumbent is None or full.objective(point) < full.objective(incumbent):
@@ -916,6 +927,12 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
             break
         active |= broken
     message += f" ({rounds} rounds, phase rows of {len(active)} of {problem.n_stages} stages)"
+    if incumbent is not None and not optimal and not stopped:
+        try:
+            incumbent, report = _window_search(problem, full, incumbent, deadline, solver, progress, bound, began)
+            message += f"; {report.describe()}"
+        except Exception as error:  # noqa: BLE001 - the rounds' incumbent stands
+            message += f"; the window search's solver failed ({type(error).__name__}: {error})"
     root = -np.inf if root is None else root
     if incumbent is None:
         return ExactResult(None, None, bound, False, f"{message}, no schedule found", root_bound=min(root, bound),
@@ -932,6 +949,18 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     bound = min(bound, result.time)  # HiGHS's bound can pass its own optimum by rounding
     return ExactResult(schedule, result.time, bound, optimal, message, root_bound=min(root, bound),
                        start_time=start_time, **size)
+
+
+def _window_search(problem: StagedProblem, form: Formulation, incumbent: np.ndarray, deadline: Deadline, solver: str,
+                   progress: Progress | None, bound: float, began: float):
+    """The incumbent improved by ``neighbourhood.window_search`` in the time the rounds left,
+    each improvement relayed to ``progress`` (which may stop it)."""
+    from planner.algorithms.neighbourhood import window_search
+
+    def keep_going(x: np.ndarray) -> bool:
+        return progress is None or not progress(form.objective(x), bound, time.perf_counter() - began)
+
+    return window_search(problem, form, incumbent, deadline.build_by, solver, keep_going)
 
 
 @dataclass(frozen=True)
@@ -954,7 +983,6 @@ def lowest_peak_search(graph: TrainingGraph, cost_model: CostModel, time_limit: 
     size up to the memory unit, so the proven bound in bytes gives back one unit per term of the
     fullest row; ``bounds.memory_lower_bound`` (every schedule runs its largest op) is a bound
     too, and a schedule that meets it is the least peak of every schedule, rounding or not."""
-    from planner.algorithms.bounds import memory_lower_bound
     from planner.algorithms.solvers import require
 
     require(solver)

@@ -19,6 +19,9 @@ random weights, train mode, captured once with fake tensors) and budget (% of st
   the seconds it took; ``min`` there is fast mode's least budget (no staged search).
 - with ``--solver highs cpsat scip``: each cell once per solver, one after another (interleaved,
   so a busy machine slows them alike); CP-SAT and SCIP are the optional extras.
+- with ``--window-share 0.3 0``: each cell once per share of the solver's time kept for the
+  window search (``milp.WINDOW_SHARE``; 0: the rounds get all of it, and the window search only
+  what they leave), interleaved the same way.
 
 The MILP's bounds are over *staged* schedules (``planner.algorithms.milp.SCHEDULE_CLASS``); the
 universal bound is over every schedule.
@@ -33,6 +36,7 @@ Run from the repository root (about 2 minutes a cell)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -42,6 +46,7 @@ import torch
 
 import planner
 from planner.algorithms.bounds import memory_lower_bound, recompute_lower_bound
+from planner.algorithms import milp
 from planner.algorithms.milp import exact_search, lowest_peak_search
 from planner.algorithms.solvers import SOLVERS
 from planner.cost import default_cost_model
@@ -63,7 +68,7 @@ def capture_model(name: str) -> planner.TrainingGraph:
 
 
 def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float,
-                solvers: list[str]) -> list[str]:
+                solvers: list[str], shares: list[float]) -> list[str]:
     cost_model = default_cost_model(graph)
     reference = simulate(graph, planner.Schedule.store_all(graph), cost_model)
 
@@ -72,8 +77,9 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
 
     rows = []
     for percent in budgets:
-        budget = _budget(graph, reference, percent, time_limit)
-        head = [name, f"{percent}%" if percent != "min" else f"min ({budget / reference.peak_bytes:.1%})"]
+        budget, least_peak_starts = _budget(graph, reference, percent, time_limit)
+        head = [name, f"{percent}%" if percent not in ("min", "least")
+                else f"{percent} ({budget / reference.peak_bytes:.1%})"]
         try:
             fast = planner.plan(graph, budget, op_variants=False, cost_model=cost_model)
             head.append(f"{fast.overhead:+.2%}")
@@ -81,10 +87,11 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
             fast = None
             head.append("does not fit")
         universal = reference.time + recompute_lower_bound(graph, cost_model, budget).seconds
-        for solver in solvers:  # interleaved: each cell's solvers run one after another
+        for solver, share in itertools.product(solvers, shares):  # interleaved: one after another
+            milp.WINDOW_SHARE = share
             began = time.perf_counter()
-            exact = exact_search(graph, cost_model, budget, time_limit, starts=[fast.schedule] if fast else [],
-                                 solver=solver)
+            exact = exact_search(graph, cost_model, budget, time_limit,
+                                 starts=([fast.schedule] if fast else []) + least_peak_starts, solver=solver)
             seconds = time.perf_counter() - began
             if exact.schedule is None:
                 status = "fallback" if fast is not None else "infeasible"
@@ -96,7 +103,7 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
                 if exact.time and math.isfinite(exact.lower_bound) else None
             times = [t for t in (exact.time, fast.predicted_time if fast else None) if t is not None]
             chosen = min(times) if times else None  # what plan(mode="exact") returns
-            cells = head + ([solver] if len(solvers) > 1 else []) + [
+            cells = head + ([solver] if len(solvers) > 1 else []) + ([f"{share:g}"] if len(shares) > 1 else []) + [
                 status, overhead(exact.start_time), overhead(exact.time), overhead(exact.root_bound),
                 overhead(exact.lower_bound), f"{gap:.2%}" if gap is not None else "n/a", overhead(universal),
                 f"{(chosen - universal) / chosen:.2%}" if chosen else "n/a", f"{seconds:.1f}", str(exact.binaries)]
@@ -112,7 +119,7 @@ def bound_rows(name: str, graph: planner.TrainingGraph, budgets: list[str]) -> l
     recompute_lower_bound(graph, cost_model, reference.peak_bytes // 2)  # compiled (and SciPy imported) untimed
     rows = []
     for percent in budgets:
-        budget = _fast_lowest(graph) if percent == "min" else int(reference.peak_bytes * float(percent) / 100)
+        budget = _fast_lowest(graph) if percent == "min" else _budget(graph, reference, percent, 60.0)[0]
         try:
             fast = planner.plan(graph, budget, op_variants=False, cost_model=cost_model)
         except InfeasibleBudgetError:
@@ -121,7 +128,8 @@ def bound_rows(name: str, graph: planner.TrainingGraph, budgets: list[str]) -> l
         bound = recompute_lower_bound(graph, cost_model, budget)
         seconds = time.perf_counter() - began
         universal = reference.time + bound.seconds
-        cells = [name, f"{percent}%" if percent != "min" else f"min ({budget / reference.peak_bytes:.1%})",
+        label = f"{percent}%" if percent not in ("min", "least") else f"{percent} ({budget / reference.peak_bytes:.1%})"
+        cells = [name, label,
                  f"{fast.overhead:+.2%}" if fast else "does not fit",
                  f"{bound.seconds / reference.time:+.2%}" if math.isfinite(bound.seconds) else "nothing fits",
                  f"{(fast.predicted_time - universal) / fast.predicted_time:.2%}" if fast else "n/a",
@@ -132,15 +140,19 @@ def bound_rows(name: str, graph: planner.TrainingGraph, budgets: list[str]) -> l
     return rows
 
 
-def _budget(graph, reference, percent: str, time_limit: float) -> int:
+def _budget(graph, reference, percent: str, time_limit: float) -> tuple[int, list[planner.Schedule]]:
     """``percent`` of store-all's peak; ``min``: the least budget both fast mode and some staged
-    schedule fit (fast mode's smallest, raised to the least staged peak found when above it)."""
-    if percent != "min":
-        return int(reference.peak_bytes * float(percent) / 100)
+    schedule fit (fast mode's smallest, raised to the least staged peak found when above it);
+    ``least``: the least staged peak exact mode finds (``lowest_peak_search``, untimed), with its
+    schedule, the one start known to fit there."""
+    if percent not in ("min", "least"):
+        return int(reference.peak_bytes * float(percent) / 100), []
     fast = _fast_lowest(graph)
     plan = planner.plan(graph, fast, op_variants=False)
-    staged = lowest_peak_search(graph, default_cost_model(graph), time_limit, starts=[plan.schedule]).peak_bytes
-    return max(fast, staged or fast)
+    staged = lowest_peak_search(graph, default_cost_model(graph), time_limit, starts=[plan.schedule])
+    if percent == "least":
+        return staged.peak_bytes, [staged.schedule]
+    return max(fast, staged.peak_bytes or fast), []
 
 
 def _fast_lowest(graph) -> int:
@@ -172,12 +184,15 @@ def lowest_row(name: str, graph: planner.TrainingGraph, time_limit: float) -> st
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--budgets", nargs="*", default=["50", "33"], help="%% of store-all's peak, or min")
+    parser.add_argument("--budgets", nargs="*", default=["50", "33"],
+                        help="%% of store-all's peak, min (fast mode's least) or least (exact mode's)")
     parser.add_argument("--lowest", action="store_true", help="exact mode's least peak per model")
     parser.add_argument("--bounds-only", action="store_true", help="the universal bound alone, no MILP")
     parser.add_argument("--time-limit", type=float, default=60.0)
     parser.add_argument("--solver", nargs="+", default=["highs"], choices=list(SOLVERS),
                         help="the MILP solver(s); several run interleaved, cell by cell (cpsat, scip: extras)")
+    parser.add_argument("--window-share", nargs="+", type=float, default=[milp.WINDOW_SHARE],
+                        help="the solver's time kept for the window search (several: interleaved, cell by cell)")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     rows, lowest, bounds = [], [], []
@@ -186,12 +201,12 @@ def main(argv: list[str]) -> None:
         if args.bounds_only:
             bounds += bound_rows(name, graph, args.budgets)
             continue
-        rows += budget_rows(name, graph, args.budgets, args.time_limit, args.solver)
+        rows += budget_rows(name, graph, args.budgets, args.time_limit, args.solver, args.window_share)
         if args.lowest:
             lowest.append(lowest_row(name, graph, args.time_limit))
     parts = [f"Command: `{command_line(['benchmarks/exact_mode.py'] + argv)}`", "", environment_line(), ""]
     if rows:
-        solver = ["solver"] if len(args.solver) > 1 else []
+        solver = (["solver"] if len(args.solver) > 1 else []) + (["window share"] if len(args.window_share) > 1 else [])
         columns = ["model", "budget", "fast", *solver, "exact status", "MIP start", "MILP incumbent", "root bound",
                    "final bound", "gap", "universal bound", "gap, every schedule", "seconds", "binaries"]
         rules = ["---", "---", "---:", *(["---"] * len(solver)), "---", *(["---:"] * 9)]

@@ -109,7 +109,7 @@ def search(stock: TrainingGraph, graph: TrainingGraph, cost_model: CostModel, bu
         graphs = (graph,) if graph is stock else (graph, stock)
         universal = min(step_time_lower_bound(g, cost_model, budget_bytes) for g in graphs)
         exact = exact_search(graph, cost_model, budget_bytes, limit - (time.perf_counter() - began), progress,
-                             starts, solver)
+                             starts, solver, universal)
         if exact.schedule is not None:
             tried.append(AlgorithmResult.judge("milp", graph, exact.schedule, cost_model, budget_bytes))
     chosen = best(tried)

@@ -18,6 +18,7 @@ import planner
 from planner import InfeasibleBudgetError
 from planner.algorithms import milp
 from planner.algorithms.milp import encode, exact_problem, exact_search, formulate, lowest_peak_search, lp_bound, solve_highs, solve_scipy
+from planner.algorithms.neighbourhood import window_search
 from planner.algorithms.staging import build_problem
 
 from _random_dags import DagSpec, build_dag, dag_specs
@@ -123,7 +124,7 @@ def test_row_generation_never_answers_a_schedule_that_breaks_a_phase() -> None:
     full, relaxed = formulate(problem, budget), formulate(problem, budget, phases=set())
     first = solve_highs(relaxed, 30.0, gap=0.0)
     assert first.optimal
-    assert full.phases_over_budget(milp._staged_point(problem, full, relaxed.recompute_of(first.x))), \
+    assert full.phases_over_budget(milp.staged_point(problem, full, relaxed.recompute_of(first.x))), \
         "the premise: without phase rows the optimum breaks one"
     assert _brute_force(graph, problem, full, budget)[0] is None, "the premise: no staged schedule fits"
     found = exact_search(graph, CPU, budget, time_limit=20.0)
@@ -200,7 +201,7 @@ def test_a_start_that_breaks_a_phase_is_repaired_into_one_that_fits(spec, fracti
     the repair's window spans every stage it is the whole MILP, so it finds the brute-force
     optimum whenever some staged schedule fits, and nothing where none does."""
     graph, budget, problem, form = staged_case(spec, fraction)
-    broken = [x for x in (milp._staged_point(problem, form, r) for r in _patterns(form)) if form.phases_over_budget(x)]
+    broken = [x for x in (milp.staged_point(problem, form, r) for r in _patterns(form)) if form.phases_over_budget(x)]
     assume(broken)  # before the brute force: most examples break no phase
     best, _ = _brute_force(graph, problem, form, budget)
     for x in broken[:: -(-len(broken) // REPAIRS_PER_CASE)]:  # each repair is a MILP solve: a spread of them
@@ -214,6 +215,73 @@ def test_a_start_that_breaks_a_phase_is_repaired_into_one_that_fits(spec, fracti
         if repaired is not None:
             assert form.violation(repaired) <= 1e-9
             assert planner.simulate(graph, problem.schedule(form.recompute_of(repaired)), CPU).peak_bytes <= budget
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(spec=dag_specs(min_ops=3, max_ops=6), fraction=st.floats(0.0, 1.0), width=st.integers(1, 4))
+def test_the_window_search_improves_a_start_into_schedules_that_fit(spec, fraction: float, width: int) -> None:
+    """The window search (``neighbourhood.window_search``) from the slowest pattern that fits:
+    its answer satisfies every row, decodes to a schedule that fits the budget in the simulator
+    at the objective's time, is never slower than the start nor faster than the brute-force
+    optimum; with one window spanning every node it is the whole MILP, so it is that optimum."""
+    graph, budget, problem, form = staged_case(spec, fraction)
+    fitting = [x for x in (milp.staged_point(problem, form, r) for r in _patterns(form)) if form.violation(x) <= 1e-9]
+    assume(len(fitting) > 1)
+    best, _ = _brute_force(graph, problem, form, budget)
+    start = max(fitting, key=form.objective)
+    found, report = window_search(problem, form, start, time.perf_counter() + 30.0, width=width)
+    assert form.violation(found) <= 1e-9 and report.windows >= 1
+    result = planner.simulate(graph, problem.schedule(form.recompute_of(found)), CPU)
+    assert result.peak_bytes <= budget
+    assert result.time == pytest.approx(form.objective(found), rel=1e-9)
+    assert best * (1 - 1e-9) <= form.objective(found) <= form.objective(start)
+    if width >= len(problem.nodes):
+        assert form.objective(found) == pytest.approx(best, rel=1e-3)
+
+
+def test_where_the_rounds_stall_the_window_search_improves_the_incumbent(
+        resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds whose solver returns its start unimproved at the time limit (what HiGHS does on
+    ResNet-50 b64 at 33% of store-all): exact mode's answer is still faster than that start, from
+    the window search, keeps the rounds' bound, fits and executes like eager."""
+    def stalled(form, time_limit, start=None, *args, **kwargs):
+        return milp.SolveOutcome(start, -np.inf, -np.inf, False, "highs", "Time limit reached")
+
+    monkeypatch.setattr(milp, "solve", stalled)
+    budget = _budget(resnet18.graph, 0.65)
+    fast = planner.plan(resnet18.graph, budget, cost_model=CPU, op_variants=False)
+    found = exact_search(resnet18.graph, CPU, budget, time_limit=20.0, starts=[fast.schedule])
+    assert "window search" in found.message and not found.optimal
+    assert found.schedule is not None and found.time < found.start_time * (1 - 1e-6), found.message
+    result = planner.simulate(resnet18.graph, found.schedule, CPU)
+    assert result.peak_bytes <= budget and result.time == pytest.approx(found.time, rel=1e-12)
+    assert found.lower_bound == -np.inf
+    model = resnet18.fresh_copy()
+    pm = planner.PlannedModule(model, resnet18.graph, found.schedule)
+    assert_same_step(planned_step(model, pm, resnet18.x, resnet18.loss, seed=1), resnet18.reference(seed=1))
+
+
+def test_the_window_search_gets_time_only_where_the_start_is_far_from_the_universal_bound(
+        resnet18: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rounds' time limit: all the solver's time where the start is within ``WINDOW_GAP`` of
+    the universal bound, all but ``WINDOW_SHARE`` of it where the start is further above."""
+    limits = []
+
+    def stalled(form, time_limit, start=None, *args, **kwargs):
+        limits.append(time_limit)
+        return milp.SolveOutcome(start, -np.inf, -np.inf, False, "highs", "Time limit reached")
+
+    monkeypatch.setattr(milp, "solve", stalled)
+    budget = _budget(resnet18.graph, 0.65)
+    fast = planner.plan(resnet18.graph, budget, cost_model=CPU, op_variants=False)
+    near = fast.predicted_time * (1 - milp.WINDOW_GAP / 2)
+    far = fast.predicted_time * (1 - 2 * milp.WINDOW_GAP)
+    for universal in (near, far):
+        exact_search(resnet18.graph, CPU, budget, time_limit=10.0, starts=[fast.schedule], universal=universal)
+    near_limit, far_limit = limits
+    assert near_limit > 5.0, f"a start near the bound: the round got {near_limit:.1f} s of 10"
+    assert far_limit < (1 - milp.WINDOW_SHARE) * near_limit + 0.5, \
+        f"a far start: the round got {far_limit:.1f} s, against {near_limit:.1f} s near the bound"
 
 
 @pytest.mark.parametrize("name,fraction", [("resnet18", 0.5), ("transformer", 0.5), ("transformer", 0.33)])
