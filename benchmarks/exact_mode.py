@@ -21,7 +21,8 @@ random weights, train mode, captured once with fake tensors) and budget (% of st
   so a busy machine slows them alike); CP-SAT and SCIP are the optional extras.
 - with ``--window-share 0.3 0``: each cell once per share of the solver's time kept for the
   window search (``milp.WINDOW_SHARE``; 0: the rounds get all of it, and the window search only
-  what they leave), interleaved the same way.
+  what they leave), interleaved the same way; ``--window-gap 0`` gives it that share in every
+  cell, not only where the start is more than ``milp.WINDOW_GAP`` above the universal bound.
 
 The MILP's bounds are over *staged* schedules (``planner.algorithms.milp.SCHEDULE_CLASS``); the
 universal bound is over every schedule.
@@ -193,8 +194,11 @@ def main(argv: list[str]) -> None:
                         help="the MILP solver(s); several run interleaved, cell by cell (cpsat, scip: extras)")
     parser.add_argument("--window-share", nargs="+", type=float, default=[milp.WINDOW_SHARE],
                         help="the solver's time kept for the window search (several: interleaved, cell by cell)")
+    parser.add_argument("--window-gap", type=float, default=milp.WINDOW_GAP,
+                        help="how far above the universal bound a start must be for the window search to get time")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
+    milp.WINDOW_GAP = args.window_gap
     rows, lowest, bounds = [], [], []
     for name in args.models:
         graph = capture_model(name)
