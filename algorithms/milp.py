@@ -930,7 +930,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     if incumbent is not None and not optimal and not stopped:
         try:
             incumbent, report = _window_search(problem, full, incumbent, deadline, solver, progress, bound, began)
-            message += f"; {report.describe()}"
+            message += f"; {report.describe()}" if report.windows else ""
         except Exception as error:  # noqa: BLE001 - the rounds' incumbent stands
             message += f"; the window search's solver failed ({type(error).__name__}: {error})"
     root = -np.inf if root is None else root
