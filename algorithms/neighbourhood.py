@@ -36,7 +36,8 @@ def restricted_point(problem: StagedProblem, form: Formulation, x: np.ndarray, s
     of their nodes' groups), as a staged point that satisfies every row; None if it finds none.
     Complexity: one MILP over the free binaries (HiGHS's presolve removes the fixed columns)."""
     stage_list, node_list = list(stages), list(nodes)
-    groups = [g for g, group in enumerate(problem.groups) if group.node in set(node_list)]
+    free_nodes = set(node_list)
+    groups = [g for g, group in enumerate(problem.groups) if group.node in free_nodes]
     fixed = form.integrality > 0
     for index, columns in ((form.keep_index, groups), (form.recompute_index, node_list)):
         free = index[np.ix_(stage_list, columns)]
