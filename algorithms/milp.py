@@ -34,7 +34,8 @@ once in graph order, backward ops in the problem's order, whole nodes recomputed
 is faster.
 
 The phase rows are most of the model: ``exact_search`` adds them by rounds, only for the stages
-an answer broke (each round a relaxation, so its bound is the whole problem's; see there).
+an answer broke (each round a relaxation, so its bound is the whole problem's; see there), except
+in a model small enough to solve whole (``WHOLE_NONZEROS``).
 
 The objective is scaled to ``TIME_SCALE`` units per step time and HiGHS's absolute gap is zero:
 in seconds a small graph's recompute times are ~1e-8, below HiGHS's default absolute gap (1e-6),
@@ -624,12 +625,22 @@ FEASIBILITY_SHARE = 0.8
 # the share of the solver's time kept for the window search (``neighbourhood.window_search``) when
 # the whole MILP does not prove its answer optimal first, given only where the start is more than
 # WINDOW_GAP of its step above the universal bound: there HiGHS's own search stalls near its start
-# (the UNet at 33% of store-all: +204.9% to +199.3% in 58 s; with the windows +61.4%; better in
-# 3 of its 4 benchmark cells, worse at 30%), while nearer starts gain nothing from the windows in
+# (the UNet at 33% of store-all, by rounds: +204.9% to +199.3% in 58 s; with the windows
+# +61.4%; better in 3 of its 4 benchmark cells, worse at 30%), while nearer starts gain nothing from the windows in
 # that time and the bound loses a little (ResNet-50 b64, the transformer, MobileNet-v2 at 33%,
 # starts 0.7-3.1% above; docs/benchmarks.md, exact mode, "Window search")
 WINDOW_SHARE = 0.3
 WINDOW_GAP = 0.05
+# a MILP with at most this many non-zeros is solved whole, every phase row in from the first
+# round: each round restarts HiGHS's search, and where memory is shortest the phases bind at many
+# stages (the UNet below fast mode's least peak: 14-39 of its 62 stages), so the rounds spend the
+# time restarting. The UNet (48k non-zeros; HiGHS, 60 s; docs/benchmarks.md, "Whole MILP or
+# rounds"), whole against by rounds: at its least peak +71.3% against +114.7%, at 33% of
+# store-all +31.1% against +61.4%, at 30% +40.9% against +52.0%; at fast mode's least peak worse,
+# +29.5% against +23.7%; at 50% optimal either way, in 24.8 s against 4.2 s. The transformer's
+# model (164k) solved whole lost bound (33%: +13.1% against +15.0%), and ResNet-50 b64's (305k)
+# LP alone takes 38 s with every phase row: larger models keep the rounds.
+WHOLE_NONZEROS = 100_000
 
 
 # seconds kept back from every solve for the solver's own overrun past its time limit and taking
@@ -838,6 +849,8 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     problem; an answer that satisfies every row is an incumbent, and when a round proves its
     answer optimal and that answer satisfies every row, it is optimal for the whole problem.
 
+    A model of at most ``WHOLE_NONZEROS`` non-zeros is solved whole, in one round.
+
     Where the start is more than ``WINDOW_GAP`` of its step above ``universal`` (the step time no
     schedule beats, ``bounds.step_time_lower_bound``, computed here when not given), the rounds
     get all but ``WINDOW_SHARE`` of the solver's time; unless one proves optimality, the rest
@@ -871,7 +884,7 @@ def exact_search(graph: TrainingGraph, cost_model: CostModel, budget_bytes: int,
     reserve = WINDOW_SHARE * deadline.solver_limit() if far else 0.0  # the window search's
     bound, root, optimal, stopped, rounds = -np.inf, None, False, [], 0
     message = "the time limit ended before the solver started"
-    active: set[int] = set()
+    active: set[int] = set(range(problem.n_stages)) if full.matrix.nnz <= WHOLE_NONZEROS else set()
     setup = 0.0  # seconds the last round took to build its model (the next one is not started without them)
     while not optimal and not stopped and deadline.solver_limit() - reserve > setup:
         round_began = time.perf_counter()

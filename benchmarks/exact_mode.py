@@ -22,7 +22,9 @@ random weights, train mode, captured once with fake tensors) and budget (% of st
 - with ``--window-share 0.3 0``: each cell once per share of the solver's time kept for the
   window search (``milp.WINDOW_SHARE``; 0: the rounds get all of it, and the window search only
   what they leave), interleaved the same way; ``--window-gap 0`` gives it that share in every
-  cell, not only where the start is more than ``milp.WINDOW_GAP`` above the universal bound.
+  cell, not only where the start is more than ``milp.WINDOW_GAP`` above the universal bound;
+- with ``--whole-nonzeros 0 100000``: each cell once per ``milp.WHOLE_NONZEROS`` (the largest
+  MILP solved at once rather than by rounds of phase rows), interleaved the same way.
 
 The MILP's bounds are over *staged* schedules (``planner.algorithms.milp.SCHEDULE_CLASS``); the
 universal bound is over every schedule.
@@ -41,6 +43,7 @@ import itertools
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,8 +71,35 @@ def capture_model(name: str) -> planner.TrainingGraph:
     return planner.capture(model, inputs, spec.loss_fn, targets=targets)
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One setting a cell runs under: the solver and the two exact-search knobs the A/B options vary."""
+
+    solver: str
+    window_share: float
+    whole_nonzeros: int
+
+    def apply(self) -> None:
+        milp.WINDOW_SHARE = self.window_share
+        milp.WHOLE_NONZEROS = self.whole_nonzeros
+
+
+def arms_of(solvers: list[str], shares: list[float], wholes: list[int]) -> tuple[list[Arm], list[str]]:
+    """Every combination of the settings, and the names of the ones that vary (their columns)."""
+    arms = [Arm(*combo) for combo in itertools.product(solvers, shares, wholes)]
+    varying = [label for label, values in (("solver", solvers), ("window share", shares),
+                                           ("whole MILP up to (non-zeros)", wholes)) if len(values) > 1]
+    return arms, varying
+
+
+def _arm_cells(arm: Arm, varying: list[str]) -> list[str]:
+    values = {"solver": arm.solver, "window share": f"{arm.window_share:g}",
+              "whole MILP up to (non-zeros)": str(arm.whole_nonzeros)}
+    return [values[label] for label in varying]
+
+
 def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float,
-                solvers: list[str], shares: list[float]) -> list[str]:
+                arms: list[Arm], varying: list[str]) -> list[str]:
     cost_model = default_cost_model(graph)
     reference = simulate(graph, planner.Schedule.store_all(graph), cost_model)
 
@@ -88,11 +118,11 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
             fast = None
             head.append("does not fit")
         universal = step_time_lower_bound(graph, cost_model, budget)  # exact_search's own, timed there
-        for solver, share in itertools.product(solvers, shares):  # interleaved: one after another
-            milp.WINDOW_SHARE = share
+        for arm in arms:  # interleaved: one after another
+            arm.apply()
             began = time.perf_counter()
             exact = exact_search(graph, cost_model, budget, time_limit,
-                                 starts=([fast.schedule] if fast else []) + least_peak_starts, solver=solver)
+                                 starts=([fast.schedule] if fast else []) + least_peak_starts, solver=arm.solver)
             seconds = time.perf_counter() - began
             if exact.schedule is None:
                 status = "fallback" if fast is not None else "infeasible"
@@ -104,7 +134,7 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
                 if exact.time and math.isfinite(exact.lower_bound) else None
             times = [t for t in (exact.time, fast.predicted_time if fast else None) if t is not None]
             chosen = min(times) if times else None  # what plan(mode="exact") returns
-            cells = head + ([solver] if len(solvers) > 1 else []) + ([f"{share:g}"] if len(shares) > 1 else []) + [
+            cells = head + _arm_cells(arm, varying) + [
                 status, overhead(exact.start_time), overhead(exact.time), overhead(exact.root_bound),
                 overhead(exact.lower_bound), f"{gap:.2%}" if gap is not None else "n/a", overhead(universal),
                 f"{(chosen - universal) / chosen:.2%}" if chosen else "n/a", f"{seconds:.1f}", str(exact.binaries)]
@@ -195,26 +225,28 @@ def main(argv: list[str]) -> None:
                         help="the MILP solver(s); several run interleaved, cell by cell (cpsat, scip: extras)")
     parser.add_argument("--window-share", nargs="+", type=float, default=[milp.WINDOW_SHARE],
                         help="the solver's time kept for the window search (several: interleaved, cell by cell)")
+    parser.add_argument("--whole-nonzeros", nargs="+", type=int, default=[milp.WHOLE_NONZEROS],
+                        help="the most non-zeros of a MILP solved at once, not by rounds (several: interleaved)")
     parser.add_argument("--window-gap", type=float, default=milp.WINDOW_GAP,
                         help="how far above the universal bound a start must be for the window search to get time")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     milp.WINDOW_GAP = args.window_gap
+    arms, varying = arms_of(args.solver, args.window_share, args.whole_nonzeros)
     rows, lowest, bounds = [], [], []
     for name in args.models:
         graph = capture_model(name)
         if args.bounds_only:
             bounds += bound_rows(name, graph, args.budgets, args.time_limit)
             continue
-        rows += budget_rows(name, graph, args.budgets, args.time_limit, args.solver, args.window_share)
+        rows += budget_rows(name, graph, args.budgets, args.time_limit, arms, varying)
         if args.lowest:
             lowest.append(lowest_row(name, graph, args.time_limit))
     parts = [f"Command: `{command_line(['benchmarks/exact_mode.py'] + argv)}`", "", environment_line(), ""]
     if rows:
-        solver = (["solver"] if len(args.solver) > 1 else []) + (["window share"] if len(args.window_share) > 1 else [])
-        columns = ["model", "budget", "fast", *solver, "exact status", "MIP start", "MILP incumbent", "root bound",
+        columns = ["model", "budget", "fast", *varying, "exact status", "MIP start", "MILP incumbent", "root bound",
                    "final bound", "gap", "universal bound", "gap, every schedule", "seconds", "binaries"]
-        rules = ["---", "---", "---:", *(["---"] * len(solver)), "---", *(["---:"] * 9)]
+        rules = ["---", "---", "---:", *(["---"] * len(varying)), "---", *(["---:"] * 9)]
         parts += ["| " + " | ".join(columns) + " |", "|" + "|".join(rules) + "|", *rows, ""]
     if lowest:
         parts += ["Lowest feasible budget, % of store-all's peak:", "",

@@ -103,10 +103,13 @@ def test_milp_optimum_equals_brute_force(spec, fraction: float, block_order: boo
     for bound in (outcome.root_bound, outcome.bound, lp_bound(form, 30.0)):
         assert milp._seconds(form, bound) <= best * (1 + 1e-9)
     if block_order:
-        found = exact_search(graph, CPU, budget, time_limit=20.0)
-        assert found.optimal
-        assert found.time == pytest.approx(best, rel=2e-4)
-        assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
+        for whole in (0, milp.WHOLE_NONZEROS):  # by rounds of phase rows, and whole (these models are small)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(milp, "WHOLE_NONZEROS", whole)
+                found = exact_search(graph, CPU, budget, time_limit=20.0)
+            assert found.optimal
+            assert found.time == pytest.approx(best, rel=2e-4)
+            assert max(found.lower_bound, found.root_bound) <= best * (1 + 1e-12)
 
 
 # a graph whose recomputation phases bind at its floor budget: the optimum without phase rows
@@ -115,9 +118,12 @@ PHASES_BIND = DagSpec(d=4, batch=6, ops=(("linear", 0, 0), ("relu", 1, 1), ("rel
                                          ("relu", 4, 4), ("linear", 5, 5), ("relu", 5, 5)), extra_output=None)
 
 
-def test_row_generation_never_answers_a_schedule_that_breaks_a_phase() -> None:
+@pytest.mark.parametrize("whole", [False, True])
+def test_row_generation_never_answers_a_schedule_that_breaks_a_phase(whole: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The first round's answer breaks a phase row: exact mode must add it and solve again, and
-    report no schedule, since brute force finds none that fits."""
+    report no schedule, since brute force finds none that fits: by rounds of the broken phases,
+    and, with ``milp.WHOLE_NONZEROS`` at its size, by one round with every phase row."""
     graph = build_dag(PHASES_BIND).graph
     budget = _budget_above_floor(graph, 0.0)
     problem = exact_problem(graph, CPU)
@@ -127,9 +133,14 @@ def test_row_generation_never_answers_a_schedule_that_breaks_a_phase() -> None:
     assert full.phases_over_budget(milp.staged_point(problem, full, relaxed.recompute_of(first.x))), \
         "the premise: without phase rows the optimum breaks one"
     assert _brute_force(graph, problem, full, budget)[0] is None, "the premise: no staged schedule fits"
+    monkeypatch.setattr(milp, "WHOLE_NONZEROS", full.matrix.nnz if whole else full.matrix.nnz - 1)
     found = exact_search(graph, CPU, budget, time_limit=20.0)
     assert found.schedule is None and "no schedule found" in found.message
-    assert int(re.search(r"(\d+) rounds", found.message).group(1)) >= 2
+    rounds, stages = re.search(r"(\d+) rounds, phase rows of (\d+) of", found.message).groups()
+    if whole:  # one round, every phase row in it
+        assert (int(rounds), int(stages)) == (1, problem.n_stages), found.message
+    else:
+        assert int(rounds) >= 2 and int(stages) < problem.n_stages, found.message
 
 
 def _brute_force(graph, problem, form, budget: int) -> tuple[float | None, list[int]] | None:
