@@ -19,9 +19,10 @@ from planner.algorithms.staging import StagedProblem
 
 # window search: nodes (topological order) one window frees at every stage, the solver's seconds
 # per window, and the least seconds worth starting one with. 20 nodes and 3 s: on the UNet at 33%
-# of store-all (by rounds, before WHOLE_NONZEROS), 5 of 7 such windows lowered the incumbent from +204.9% to +61.4% in the 18 s a 60 s
-# cell leaves them, where HiGHS's own search over the whole MILP reached +199.3% in all 60 s
-# (docs/benchmarks.md, exact mode, "Window search"). On ResNet-50 b64 at 33%, 40 s from +11.72%:
+# of store-all (by rounds, before ``milp.WHOLE_NONZEROS``), 5 of 7 such windows lowered the
+# incumbent from +204.9% to +61.4% in the 18 s a 60 s cell leaves them, where HiGHS's own search
+# over the whole MILP reached +199.3% in all 60 s (docs/benchmarks.md, exact mode, "Window
+# search"). On ResNet-50 b64 at 33%, 40 s from +11.72%:
 # 10 nodes at 1.5 s +11.72%, 20 at 3 s +11.68%, 40 at 5 s +11.60%; 20 keeps several windows
 # within the few seconds a cell leaves.
 WINDOW_NODES = 20
