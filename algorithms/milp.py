@@ -626,9 +626,9 @@ FEASIBILITY_SHARE = 0.8
 # the whole MILP does not prove its answer optimal first, given only where the start is more than
 # WINDOW_GAP of its step above the universal bound: there HiGHS's own search stalls near its start
 # (the UNet at 33% of store-all, by rounds: +204.9% to +199.3% in 58 s; with the windows
-# +61.4%; better in 3 of its 4 benchmark cells, worse at 30%), while nearer starts gain nothing from the windows in
-# that time and the bound loses a little (ResNet-50 b64, the transformer, MobileNet-v2 at 33%,
-# starts 0.7-3.1% above; docs/benchmarks.md, exact mode, "Window search")
+# +61.4%; better in 3 of its 4 benchmark cells, worse at 30%), while nearer starts gain nothing
+# from the windows in that time and the bound loses a little (ResNet-50 b64, the transformer,
+# MobileNet-v2 at 33%, starts 0.7-3.1% above; docs/benchmarks.md, exact mode, "Window search")
 WINDOW_SHARE = 0.3
 WINDOW_GAP = 0.05
 # a MILP with at most this many non-zeros is solved whole, every phase row in from the first
