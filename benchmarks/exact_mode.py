@@ -84,22 +84,20 @@ class Arm:
         milp.WHOLE_NONZEROS = self.whole_nonzeros
 
 
-def arms_of(solvers: list[str], shares: list[float], wholes: list[int]) -> tuple[list[Arm], list[str]]:
-    """Every combination of the settings, and the names of the ones that vary (their columns)."""
+# the settings an A/B can vary: column heading, ``Arm`` field, how its cells print it
+ARM_SETTINGS = (("solver", "solver", str), ("window share", "window_share", "{:g}".format),
+                ("whole MILP up to (non-zeros)", "whole_nonzeros", str))
+
+
+def arms_of(solvers: list[str], shares: list[float], wholes: list[int]) -> tuple[list[Arm], list[tuple]]:
+    """Every combination of the settings, and the ``ARM_SETTINGS`` that vary (their columns)."""
     arms = [Arm(*combo) for combo in itertools.product(solvers, shares, wholes)]
-    varying = [label for label, values in (("solver", solvers), ("window share", shares),
-                                           ("whole MILP up to (non-zeros)", wholes)) if len(values) > 1]
+    varying = [setting for setting, values in zip(ARM_SETTINGS, (solvers, shares, wholes)) if len(values) > 1]
     return arms, varying
 
 
-def _arm_cells(arm: Arm, varying: list[str]) -> list[str]:
-    values = {"solver": arm.solver, "window share": f"{arm.window_share:g}",
-              "whole MILP up to (non-zeros)": str(arm.whole_nonzeros)}
-    return [values[label] for label in varying]
-
-
 def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], time_limit: float,
-                arms: list[Arm], varying: list[str]) -> list[str]:
+                arms: list[Arm], varying: list[tuple]) -> list[str]:
     cost_model = default_cost_model(graph)
     reference = simulate(graph, planner.Schedule.store_all(graph), cost_model)
 
@@ -134,7 +132,7 @@ def budget_rows(name: str, graph: planner.TrainingGraph, budgets: list[str], tim
                 if exact.time and math.isfinite(exact.lower_bound) else None
             times = [t for t in (exact.time, fast.predicted_time if fast else None) if t is not None]
             chosen = min(times) if times else None  # what plan(mode="exact") returns
-            cells = head + _arm_cells(arm, varying) + [
+            cells = head + [show(getattr(arm, field)) for _, field, show in varying] + [
                 status, overhead(exact.start_time), overhead(exact.time), overhead(exact.root_bound),
                 overhead(exact.lower_bound), f"{gap:.2%}" if gap is not None else "n/a", overhead(universal),
                 f"{(chosen - universal) / chosen:.2%}" if chosen else "n/a", f"{seconds:.1f}", str(exact.binaries)]
@@ -244,8 +242,9 @@ def main(argv: list[str]) -> None:
             lowest.append(lowest_row(name, graph, args.time_limit))
     parts = [f"Command: `{command_line(['benchmarks/exact_mode.py'] + argv)}`", "", environment_line(), ""]
     if rows:
-        columns = ["model", "budget", "fast", *varying, "exact status", "MIP start", "MILP incumbent", "root bound",
-                   "final bound", "gap", "universal bound", "gap, every schedule", "seconds", "binaries"]
+        columns = ["model", "budget", "fast", *(heading for heading, _, _ in varying), "exact status", "MIP start",
+                   "MILP incumbent", "root bound", "final bound", "gap", "universal bound", "gap, every schedule",
+                   "seconds", "binaries"]
         rules = ["---", "---", "---:", *(["---"] * len(varying)), "---", *(["---:"] * 9)]
         parts += ["| " + " | ".join(columns) + " |", "|" + "|".join(rules) + "|", *rows, ""]
     if lowest:
